@@ -1,0 +1,42 @@
+# Everything installs into .venv from the project's own files; `make demo` and `make test` work on a
+# fresh machine with Python 3.11.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# A CPU build: a plain `torch` requirement would pull a multi-GB CUDA build. Override on GPU hosts,
+# e.g. make setup TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>".
+TORCH_SPEC ?= torch==2.13.0
+MODEL ?= tiny-dsa
+DATA ?= calibration_data/code.jsonl
+TARGET ?= 1/4
+ARGS ?=
+DOMAINS := $(patsubst calibration_data/%.jsonl,%,$(filter-out %.heldout.jsonl,$(wildcard calibration_data/*.jsonl)))
+
+.PHONY: setup demo test calibrate bench paper-table clean $(addprefix recalibrate-,$(DOMAINS))
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+# Until the trained default model ships, the demo calibrates a random tiny DSA checkpoint made on the fly.
+demo: setup
+	$(BIN)/python -m indexcache_calib.testing outputs/random-tiny-glm --layers 8
+	$(BIN)/indexcache calibrate --model outputs/random-tiny-glm --data README.md --seq-len 64 --num-samples 4 --target 1/4 --out outputs/demo --overwrite
+
+test: setup
+	$(BIN)/python -m pytest
+
+calibrate: setup
+	$(BIN)/indexcache calibrate --model $(MODEL) --data $(DATA) --target $(TARGET) $(ARGS)
+
+# One target per calibration domain: recalibrate-code, recalibrate-docs, ...
+$(addprefix recalibrate-,$(DOMAINS)): recalibrate-%: setup
+	$(BIN)/indexcache calibrate --model $(MODEL) --data calibration_data/$*.jsonl --target $(TARGET) --out outputs/$(MODEL)_$* --overwrite $(ARGS)
+
+clean:
+	rm -rf outputs/*/ .pytest_cache

@@ -1,0 +1,3 @@
+from indexcache_calib.cli import main
+
+main()

@@ -1,0 +1,150 @@
+"""Everything a run writes: plain JSON, CSV and safetensors, each written to a temp file and renamed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from indexcache_calib.errors import CalibError
+from indexcache_calib.search import Step
+
+SCHEMA = "indexcache.layer_map/1"
+LAYER_MAP = "layer_map.json"
+TRACE = "search_trace.csv"
+TOKENS = "tokens.safetensors"
+CHECKPOINT = "checkpoint.json"
+REQUIRED_KEYS = (
+    "schema", "pattern", "num_layers", "num_full", "full_layers", "indexer_types", "target", "loss",
+    "path", "engines", "provenance", "environment",
+)
+
+
+def dumps(obj) -> str:
+    """Deterministic JSON: sorted keys, fixed indentation, trailing newline."""
+    return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, dumps(obj))
+
+
+def default_run_name(model_spec: str, data_path: str, target_label: str) -> str:
+    model = Path(model_spec.rstrip("/")).name or model_spec
+    data = Path(data_path).stem
+    raw = f"{model}_{data}_{target_label}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-")
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Create the run directory, or refuse to clobber one that holds results."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CalibError(f"--out {run_dir} exists and is not a directory")
+    has_results = run_dir.is_dir() and any((run_dir / n).exists() for n in (LAYER_MAP, CHECKPOINT, TRACE))
+    if has_results and not (resume or overwrite):
+        raise CalibError(
+            f"{run_dir} already holds a calibration run",
+            hint="pass --resume to continue it, --overwrite to start again, or choose another --out",
+        )
+    if has_results and overwrite and not resume:
+        for name in (LAYER_MAP, CHECKPOINT, TRACE, TOKENS):
+            (run_dir / name).unlink(missing_ok=True)
+        for png in run_dir.glob("*.png"):
+            png.unlink()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-")
+        probe.close()
+    except OSError as e:
+        raise CalibError(f"cannot write to output directory {run_dir}: {e.strerror or e}")
+
+
+def save_tokens(path: Path, ids: torch.Tensor, metadata: dict) -> None:
+    from safetensors.torch import save
+
+    atomic_write(path, save({"input_ids": ids.contiguous()}, metadata={k: str(v) for k, v in metadata.items()}))
+
+
+def load_tokens(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["input_ids"]
+
+
+def trace_rows(baseline_loss: float, steps: list[Step]) -> list[dict]:
+    rows = []
+    for s in steps:
+        for layer, sc in sorted(s.scores.items()):
+            rows.append({
+                "step": s.step,
+                "num_full_after": s.pattern.count("F"),
+                "candidate": layer,
+                "loss": sc.loss,
+                "delta_vs_all_full": sc.loss - baseline_loss,
+                "delta_vs_step_base": sc.loss - s.base_loss,
+                "mean_overlap": sc.overlap,
+                "chosen": layer == s.chosen,
+                "swept": s.swept,
+            })
+    return rows
+
+
+def write_trace(path: Path, baseline_loss: float, steps: list[Step]) -> None:
+    import pandas as pd
+
+    cols = ["step", "num_full_after", "candidate", "loss", "delta_vs_all_full", "delta_vs_step_base", "mean_overlap", "chosen", "swept"]
+    frame = pd.DataFrame(trace_rows(baseline_loss, steps), columns=cols)
+    atomic_write(path, frame.to_csv(index=False, float_format="%.9g", lineterminator="\n"))
+
+
+def read_layer_map(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise CalibError(f"cannot read layer map {path}: {e.strerror or e}")
+    except ValueError as e:
+        raise CalibError(f"{path} is not valid JSON: {e}")
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise CalibError(f"{path} is not an indexcache layer map (schema {SCHEMA})")
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        raise CalibError(f"{path} is missing {', '.join(missing)}")
+    return data
+
+
+def remove_partial(run_dir: Path) -> None:
+    """Leave no half-written temp files behind after a failure."""
+    for tmp in run_dir.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def rmtree_if_empty(run_dir: Path) -> None:
+    if run_dir.is_dir() and not any(run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,0 +1,374 @@
+"""The calibration pipeline: data and model in, layer map out. The CLI only parses options and draws."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from indexcache_calib import __version__
+from indexcache_calib import artifact as art
+from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, EXIT_RESUME_MISMATCH, CalibError
+from indexcache_calib.pattern import (
+    FULL, engine_args, full_layers, indexer_types, resolve_num_full, source_layers, uniform_pattern,
+)
+from indexcache_calib.search import SEARCHES, Score, Step, greedy_search, path
+
+OOM_HINT = "lower --seq-len, --num-samples or --batch-size, set --indexer-chunk, give more --max-memory, or use --cache-device cpu|disk"
+
+
+@dataclass
+class Options:
+    model: str
+    data: str
+    target: str | None = None
+    num_full: int | None = None
+    out: str | None = None
+    seq_len: int = 512
+    num_samples: int = 8
+    seed: int = 0
+    batch_size: int = 1
+    search: str = "fast"
+    text_field: str = "text"
+    overlap: bool = True
+    indexer_chunk: int | None = None
+    cache_device: str = "cpu"
+    device_map: str = "auto"
+    dtype: str = "auto"
+    max_memory: str | None = None
+    offload_dir: str | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    plots: bool = True
+
+    def fingerprint_fields(self) -> dict:
+        # What must not change between a run and its resume. The target may: F-sets are nested, so a
+        # resumed run can stop later or earlier on the same path.
+        return {k: getattr(self, k) for k in ("seq_len", "num_samples", "seed", "batch_size", "search", "text_field", "dtype")}
+
+
+@dataclass
+class Hooks:
+    """Progress callbacks; all optional."""
+
+    message: Callable[[str], None] = lambda text: None
+    warn: Callable[[str], None] = lambda text: None
+    search_started: Callable[[int, int], None] = lambda steps, first_candidates: None
+    candidate: Callable[[int, int, int], None] = lambda step, done, total: None
+    step: Callable[[Step], None] = lambda step: None
+
+
+@dataclass
+class Prepared:
+    """A loaded model and packed tokens: what `calibrate`, `evaluate` and `overlap` all start from."""
+
+    source: object
+    model: object
+    layout: object
+    tokenizer: object
+    ids: object
+    available: int
+    data_sha256: str | None
+    skipped: list[str] = field(default_factory=list)
+
+
+def target_label(opts: Options) -> str:
+    if opts.num_full is not None:
+        return f"{opts.num_full}F"
+    return (opts.target or "").replace("/", "-")
+
+
+def check_options(opts: Options) -> None:
+    if opts.search not in SEARCHES:
+        raise CalibError(f"unknown --search {opts.search!r}", hint=f"use one of {', '.join(SEARCHES)}")
+    for name in ("seq_len", "num_samples", "batch_size"):
+        if getattr(opts, name) < 1:
+            raise CalibError(f"--{name.replace('_', '-')} must be at least 1")
+    if opts.indexer_chunk is not None and opts.indexer_chunk < 1:
+        raise CalibError("--indexer-chunk must be at least 1")
+
+
+def config_fixed_shared(config) -> frozenset[int]:
+    """Layers a config already marks shared (GLM-5.2 style checkpoints ship no indexer weights there)."""
+    types = getattr(config, "indexer_types", None) or []
+    return frozenset(i for i, t in enumerate(types) if t == "shared")
+
+
+def prepare(opts: Options, hooks: Hooks, ids=None, check_config=None) -> Prepared:
+    """Resolve and check everything cheap first (config, data, lengths), then load the weights."""
+    from transformers import AutoTokenizer
+
+    from indexcache_calib import data as dat
+    from indexcache_calib import model as mdl
+
+    source = mdl.resolve(opts.model)
+    config = mdl.load_config(source, opts.trust_remote_code)
+    topk = int(config.index_topk)
+    if opts.seq_len <= topk:
+        raise CalibError(
+            f"--seq-len {opts.seq_len} is not above the model's index_topk {topk}: every token would be selected, "
+            "so sharing changes nothing and the search could learn nothing",
+            hint=f"use --seq-len of at least {2 * topk}",
+        )
+    if check_config is not None:
+        check_config(config)
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos and opts.seq_len > max_pos:
+        raise CalibError(f"--seq-len {opts.seq_len} exceeds the model's max_position_embeddings {max_pos}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, local_files_only=True, trust_remote_code=opts.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise CalibError(f"cannot load the tokenizer of {opts.model}: {str(e).splitlines()[0]}")
+    skipped: list[str] = []
+    data_sha = dat.file_sha256(opts.data)
+    available = len(ids) if ids is not None else 0
+    if ids is None:
+        docs = dat.read_documents(opts.data, tokenizer, opts.text_field)
+        skipped = docs.skipped
+        for note in skipped:
+            hooks.warn(f"{opts.data}: skipped {note}")
+        ids, available = dat.pack(docs.texts, tokenizer, opts.seq_len, opts.num_samples, opts.seed)
+        if available < opts.num_samples:
+            hooks.warn(f"the data fills only {available} sequences of {opts.seq_len} tokens; calibrating on {available}, not {opts.num_samples}")
+    hooks.message(f"loading {source.location}")
+    model = mdl.load_model(
+        source, opts.device_map, opts.dtype, opts.max_memory, opts.offload_dir, opts.trust_remote_code, opts.allow_pickle
+    )
+    layout = mdl.find_dsa(model, opts.model)
+    return Prepared(source, model, layout, tokenizer, ids, available, data_sha, skipped)
+
+
+def make_runner(prep: Prepared, opts: Options):
+    from indexcache_calib.runner import PatternRunner
+
+    return PatternRunner(
+        prep.model, prep.layout, prep.ids, batch_size=opts.batch_size, measure_overlap=opts.overlap,
+        indexer_chunk=opts.indexer_chunk, cache_device=opts.cache_device,
+    )
+
+
+def fingerprint(opts: Options, prep: Prepared, config_sha: str | None) -> dict:
+    from indexcache_calib.data import tokens_sha256
+
+    return {
+        "config_sha256": config_sha,
+        "tokens_sha256": tokens_sha256(prep.ids),
+        "settings": opts.fingerprint_fields(),
+        "tool_version": __version__,
+        "num_layers": prep.layout.num_layers,
+    }
+
+
+def _load_checkpoint(run_dir: Path, fp: dict) -> tuple[list[Step], float | None]:
+    path = run_dir / art.CHECKPOINT
+    if not path.exists():
+        raise CalibError(f"nothing to resume: {path} does not exist", hint="run without --resume to start")
+    try:
+        data = json.loads(path.read_text())
+        steps = [Step.from_json(s) for s in data["steps"]]
+        saved = data["fingerprint"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CalibError(f"checkpoint {path} is corrupt ({type(e).__name__}: {e})", hint="start again with --overwrite")
+    if saved != fp:
+        changed = sorted(_diff(saved, fp))
+        raise CalibError(
+            f"cannot resume {run_dir}: {', '.join(changed)} changed since the checkpoint was written",
+            hint="resume with the same model, data and settings, or start again with --overwrite",
+            exit_code=EXIT_RESUME_MISMATCH,
+        )
+    return steps, data.get("baseline_loss")
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def versions() -> dict:
+    import accelerate
+    import torch
+    import transformers
+
+    return {
+        "accelerate": accelerate.__version__,
+        "indexcache": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def calibrate(opts: Options, hooks: Hooks | None = None) -> tuple[dict, Path]:
+    """Run the search and write the artifact. Returns (layer map, run directory)."""
+    import torch
+
+    hooks = hooks or Hooks()
+    check_options(opts)
+    t_start = time.time()
+    run_dir = Path(opts.out) if opts.out else Path("outputs") / art.default_run_name(opts.model, opts.data, target_label(opts))
+    existed = run_dir.exists()
+    if opts.resume and not (run_dir / art.CHECKPOINT).exists():
+        raise CalibError(f"nothing to resume: {run_dir / art.CHECKPOINT} does not exist", hint="run without --resume to start")
+    art.prepare_run_dir(run_dir, opts.resume, opts.overwrite)
+    try:
+        return _calibrate(opts, hooks, run_dir, t_start)
+    except (torch.OutOfMemoryError, MemoryError):
+        raise CalibError("out of memory", hint=OOM_HINT, exit_code=EXIT_OUT_OF_MEMORY) from None
+    finally:
+        art.remove_partial(run_dir)
+        if not existed:
+            art.rmtree_if_empty(run_dir)
+
+
+def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float) -> tuple[dict, Path]:
+    from indexcache_calib import model as mdl
+    from indexcache_calib.data import tokens_sha256
+
+    def early(config):  # before any weights are loaded
+        resolve_num_full(config.num_hidden_layers, opts.target, opts.num_full, config_fixed_shared(config))
+
+    prep = prepare(opts, hooks, check_config=early)
+    layout = prep.layout
+    n = layout.num_layers
+    num_full = resolve_num_full(n, opts.target, opts.num_full, layout.fixed_shared)
+    config_sha = mdl.config_sha256(prep.source)
+    fp = fingerprint(opts, prep, config_sha)
+    done: list[Step] = []
+    if opts.resume:
+        done, _ = _load_checkpoint(run_dir, fp)
+        hooks.message(f"resuming after step {len(done)}")
+    start = "".join("S" if i in layout.fixed_shared else FULL for i in range(n))
+    if start.count(FULL) <= num_full:
+        raise CalibError(f"the model has only {start.count(FULL)} layers with an indexer; nothing to share for a target of {num_full} full layers")
+
+    runner = make_runner(prep, opts)
+    baseline: list[Score] = []
+
+    def checkpoint(steps: list[Step]) -> None:
+        art.write_json(run_dir / art.CHECKPOINT, {
+            "fingerprint": fp, "baseline_loss": baseline[0].loss if baseline else None,
+            "steps": [s.to_json() for s in steps],
+        })
+        art.write_trace(run_dir / art.TRACE, baseline[0].loss, steps)
+
+    all_steps = list(done)
+
+    def on_step(step: Step) -> None:
+        all_steps.append(step)
+        checkpoint(all_steps)
+        hooks.step(step)
+
+    class _Observed:
+        """Passes the baseline score to the checkpoint as soon as it is known."""
+
+        def set_base(self, pattern):
+            score = runner.set_base(pattern)
+            if not baseline:
+                baseline.append(score)
+            return score
+
+        def score(self, pattern):
+            return runner.score(pattern)
+
+    remaining = max(0, start.count(FULL) - num_full - len(done))
+    hooks.search_started(remaining, len(start) - len(layout.fixed_shared) - 1)
+    try:
+        base_score, steps = greedy_search(
+            start, num_full, _Observed(), layout.fixed_shared, opts.search, done=done,
+            on_step=on_step, on_candidate=hooks.candidate,
+        )
+        final = steps[-1].pattern if steps else start
+        final_score = runner.set_base(final)
+        layer_overlap = runner.last_layer_overlap
+    finally:
+        runner.close()
+    checkpoint(steps)
+    art.save_tokens(run_dir / art.TOKENS, prep.ids, {"tokens_sha256": tokens_sha256(prep.ids), "seq_len": opts.seq_len})
+
+    counters = runner.counters.as_dict()
+    seconds = counters.pop("seconds")
+    uniform = {}
+    for every in (2, 4, 8):
+        if n >= every:
+            uniform[f"1/{every}"] = uniform_pattern(n, every, layout.fixed_shared)
+    layer_map = {
+        "schema": art.SCHEMA,
+        "pattern": final,
+        "num_layers": n,
+        "num_full": final.count(FULL),
+        "full_layers": full_layers(final),
+        "fixed_shared_layers": sorted(layout.fixed_shared),
+        "indexer_types": indexer_types(final),
+        "source_layers": source_layers(final),
+        "layer_overlap": {str(k): v for k, v in layer_overlap.items()},
+        "target": {"spec": opts.target, "num_full": num_full},
+        "loss": {
+            "all_full": base_score.loss,
+            "final": final_score.loss,
+            "delta": final_score.loss - base_score.loss,
+        },
+        "path": path(start, base_score.loss, steps),
+        "uniform_patterns": uniform,
+        "engines": engine_args(final),
+        "search": {"strategy": opts.search, "steps": len(steps), "work": counters},
+        "provenance": {
+            "model": opts.model,
+            "model_location": prep.source.location if prep.source.is_local and not Path(opts.model).is_dir() else opts.model,
+            "architecture": type(prep.model).__name__,
+            "model_type": prep.model.config.model_type,
+            "revision": mdl.revision(prep.source),
+            "config_sha256": config_sha,
+            "index_topk": layout.index_topk,
+            "data": opts.data,
+            "data_sha256": prep.data_sha256,
+            "text_field": opts.text_field,
+            "tokens_sha256": tokens_sha256(prep.ids),
+            "tokens_file": art.TOKENS,
+            "seq_len": opts.seq_len,
+            "num_samples": int(prep.ids.shape[0]),
+            "num_samples_requested": opts.num_samples,
+            "seed": opts.seed,
+            "batch_size": opts.batch_size,
+            "dtype": opts.dtype,
+            "measure_overlap": opts.overlap,
+            "device_map": mdl.device_map_of(prep.model),
+            "versions": versions(),
+        },
+        "environment": {
+            "wall_seconds": round(time.time() - t_start, 3),
+            "search_seconds": round(seconds, 3),
+            "resumed_steps": len(done),
+            "host_platform": platform.platform(),
+        },
+    }
+    if opts.plots:
+        try:
+            from indexcache_calib.plots import calibration_plots
+
+            calibration_plots(layer_map, run_dir, prep, opts, runner_factory=lambda: make_runner(prep, opts))
+        except ImportError:
+            pass
+    art.write_json(run_dir / art.LAYER_MAP, layer_map)
+    return layer_map, run_dir
+
+
+def layer_map_digest(layer_map: dict) -> str:
+    """Hash of everything but the environment section: equal for runs on equal inputs."""
+    body = {k: v for k, v in layer_map.items() if k != "environment"}
+    return hashlib.sha256(art.dumps(body).encode()).hexdigest()
+
+
+def options_dict(opts: Options) -> dict:
+    return asdict(opts)

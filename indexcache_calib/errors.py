@@ -1,0 +1,14 @@
+"""One exception type for everything the user can fix; the CLI turns it into `Error:`/`Hint:` lines."""
+
+# Exit codes. 2 is what typer uses for bad command lines too.
+EXIT_BAD_INPUT = 2
+EXIT_RESUME_MISMATCH = 3
+EXIT_OUT_OF_MEMORY = 4
+
+
+class CalibError(Exception):
+    def __init__(self, message: str, hint: str | None = None, exit_code: int = EXIT_BAD_INPUT):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.exit_code = exit_code

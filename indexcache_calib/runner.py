@@ -1,0 +1,246 @@
+"""Scores patterns on fixed calibration tokens by running the model's own decoder layers one by one.
+
+Running layer by layer (rather than `model(...)`) is what lets a candidate that flips layer l start
+from the cached input of layer l: every layer before l sees exactly what the committed pattern saw.
+The embedding, rotary tables and attention mask come from the model's own forward, captured at the
+input of layer 0, so nothing of the model is re-implemented here.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from indexcache_calib.pattern import FULL, source_layers
+from indexcache_calib.search import Score
+from indexcache_calib.sharing import SharingState, install_sharing
+
+CACHE_DEVICES = ("cpu", "gpu", "disk", "none")
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class Counters:
+    layer_forwards: int = 0  # decoder-layer forward passes, counted per sequence
+    tokens: int = 0  # tokens through decoder layers (layer_forwards x seq_len)
+    patterns_scored: int = 0
+    seconds: float = 0.0
+    peak_cache_bytes: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class _Store:
+    """Prefix cache: tensors keyed by (kind, layer, batch), on cpu, on the layer's device, or on disk."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self.items: dict = {}
+        self.bytes = 0
+        self._dir = tempfile.TemporaryDirectory(prefix="indexcache-cache-") if where == "disk" else None
+
+    def put(self, key, tensor: torch.Tensor) -> None:
+        self.drop(key)
+        size = tensor.numel() * tensor.element_size()
+        if self.where == "cpu":
+            value = (tensor.to("cpu", copy=True), tensor.device)
+        elif self.where == "disk":
+            path = Path(self._dir.name) / ("_".join(map(str, key)) + ".pt")
+            torch.save(tensor.detach().cpu(), path)  # our own temp file, read back only by this process
+            value = (path, tensor.device)
+        else:
+            value = (tensor.clone(), tensor.device)
+        self.items[key] = (value, size)
+        self.bytes += size
+
+    def get(self, key) -> torch.Tensor:
+        (obj, device), _ = self.items[key]
+        if self.where == "disk":
+            return torch.load(obj, weights_only=True).to(device)
+        return obj.to(device)
+
+    def drop(self, key) -> None:
+        if key in self.items:
+            self.bytes -= self.items.pop(key)[1]
+
+    def close(self) -> None:
+        self.items.clear()
+        self.bytes = 0
+        if self._dir is not None:
+            self._dir.cleanup()
+
+
+class PatternRunner:
+    """An `Evaluator` for the search: `score(pattern)` and `set_base(pattern)`."""
+
+    def __init__(
+        self,
+        model,
+        layout,
+        tokens: torch.Tensor,
+        batch_size: int = 1,
+        measure_overlap: bool = True,
+        indexer_chunk: int | None = None,
+        cache_device: str = "cpu",
+        logits_chunk: int = 1024,
+    ):
+        self.model, self.layout, self.tokens = model, layout, tokens
+        self.batch_size = max(1, batch_size)
+        self.logits_chunk = logits_chunk
+        self.state = SharingState("F" * layout.num_layers, layout.index_topk, measure_overlap, indexer_chunk)
+        self.counters = Counters()
+        self.cache_device = cache_device
+        self.store = _Store(cache_device) if cache_device != "none" else None
+        self.base: str | None = None
+        self.base_score: Score | None = None
+        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self._base_model, self._norm, self._head = base, base.norm, model.get_output_embeddings()
+        self._takes_prev = [
+            "prev_topk_indices" in inspect.signature(type(layer).forward).parameters for layer in layout.layers
+        ]
+        self._base_overlap: tuple[dict, dict] = ({}, {})
+        self._kwargs: dict = {}  # per batch: the mask and rotary tables captured at layer 0
+        self._batches = [tokens[i : i + self.batch_size] for i in range(0, len(tokens), self.batch_size)]
+
+    # -- the pieces of one forward -------------------------------------------------------------
+
+    def _layer0_inputs(self, ids: torch.Tensor):
+        captured = {}
+
+        def grab(module, args, kwargs):
+            captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+            captured["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "prev_topk_indices")}
+            raise _Stop
+
+        handle = self.layout.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            self._base_model(input_ids=ids, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return captured["hidden"], captured["kwargs"]
+
+    def _run_layers(self, hidden, kwargs, start: int, batch_no: int, record: bool):
+        for i in range(start, self.layout.num_layers):
+            if record:
+                self._record(i, batch_no, hidden)
+            layer = self.layout.layers[i]
+            extra = {"prev_topk_indices": self.state.current} if self._takes_prev[i] else {}
+            out = layer(hidden, **kwargs, **extra)
+            hidden = out[0] if isinstance(out, tuple) else out
+            self.counters.layer_forwards += hidden.shape[0]
+            self.counters.tokens += hidden.shape[0] * hidden.shape[1]
+            if record and self.state.pattern[i] == FULL and self.layout.indexers[i] is not None:
+                self.store.put(("topk", i, batch_no), self.state.current)
+        return hidden
+
+    def _record(self, i: int, batch_no: int, hidden) -> None:
+        # Only inputs a candidate can start from are kept: full layers other than 0.
+        if i > 0 and self.state.pattern[i] == FULL and i not in self.layout.fixed_shared:
+            self.store.put(("hidden", i, batch_no), hidden)
+        self.counters.peak_cache_bytes = max(self.counters.peak_cache_bytes, self.store.bytes)
+
+    def _seq_losses(self, hidden, ids) -> list[float]:
+        """Summed next-token cross-entropy per sequence, with the head applied in chunks so the
+        logits never exceed [batch, logits_chunk, vocab]."""
+        hidden = self._norm(hidden)
+        sums = torch.zeros(ids.shape[0], dtype=torch.float64)
+        for p0 in range(0, ids.shape[1] - 1, self.logits_chunk):
+            p1 = min(p0 + self.logits_chunk, ids.shape[1] - 1)
+            logits = self._head(hidden[:, p0:p1]).float()
+            labels = ids[:, p0 + 1 : p1 + 1].to(logits.device)
+            ce = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+            sums += ce.double().sum(dim=1).cpu()
+        return sums.tolist()
+
+    # -- Evaluator API ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _evaluate(self, pattern: str, start: int, record: bool) -> Score:
+        t0 = time.perf_counter()
+        self.state.pattern = pattern
+        self.state.reset_overlap()
+        if start > 0:  # layers before `start` are not rerun: their overlap is the base's
+            hits, total = self._base_overlap
+            self.state.overlap_hits.update({i: v for i, v in hits.items() if i < start})
+            self.state.overlap_total.update({i: v for i, v in total.items() if i < start})
+        sources = source_layers(pattern)
+        seq_sums: list[float] = []
+        with install_sharing(self.layout, self.state):
+            for b, ids in enumerate(self._batches):
+                if start == 0:
+                    hidden, kwargs = self._layer0_inputs(ids)
+                    self.state.current = None
+                else:
+                    hidden = self.store.get(("hidden", start, b))
+                    kwargs = self._kwargs[b]
+                    self.state.current = self.store.get(("topk", sources[start - 1], b))
+                if start == 0 and self.store is not None:
+                    self._kwargs[b] = kwargs
+                hidden = self._run_layers(hidden, kwargs, start, b, record)
+                seq_sums += self._seq_losses(hidden, ids)
+        self.state.current = None
+        per_token = self.tokens.shape[1] - 1
+        overlaps = self.state.layer_overlap()
+        score = Score(
+            loss=math.fsum(seq_sums) / (per_token * len(seq_sums)),
+            seq_losses=[s / per_token for s in seq_sums],
+            overlap=(math.fsum(overlaps.values()) / len(overlaps)) if overlaps else None,
+        )
+        self.last_layer_overlap = overlaps
+        self.counters.patterns_scored += 1
+        self.counters.seconds += time.perf_counter() - t0
+        return score
+
+    def set_base(self, pattern: str) -> Score:
+        """Score the committed pattern and cache what its candidates share with it."""
+        if self.store is None:
+            self.base, self.base_score = pattern, self._evaluate(pattern, 0, record=False)
+            return self.base_score
+        start = 0
+        if self.base is not None and len(self.base) == len(pattern):
+            diff = [i for i, (a, b) in enumerate(zip(self.base, pattern)) if a != b]
+            # Only a pattern that flips one cached full layer to S can restart from the cache.
+            if len(diff) == 1 and self.base[diff[0]] == FULL and ("hidden", diff[0], 0) in self.store.items:
+                start = diff[0]
+        # Everything from the flipped layer on changes; the input of the flipped layer itself does not,
+        # and is the starting point of the refresh.
+        stale = [k for k in self.store.items if start == 0 or k[1] > start or (k[0] == "topk" and k[1] == start)]
+        for key in stale:
+            self.store.drop(key)
+        self.base, self.base_score = pattern, self._evaluate(pattern, start, record=True)
+        self._base_overlap = (dict(self.state.overlap_hits), dict(self.state.overlap_total))
+        for key in [k for k in self.store.items if k[0] == "hidden" and k[1] == start]:
+            self.store.drop(key)  # no longer a candidate
+        return self.base_score
+
+    def score(self, pattern: str) -> Score:
+        start = 0
+        if self.store is not None and self.base is not None:
+            diff = [i for i, (a, b) in enumerate(zip(self.base, pattern)) if a != b]
+            if len(diff) == 1 and ("hidden", diff[0], 0) in self.store.items:
+                start = diff[0]
+        return self._evaluate(pattern, start, record=False)
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+
+def cache_bytes_estimate(layout, num_samples: int, seq_len: int, hidden_size: int, dtype_bytes: int) -> int:
+    """Prefix cache upper bound: one hidden input per candidate layer plus one top-k per full layer."""
+    hidden = (layout.num_layers - 1) * num_samples * seq_len * hidden_size * dtype_bytes
+    topk = layout.num_layers * num_samples * seq_len * layout.index_topk * 4
+    return hidden + topk

@@ -1,0 +1,115 @@
+"""The greedy search against fake evaluators whose answers are known."""
+
+import itertools
+
+import pytest
+
+from indexcache_calib.pattern import FULL, full_layers
+from indexcache_calib.search import Score, Step, candidates, greedy_search, path
+
+
+class Additive:
+    """Loss = base + cost of each shared layer, plus a bonus when two adjacent layers are both shared.
+    Counts every pattern scored."""
+
+    def __init__(self, costs, pair_bonus=0.0):
+        self.costs, self.pair_bonus, self.scored = costs, pair_bonus, []
+
+    def loss(self, pattern):
+        shared = [i for i, c in enumerate(pattern) if c == "S"]
+        pairs = sum(1 for i in shared if i + 1 in shared)
+        return 1.0 + sum(self.costs[i] for i in shared) - self.pair_bonus * pairs
+
+    def score(self, pattern):
+        self.scored.append(pattern)
+        return Score(self.loss(pattern), [self.loss(pattern)])
+
+    def set_base(self, pattern):
+        return Score(self.loss(pattern), [self.loss(pattern)])
+
+
+def brute_force_greedy(costs, num_full):
+    ev = Additive(costs)
+    pattern = "F" * len(costs)
+    while pattern.count("F") > num_full:
+        cands = [i for i in range(1, len(costs)) if pattern[i] == "F"]
+        best = min(cands, key=lambda i: (ev.loss(pattern[:i] + "S" + pattern[i + 1 :]), i))
+        pattern = pattern[:best] + "S" + pattern[best + 1 :]
+    return pattern
+
+
+def test_greedy_flips_cheapest_layers_in_order():
+    costs = [0, 0.5, 0.1, 0.9, 0.2, 0.3, 0.05, 0.7]
+    ev = Additive(costs)
+    base, steps = greedy_search("F" * 8, 3, ev, search="naive")
+    assert base.loss == 1.0
+    assert [s.chosen for s in steps] == [6, 2, 4, 5, 1]
+    assert steps[-1].pattern == "FSSFSSSF"
+    assert steps[-1].pattern == brute_force_greedy(costs, 3)
+    # Algorithm 1 scores every remaining candidate at every step: 7 + 6 + 5 + 4 + 3.
+    assert len(ev.scored) == 25
+
+
+def test_layer_zero_and_fixed_shared_are_never_candidates():
+    costs = [0.0, 0.3, 0.0, 0.2, 0.4]
+    ev = Additive(costs)
+    start = "FFSFF"
+    _, steps = greedy_search(start, 1, ev, fixed_shared=frozenset({2}), search="naive")
+    for s in steps:
+        assert 0 not in s.scores and 2 not in s.scores
+    assert steps[-1].pattern == "FSSSS"
+
+
+def test_path_is_nested_and_covers_every_ratio():
+    costs = [0, 0.5, 0.1, 0.9, 0.2, 0.3, 0.05, 0.7, 0.4, 0.6]
+    base, steps = greedy_search("F" * 10, 1, Additive(costs), search="naive")
+    rows = path("F" * 10, base.loss, steps)
+    assert [r["num_full"] for r in rows] == list(range(10, 0, -1))
+    for a, b in itertools.pairwise(rows):
+        assert set(full_layers(b["pattern"])) < set(full_layers(a["pattern"]))
+    assert rows[-1]["pattern"] == "F" + "S" * 9
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_fast_search_matches_naive_on_increasing_costs_with_fewer_evaluations(seed):
+    import random
+
+    rng = random.Random(seed)
+    costs = [0] + [rng.random() for _ in range(15)]
+    naive, fast = Additive(costs), Additive(costs)
+    _, s_naive = greedy_search("F" * 16, 2, naive, search="naive")
+    _, s_fast = greedy_search("F" * 16, 2, fast, search="fast")
+    assert [s.pattern for s in s_fast] == [s.pattern for s in s_naive]
+    # One full sweep, then at most the best two plus the two neighbours of the committed layer.
+    assert len(fast.scored) <= 15 + 4 * (len(s_fast) - 1) < len(naive.scored)
+
+
+def test_fast_search_rescans_when_the_ranking_is_in_doubt():
+    # Sharing a neighbour pair pays a bonus, so stale deltas understate some candidates.
+    costs = [0, 0.30, 0.31, 0.32, 0.33, 0.34, 0.35, 0.36]
+    naive, fast = Additive(costs, pair_bonus=0.2), Additive(costs, pair_bonus=0.2)
+    _, s_naive = greedy_search("F" * 8, 2, naive, search="naive")
+    _, s_fast = greedy_search("F" * 8, 2, fast, search="fast")
+    assert [s.pattern for s in s_fast] == [s.pattern for s in s_naive]
+
+
+def test_ties_go_to_the_lower_layer():
+    _, steps = greedy_search("FFFF", 3, Additive([0, 0.2, 0.2, 0.2]), search="naive")
+    assert steps[0].chosen == 1
+
+
+def test_resume_from_recorded_steps_gives_the_same_answer_without_rescoring_them():
+    costs = [0, 0.5, 0.1, 0.9, 0.2, 0.3, 0.05, 0.7]
+    full_run = Additive(costs)
+    _, all_steps = greedy_search("F" * 8, 2, full_run, search="naive")
+    replayed = [Step.from_json(s.to_json()) for s in all_steps[:3]]
+    resumed = Additive(costs)
+    _, steps = greedy_search("F" * 8, 2, resumed, search="naive", done=replayed)
+    assert [s.pattern for s in steps] == [s.pattern for s in all_steps]
+    assert len(resumed.scored) == len(full_run.scored) - sum(len(s.scores) for s in all_steps[:3])
+
+
+def test_candidates():
+    assert candidates("FFSFS") == [1, 3]
+    assert candidates("FFSFS", frozenset({3})) == [1]
+    assert FULL == "F"
