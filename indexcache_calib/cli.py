@@ -188,6 +188,16 @@ def _print_summary(layer_map: dict, run_dir) -> None:
     out.print(f"SGLang: python -m sglang.launch_server --model-path MODEL {layer_map['engines']['sglang']['args']}", markup=False)
 
 
+def _register_commands() -> None:
+    from indexcache_calib import deploy_cli, inspect_cli
+
+    deploy_cli.register(app)
+    inspect_cli.register(app)
+
+
+_register_commands()
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,5 @@
+"""Commands registered on the `indexcache` app (see cli._register_commands)."""
+
+
+def register(app) -> None:
+    pass

@@ -1,0 +1,652 @@
+"""Train a tiny DSA checkpoint (transformers' GlmMoeDsaForCausalLM, unchanged) on calibration_data/.
+
+The recipe follows how DSA models are made:
+
+1. dense: language-model training with every indexer bypassed (each returns all keys);
+2. indexer warm-up: main weights frozen; each layer's indexer learns the KL divergence from
+   the layer's head-averaged dense attention to softmax(index scores);
+3. sparse: top-k attention on; LM loss on the main weights plus, for the indexers, the KL
+   restricted to the keys they selected.
+
+A byte-level BPE tokenizer is trained on the training split of both domains and saved with
+the model. Held-out losses, dense and all-F sparse, are reported per domain.
+
+    python -m indexcache_calib.recipes.train_tiny --out indexcache_calib/models/tiny-dsa
+    python -m indexcache_calib.recipes.train_tiny --layers 48 --hidden 64 --out indexcache_calib/models/tiny-dsa-deep
+    python -m indexcache_calib.recipes.train_tiny --smoke --out /tmp/tiny   # seconds, for tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import tokenizers
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM, PreTrainedTokenizerFast
+from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import apply_rotary_pos_emb_interleave
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DOMAINS = ("code", "docs")
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+
+# Full-recipe defaults, then the --smoke overrides (a few steps of each stage, seconds on CPU).
+FULL = dict(layers=16, hidden=128, heads=4, index_topk=64, index_heads=4, seq_len=512, vocab_size=3072,
+            batch_size=8, dense_steps=100_000, indexer_steps=100_000, sparse_steps=100_000,
+            dense_minutes=30.0, indexer_minutes=8.0, sparse_minutes=15.0, eval_seqs=48, eval_every=100,
+            tokenizer_docs=0)
+SMOKE = dict(layers=2, hidden=64, heads=4, index_topk=16, index_heads=2, seq_len=64, vocab_size=512,
+             batch_size=2, dense_steps=3, indexer_steps=2, sparse_steps=2,
+             dense_minutes=0.0, indexer_minutes=0.0, sparse_minutes=0.0, eval_seqs=2, eval_every=0,
+             tokenizer_docs=40)
+# Share of --budget-minutes per stage; the rest covers tokenizer, evaluations and saving.
+BUDGET_SHARE = {"dense": 0.55, "indexer": 0.12, "sparse": 0.23}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train a tiny GlmMoeDsa (DSA) checkpoint: dense, indexer warm-up, sparse.")
+    p.add_argument("--out", default=str(REPO_ROOT / "indexcache_calib" / "models" / "tiny-dsa"))
+    p.add_argument("--data", default=str(REPO_ROOT / "calibration_data"), help="directory with <domain>[.heldout].jsonl")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="tiny model, a few steps per stage (for tests)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on cuda (weights stay fp32)")
+    p.add_argument("--layers", type=int)
+    p.add_argument("--hidden", type=int)
+    p.add_argument("--heads", type=int)
+    p.add_argument("--intermediate", type=int, help="MLP width (default 5/4 of --hidden)")
+    p.add_argument("--index-topk", type=int)
+    p.add_argument("--index-heads", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--vocab-size", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak LR of the dense stage")
+    p.add_argument("--sparse-lr", type=float, default=3e-4, help="peak LR of the main weights in the sparse stage")
+    p.add_argument("--indexer-lr", type=float, default=1e-3)
+    p.add_argument("--kl-weight", type=float, default=1.0, help="weight of the indexer KL in the sparse stage")
+    for stage in ("dense", "indexer", "sparse"):
+        p.add_argument(f"--{stage}-steps", type=int, help=f"most optimizer steps of the {stage} stage")
+        p.add_argument(f"--{stage}-minutes", type=float, help=f"wall-time budget of the {stage} stage (0: steps only)")
+    p.add_argument("--budget-minutes", type=float,
+                   help="whole-run wall-time budget; sets every stage's minutes from it (overrides --*-minutes)")
+    p.add_argument("--eval-seqs", type=int, help="held-out sequences per domain for the reported losses")
+    p.add_argument("--eval-every", type=int, help="steps between quick held-out checks (0: none)")
+    p.add_argument("--tokenizer-docs", type=int, help="train the tokenizer on the first N documents per domain (0: all)")
+    args = p.parse_args(argv)
+    for key, value in (SMOKE if args.smoke else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.budget_minutes:
+        for stage, share in BUDGET_SHARE.items():
+            setattr(args, f"{stage}_minutes", args.budget_minutes * share)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch.cuda.is_available() is False")
+    return args
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_texts(data_dir: Path, domain: str, heldout: bool) -> list[str]:
+    path = data_dir / f"{domain}{'.heldout' if heldout else ''}.jsonl"
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, max_length: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (any text encodes, no unknown token) with an end-of-text token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS, PAD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, model_max_length=max_length)
+
+
+def token_stream(tok: PreTrainedTokenizerFast, texts: list[str]) -> torch.Tensor:
+    """All documents, each followed by EOS, as one 1-D tensor (windows may span documents)."""
+    ids: list[int] = []
+    for enc in tok.backend_tokenizer.encode_batch(texts):
+        ids.extend(enc.ids)
+        ids.append(tok.eos_token_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+class Windows:
+    """Seeded random training windows; each batch alternates domains so both are always present."""
+
+    def __init__(self, streams: dict[str, torch.Tensor], seq_len: int, batch_size: int, seed: int):
+        self.streams, self.seq_len, self.batch_size = streams, seq_len, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __next__(self) -> torch.Tensor:
+        rows = []
+        for i in range(self.batch_size):
+            s = self.streams[DOMAINS[i % len(DOMAINS)]]
+            start = int(torch.randint(0, len(s) - self.seq_len + 1, (1,), generator=self.gen))
+            rows.append(s[start:start + self.seq_len])
+        return torch.stack(rows)
+
+
+# ----------------------------------------------------------------------------- model
+
+def build_model(args, tok: PreTrainedTokenizerFast) -> GlmMoeDsaForCausalLM:
+    d, heads, layers = args.hidden, args.heads, args.layers
+    head_dim = d // heads
+    rope = min(16, head_dim)
+    config = GlmMoeDsaConfig(
+        vocab_size=len(tok), hidden_size=d, intermediate_size=args.intermediate or 5 * d // 4,
+        moe_intermediate_size=args.intermediate or 5 * d // 4, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads,
+        q_lora_rank=d // 2, kv_lora_rank=d // 2,  # the library needs q_lora_rank set
+        qk_nope_head_dim=head_dim, qk_rope_head_dim=rope, v_head_dim=head_dim,
+        index_topk=args.index_topk, index_n_heads=args.index_heads, index_head_dim=max(rope, d // 4),
+        # Dense MLPs everywhere; the expert settings only have to be valid (n_routed_experts % n_group == 0).
+        first_k_dense_replace=layers, n_routed_experts=4, n_group=1, topk_group=1, num_experts_per_tok=1,
+        n_shared_experts=1, max_position_embeddings=max(4096, args.seq_len), tie_word_embeddings=True,
+        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, initializer_range=0.02,
+    )
+    model = GlmMoeDsaForCausalLM(config)
+    # Residual-branch outputs start scaled by 1/sqrt(2L) (GPT-2 style): deep, thin stacks diverged without it.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_((2 * layers) ** -0.5)
+            layer.mlp.down_proj.weight.mul_((2 * layers) ** -0.5)
+    # Eager attention returns the attention probabilities the indexer KL needs.
+    model.set_attn_implementation("eager")
+    return model
+
+
+def indexers(model) -> list[tuple[int, torch.nn.Module]]:
+    return [(i, layer.self_attn.indexer) for i, layer in enumerate(model.model.layers)
+            if layer.self_attn.indexer is not None]
+
+
+def index_scores(indexer, hidden_states, q_resid, position_embeddings, attention_mask) -> torch.Tensor:
+    """Differentiable GlmMoeDsaIndexer.forward up to its top-k: fp32 scores [B, S, T].
+
+    Same computation as transformers' indexer (interleaved RoPE on the first qk_rope_head_dim
+    dims, ReLU of per-head q.k, weighted sum over heads, additive causal mask). The only change
+    is that q.k is one batched matmul: the library broadcasts k over every query, which copies a
+    [B, S, D, T] tensor per layer and dominated CPU time.
+    """
+    b, s, _ = hidden_states.shape
+    h, d, rope = indexer.n_heads, indexer.head_dim, indexer.qk_rope_head_dim
+    cos, sin = position_embeddings
+    q = indexer.wq_b(q_resid).view(b, s, h, d)
+    q_rot, q_pass = torch.split(q, [rope, d - rope], dim=-1)
+    k = indexer.k_norm(indexer.wk(hidden_states)).unsqueeze(2)
+    k_rot, k_pass = torch.split(k, [rope, d - rope], dim=-1)
+    q_rot, k_rot = apply_rotary_pos_emb_interleave(q_rot, k_rot, cos, sin, unsqueeze_dim=2)
+    q = torch.cat([q_rot, q_pass], dim=-1).float()  # [B, S, H, D]
+    k = torch.cat([k_rot, k_pass], dim=-1).squeeze(2).float()  # [B, T, D]
+    t = k.shape[1]
+    scores = torch.bmm(q.reshape(b, s * h, d), k.transpose(1, 2)).view(b, s, h, t) * indexer.softmax_scale
+    scores = F.relu(scores)
+    weights = indexer.weights_proj(hidden_states.to(indexer.weights_proj.weight.dtype)).float() * h**-0.5
+    out = torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)  # [B, S, T]
+    if attention_mask is None:  # transformers < 5.23 may pass None for a plain causal mask
+        return out.masked_fill(~_causal(s, t, out.device), float("-inf"))
+    if attention_mask.dtype == torch.bool:
+        return out.masked_fill(~attention_mask, float("-inf"))
+    return out + attention_mask
+
+
+def _causal(s: int, t: int, device) -> torch.Tensor:
+    return torch.ones(s, t, dtype=torch.bool, device=device).tril(t - s)
+
+
+def allowed_keys(attention_mask, s: int, t: int, device) -> torch.Tensor:
+    """Boolean [B|1, S, T]: the keys the causal (and padding) mask lets each query see."""
+    if attention_mask is None:
+        return _causal(s, t, device).unsqueeze(0)
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    return attention_mask > torch.finfo(attention_mask.dtype).min / 2
+
+
+def kl_to_attention(p: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean over queries of KL(p || softmax(scores over `keep`)); p is zero outside `keep`."""
+    logq = torch.log_softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+    logq = logq.masked_fill(~keep, 0.0)  # keeps 0 * -inf out of the gradient
+    return (torch.xlogy(p, p) - p * logq).sum(-1).mean()
+
+
+@contextlib.contextmanager
+def replaced_indexers(model, make_forward):
+    """Give each indexer the forward `make_forward(layer_idx, indexer)`; restore what was there after.
+
+    The attention module calls indexer(hidden_states, q_resid, position_embeddings, attention_mask, ...)
+    and scatters the returned indices into its mask, so returning every key makes attention dense.
+    """
+    saved = []
+    for i, ix in indexers(model):
+        saved.append((ix, ix.__dict__.get("forward")))
+        ix.forward = make_forward(i, ix)
+    try:
+        yield
+    finally:
+        for ix, fwd in saved:
+            if fwd is None:
+                del ix.forward
+            else:
+                ix.forward = fwd
+
+
+def all_keys(records: dict | None = None):
+    """Indexer replacement that keeps every key; optionally records its inputs per layer."""
+
+    def make(i, ix):
+        def forward(hidden_states, q_resid, position_embeddings, attention_mask, *args, **kwargs):
+            if records is not None:
+                records[i] = (ix, hidden_states.detach(), q_resid.detach(), position_embeddings, attention_mask)
+            b, s = hidden_states.shape[:2]
+            t = attention_mask.shape[-1] if attention_mask is not None else s
+            return torch.arange(t, device=hidden_states.device, dtype=torch.int32).expand(b, s, t)
+        return forward
+
+    return make
+
+
+def scored_topk(records: dict):
+    """Indexer replacement for training: differentiable scores (inputs detached), their top-k."""
+
+    def make(i, ix):
+        def forward(hidden_states, q_resid, position_embeddings, attention_mask, *args, **kwargs):
+            scores = index_scores(ix, hidden_states.detach(), q_resid.detach(), position_embeddings, attention_mask)
+            topk = scores.detach().topk(min(ix.index_topk, scores.shape[-1]), dim=-1).indices
+            records[i] = (scores, topk, attention_mask)
+            return topk.to(torch.int32)
+        return forward
+
+    return make
+
+
+@contextlib.contextmanager
+def attention_probs(model, store: dict):
+    """Record each layer's head-averaged attention probabilities [B, S, T] (eager attention)."""
+
+    def hook(i):
+        def fn(module, args, output):
+            if output[1] is not None:
+                store[i] = output[1].detach().float().mean(1)
+        return fn
+
+    handles = [layer.self_attn.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model, windows: dict[str, torch.Tensor], args, modes=("dense", "sparse"), recall=False) -> dict:
+    """Mean per-token held-out loss per domain and mode; with `recall`, per-layer attention mass
+    that the indexer's top-k (and the oracle top-k) capture, over queries with more than k keys."""
+    model.eval()
+    out: dict = {}
+    n_layers = len(model.model.layers)
+    mass = torch.zeros(n_layers, dtype=torch.float64)
+    oracle = torch.zeros(n_layers, dtype=torch.float64)
+    rows = 0
+    for domain, w in windows.items():
+        for mode in modes:
+            records: dict = {}
+            probs: dict = {}
+            swap = replaced_indexers(model, all_keys(records if recall else None)) if mode == "dense" else contextlib.nullcontext()
+            total, count = 0.0, 0
+            with swap, (attention_probs(model, probs) if recall and mode == "dense" else contextlib.nullcontext()):
+                for start in range(0, len(w), args.batch_size):
+                    x = w[start:start + args.batch_size].to(args.device)
+                    with autocast(args):
+                        loss = model(input_ids=x, labels=x).loss.float()
+                    n = x.shape[0] * (x.shape[1] - 1)
+                    total, count = total + loss.item() * n, count + n
+                    if recall and mode == "dense":
+                        for i, (ix, h, qr, pe, mask) in records.items():
+                            sc = index_scores(ix, h, qr, pe, mask)
+                            k = min(ix.index_topk, sc.shape[-1])
+                            p = probs[i][:, k:]  # queries that see more than k keys
+                            mass[i] += p.gather(-1, sc.topk(k, dim=-1).indices[:, k:]).sum(-1).sum().item()
+                            oracle[i] += p.topk(k, dim=-1).values.sum(-1).sum().item()
+                        rows += x.shape[0] * max(x.shape[1] - args.index_topk, 0)
+            out.setdefault(domain, {})[mode] = total / count
+    if recall and rows:
+        out["indexer_recall"] = [round(v / rows, 4) for v in mass.tolist()]
+        out["oracle_recall"] = [round(v / rows, 4) for v in oracle.tolist()]
+    model.train()
+    return out
+
+
+def autocast(args):
+    if args.device == "cuda" and args.bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- training
+
+def lr_at(step: int, planned: int, peak: float) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak at the planned last step."""
+    warm = max(1, min(30, planned // 10))
+    if step < warm:
+        return peak * (step + 1) / warm
+    frac = min(1.0, (step - warm) / max(1, planned - warm))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def run_stage(name: str, args, model, groups: list[dict], step_fn, data: Windows, eval_fn=None) -> dict:
+    """Optimizer loop shared by the stages, budgeted by steps and wall time.
+
+    The step count is fixed after a few timed steps (min of --<stage>-steps and what fits in
+    --<stage>-minutes), so the LR schedule depends only on that count and a rerun with
+    --<stage>-steps set to the recorded `steps_done` and no time budget retraces it.
+    Steps whose loss or gradient is not finite are skipped and counted.
+    """
+    max_steps = getattr(args, f"{name}_steps")
+    budget_s = 60.0 * getattr(args, f"{name}_minutes")
+    for g in groups:
+        g["peak_lr"] = g["lr"]
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.1)
+    planned, done, skipped, streak, tokens = max_steps, 0, 0, 0, 0
+    t0 = last_log = time.time()
+    timing_from, log_every_s = None, 5.0 if args.smoke else 30.0
+    history, last = [], {}
+    step = 0
+    while step < planned:
+        for g in groups:
+            g["lr"] = lr_at(step, planned, g["peak_lr"])
+        x = next(data).to(args.device, non_blocking=True)
+        opt.zero_grad(set_to_none=True)
+        with autocast(args):
+            losses = step_fn(x)  # dict of floats; the step function has called backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if not (math.isfinite(losses["loss"]) and torch.isfinite(gnorm)):
+            skipped, streak = skipped + 1, streak + 1
+            opt.zero_grad(set_to_none=True)
+            if streak >= 20:
+                raise RuntimeError(f"{name}: 20 non-finite steps in a row at step {step}; lower the learning rate")
+        else:
+            opt.step()
+            streak, last = 0, losses
+        step += 1
+        done, tokens = step, tokens + x.numel()
+        now = time.time()
+        # Plan the step count from steps 2-4 (step 1 pays for allocation and warm-up).
+        if step == 1:
+            timing_from = now
+        elif step == 4 and budget_s > 0:
+            per_step = (now - timing_from) / 3
+            planned = max(4, min(max_steps, int((budget_s - (timing_from - t0)) / per_step)))
+        if budget_s > 0 and now - t0 > 1.25 * budget_s:
+            print(f"[{name}] stopping at step {step}: over 1.25x the time budget", flush=True)
+            break
+        if now - last_log >= log_every_s or step == planned:
+            last_log = now
+            rate = tokens / (now - t0)
+            detail = " ".join(f"{k} {v:.4f}" for k, v in last.items())
+            print(f"[{name}] step {step}/{planned} {detail} lr {groups[0]['lr']:.2e} gnorm {float(gnorm):.3f} "
+                  f"{rate:,.0f} tok/s {(now - t0) / 60:.1f} min skipped {skipped}", flush=True)
+        if eval_fn and args.eval_every and step % args.eval_every == 0 and step < planned:
+            history.append({"step": step, **eval_fn()})
+            print(f"[{name}] held-out check at step {step}: {json.dumps(history[-1])}", flush=True)
+    wall = time.time() - t0
+    record = {"stage": name, "steps_planned": planned, "steps_done": done, "steps_skipped": skipped,
+              "wall_s": round(wall, 1), "tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
+              "peak_lrs": [g["peak_lr"] for g in groups], "last_losses": {k: round(v, 4) for k, v in last.items()},
+              "budget_minutes": getattr(args, f"{name}_minutes"), "max_steps": max_steps}
+    if history:
+        record["held_out_checks"] = history
+    return record
+
+
+def set_trainable(model, main: bool, indexer: bool) -> tuple[list, list]:
+    idx_params = {id(p) for _, ix in indexers(model) for p in ix.parameters()}
+    main_ps, idx_ps = [], []
+    for p in model.parameters():
+        is_idx = id(p) in idx_params
+        p.requires_grad_(indexer if is_idx else main)
+        (idx_ps if is_idx else main_ps).append(p)
+    return main_ps, idx_ps
+
+
+def decay_groups(params: list, lr: float) -> list[dict]:
+    """Weight decay on matrices only; norms, biases and vectors are left alone."""
+    return [{"params": [p for p in params if p.ndim >= 2], "lr": lr, "weight_decay": 0.1},
+            {"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0}]
+
+
+def train(args) -> dict:
+    t_start = time.time()
+    torch.manual_seed(args.seed)
+    if args.device == "cuda":
+        torch.cuda.manual_seed_all(args.seed)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    data_dir, out = Path(args.data), Path(args.out)
+
+    train_texts = {d: load_texts(data_dir, d, heldout=False) for d in DOMAINS}
+    held_texts = {d: load_texts(data_dir, d, heldout=True) for d in DOMAINS}
+    tok_texts = [t for d in DOMAINS for t in (train_texts[d][: args.tokenizer_docs] if args.tokenizer_docs else train_texts[d])]
+    tok = train_tokenizer(tok_texts, args.vocab_size, max(4096, args.seq_len))
+    train_streams = {d: token_stream(tok, train_texts[d]) for d in DOMAINS}
+    held_streams = {d: token_stream(tok, held_texts[d]) for d in DOMAINS}
+    eval_windows = {}
+    for d in DOMAINS:
+        n = min(args.eval_seqs, len(held_streams[d]) // args.seq_len)
+        eval_windows[d] = held_streams[d][: n * args.seq_len].view(n, args.seq_len)
+    quick_windows = {d: w[: max(1, min(8, len(w)))] for d, w in eval_windows.items()}
+    print(f"tokenizer: {len(tok)} tokens; train tokens " + ", ".join(f"{d} {len(s):,}" for d, s in train_streams.items())
+          + "; held-out tokens " + ", ".join(f"{d} {len(s):,}" for d, s in held_streams.items()), flush=True)
+
+    model = build_model(args, tok).to(args.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"GlmMoeDsaForCausalLM: {args.layers} layers, hidden {args.hidden}, {n_params:,} parameters "
+          f"({n_params * 4 / 1e6:.1f} MB fp32), index_topk {args.index_topk}, seq_len {args.seq_len}, "
+          f"device {args.device}", flush=True)
+    n_layers = len(model.model.layers)
+    stages, evals = [], {}
+
+    # 1. dense: the indexers are bypassed, so they neither cost time nor get gradients.
+    main_ps, idx_ps = set_trainable(model, main=True, indexer=False)
+
+    def dense_step(x):
+        with replaced_indexers(model, all_keys()):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        return {"loss": loss.item()}
+
+    stages.append(run_stage("dense", args, model, decay_groups(main_ps, args.lr), dense_step,
+                            Windows(train_streams, args.seq_len, args.batch_size, args.seed * 1000 + 1),
+                            lambda: evaluate(model, quick_windows, args, modes=("dense",))))
+    evals["after_dense"] = evaluate(model, eval_windows, args, recall=True)
+    print(f"after dense: {json.dumps(evals['after_dense'])}", flush=True)
+
+    # 2. indexer warm-up: frozen main weights, KL(dense head-mean attention || softmax(index scores)).
+    main_ps, idx_ps = set_trainable(model, main=False, indexer=True)
+
+    def indexer_step(x):
+        records, probs = {}, {}
+        with torch.no_grad(), replaced_indexers(model, all_keys(records)), attention_probs(model, probs):
+            model.model(input_ids=x)  # the base model: no LM head needed for attention targets
+        total = 0.0
+        for i, (ix, h, qr, pe, mask) in records.items():
+            scores = index_scores(ix, h, qr, pe, mask)
+            kl = kl_to_attention(probs[i], scores, allowed_keys(mask, h.shape[1], scores.shape[-1], h.device))
+            (kl / len(records)).backward()  # one layer's score graph alive at a time
+            total += kl.item() / len(records)
+        return {"loss": total}
+
+    stages.append(run_stage("indexer", args, model, decay_groups(idx_ps, args.indexer_lr), indexer_step,
+                            Windows(train_streams, args.seq_len, args.batch_size, args.seed * 1000 + 2)))
+    evals["after_indexer"] = evaluate(model, eval_windows, args, recall=True)
+    print(f"after indexer warm-up: {json.dumps(evals['after_indexer'])}", flush=True)
+
+    # 3. sparse: top-k attention; LM loss trains the main weights, the KL over the selected keys
+    # trains the indexers (their inputs are detached, as the top-k passes no gradient anyway).
+    main_ps, idx_ps = set_trainable(model, main=True, indexer=True)
+
+    def sparse_step(x):
+        records, probs = {}, {}
+        with replaced_indexers(model, scored_topk(records)), attention_probs(model, probs):
+            lm = model(input_ids=x, labels=x).loss
+        kl = 0.0
+        for i, (scores, topk, mask) in records.items():
+            keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, topk, True)
+            keep &= allowed_keys(mask, scores.shape[1], scores.shape[-1], scores.device)
+            kl = kl + kl_to_attention(probs[i], scores, keep) / len(records)
+        loss = lm + args.kl_weight * kl
+        loss.backward()
+        return {"loss": loss.item(), "lm": lm.item(), "kl": float(kl.detach()) if torch.is_tensor(kl) else kl}
+
+    groups = decay_groups(main_ps, args.sparse_lr) + decay_groups(idx_ps, args.indexer_lr)
+    stages.append(run_stage("sparse", args, model, groups, sparse_step,
+                            Windows(train_streams, args.seq_len, args.batch_size, args.seed * 1000 + 3),
+                            lambda: evaluate(model, quick_windows, args, modes=("sparse",))))
+    set_trainable(model, main=True, indexer=True)
+    # Final numbers use the library's own indexer forward (nothing replaced) for sparse.
+    evals["final"] = evaluate(model, eval_windows, args, recall=True)
+    print(f"final: {json.dumps(evals['final'])}", flush=True)
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    log = {
+        "model": {"class": "GlmMoeDsaForCausalLM", "parameters": n_params, "layers": n_layers, "hidden": args.hidden,
+                  "heads": args.heads, "intermediate": model.config.intermediate_size,
+                  "q_lora_rank": model.config.q_lora_rank, "kv_lora_rank": model.config.kv_lora_rank,
+                  "qk_nope_head_dim": model.config.qk_nope_head_dim, "qk_rope_head_dim": model.config.qk_rope_head_dim,
+                  "v_head_dim": model.config.v_head_dim, "index_topk": args.index_topk,
+                  "index_n_heads": args.index_heads, "index_head_dim": model.config.index_head_dim,
+                  "vocab_size": len(tok), "weights_dtype": "float32"},
+        "data": {"dir": _rel(data_dir), "files": {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+                                                  for f in sorted(data_dir.glob("*.jsonl"))},
+                 "train_tokens": {d: len(s) for d, s in train_streams.items()},
+                 "heldout_tokens": {d: len(s) for d, s in held_streams.items()},
+                 "eval_sequences": {d: len(w) for d, w in eval_windows.items()}},
+        "training": {"seq_len": args.seq_len, "batch_size": args.batch_size, "seed": args.seed,
+                     "device": _device_name(args), "bf16_autocast": bool(args.bf16 and args.device == "cuda"),
+                     "smoke": args.smoke, "kl_weight": args.kl_weight, "stages": stages,
+                     "total_wall_s": round(time.time() - t_start, 1)},
+        "held_out_loss": evals,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
+        "command": "python -m indexcache_calib.recipes.train_tiny " + " ".join(sys.argv[1:]),
+    }
+    (out / "training_log.json").write_text(json.dumps(log, indent=2) + "\n", encoding="utf-8")
+    (out / "MODEL_CARD.md").write_text(model_card(log), encoding="utf-8")
+    print(f"saved to {out} in {(time.time() - t_start) / 60:.1f} min", flush=True)
+    return log
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _device_name(args) -> str:
+    if args.device == "cuda":
+        return f"cuda ({torch.cuda.get_device_name()})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def model_card(log: dict) -> str:
+    m, t, ev = log["model"], log["training"], log["held_out_loss"]
+    stage_rows = "\n".join(
+        f"| {s['stage']} | {s['steps_done']} | {s['steps_planned']} | {s['steps_skipped']} | {s['wall_s']:.0f} "
+        f"| {s['tokens']:,} | {s['tokens_per_s']:,.0f} | {', '.join(f'{k} {v}' for k, v in s['last_losses'].items())} |"
+        for s in t["stages"])
+    loss_rows = "\n".join(
+        f"| {when.replace('_', ' ')} | {d} | {ev[when][d]['dense']:.4f} | {ev[when][d]['sparse']:.4f} "
+        f"| {ev[when][d]['sparse'] - ev[when][d]['dense']:+.4f} |"
+        for when in ev for d in DOMAINS)
+    recall = ev["final"].get("indexer_recall")
+    recall_line = ""
+    if recall:
+        recall_line = (f"\nShare of dense attention mass inside the indexer's top-{m['index_topk']} after training, per layer "
+                       f"(queries with more than {m['index_topk']} keys): {', '.join(f'{v:.2f}' for v in recall)}; "
+                       f"the best possible top-{m['index_topk']} holds {', '.join(f'{v:.2f}' for v in ev['final']['oracle_recall'])}.\n")
+    smoke = "\n**Smoke run: a few steps per stage, not a usable model.**\n" if t["smoke"] else ""
+    return f"""# Tiny DSA checkpoint ({m['layers']} layers, hidden {m['hidden']})
+{smoke}
+A `GlmMoeDsaForCausalLM` (transformers' GLM-5 DSA architecture, unchanged) small enough for
+tests and search benchmarks of IndexCache patterns. Trained by `indexcache_calib.recipes.train_tiny`:
+
+    {log['command']}
+
+Load it with `AutoModelForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)`.
+All layers are `full` (every layer has its own indexer), so any F/S pattern can be searched.
+
+## Sizes
+
+- {m['parameters']:,} parameters, {m['weights_dtype']} weights (embeddings tied to the LM head).
+- {m['layers']} layers, hidden {m['hidden']}, {m['heads']} heads, dense SwiGLU MLP of width {m['intermediate']},
+  q_lora_rank {m['q_lora_rank']}, kv_lora_rank {m['kv_lora_rank']}, qk_nope/qk_rope/v head dims
+  {m['qk_nope_head_dim']}/{m['qk_rope_head_dim']}/{m['v_head_dim']}.
+- Indexer: {m['index_n_heads']} heads of dim {m['index_head_dim']}, `index_topk` {m['index_topk']}.
+- Byte-level BPE tokenizer, {m['vocab_size']} tokens, end-of-text `{EOS}`, trained on the training split of both domains.
+
+## Data
+
+`{log['data']['dir']}`: Python standard-library source ("code", PSF License) and GNU Info manuals
+("docs", GNU FDL); see its README.md for provenance. Training tokens: {', '.join(f'{d} {n:,}' for d, n in log['data']['train_tokens'].items())}.
+Held-out tokens: {', '.join(f'{d} {n:,}' for d, n in log['data']['heldout_tokens'].items())};
+losses below use the first {', '.join(f'{d} {n}' for d, n in log['data']['eval_sequences'].items())} held-out sequences of {t['seq_len']} tokens.
+
+## Recipe
+
+1. **dense**: LM loss, every indexer bypassed (returns all keys), main weights only.
+2. **indexer** warm-up: main weights frozen; per layer, KL(head-averaged dense attention || softmax(index scores)).
+3. **sparse**: top-k attention; LM loss on the main weights plus {t['kl_weight']} x the indexer KL restricted to the selected keys.
+
+AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), gradient clipping at 1.0, linear warm-up then cosine
+decay to 10%, batch {t['batch_size']} x {t['seq_len']} tokens, seed {t['seed']}, fp32 weights
+{'with bf16 autocast' if t['bf16_autocast'] else 'and arithmetic'}, device {t['device']}.
+Steps with a non-finite loss or gradient are skipped and counted.
+
+| stage | steps done | steps planned | skipped | wall (s) | tokens | tokens/s | last losses |
+|---|---|---|---|---|---|---|---|
+{stage_rows}
+
+Whole run: {t['total_wall_s'] / 60:.1f} min.
+
+## Held-out loss (nats/token)
+
+"sparse" is the all-F model with the library's own indexers and top-k attention; "dense" bypasses the indexers.
+
+| after | domain | dense | all-F sparse | sparse - dense |
+|---|---|---|---|---|
+{loss_rows}
+{recall_line}
+## Versions
+
+{', '.join(f'{k} {v}' for k, v in log['versions'].items())}.
+"""
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    train(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
