@@ -14,7 +14,7 @@ from indexcache_calib import __version__
 from indexcache_calib import artifact as art
 from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, EXIT_RESUME_MISMATCH, CalibError
 from indexcache_calib.pattern import (
-    FULL, engine_args, full_layers, indexer_types, resolve_num_full, source_layers, uniform_pattern,
+    FULL, engine_args, full_layers, indexer_types, resolve_num_full, source_layers, uniform_pattern, validate_pattern,
 )
 from indexcache_calib.search import SEARCHES, Score, Step, greedy_search, path
 
@@ -46,11 +46,12 @@ class Options:
     resume: bool = False
     overwrite: bool = False
     plots: bool = True
+    start_pattern: str | None = None  # begin the search here instead of all-F
 
     def fingerprint_fields(self) -> dict:
         # What must not change between a run and its resume. The target may: F-sets are nested, so a
         # resumed run can stop later or earlier on the same path.
-        return {k: getattr(self, k) for k in ("seq_len", "num_samples", "seed", "batch_size", "search", "text_field", "dtype")}
+        return {k: getattr(self, k) for k in ("seq_len", "num_samples", "seed", "batch_size", "search", "text_field", "dtype", "start_pattern")}
 
 
 @dataclass
@@ -165,16 +166,20 @@ def fingerprint(opts: Options, prep: Prepared, config_sha: str | None) -> dict:
     }
 
 
-def _load_checkpoint(run_dir: Path, fp: dict) -> tuple[list[Step], float | None]:
+def read_checkpoint(run_dir: Path) -> dict:
     path = run_dir / art.CHECKPOINT
     if not path.exists():
         raise CalibError(f"nothing to resume: {path} does not exist", hint="run without --resume to start")
     try:
         data = json.loads(path.read_text())
-        steps = [Step.from_json(s) for s in data["steps"]]
-        saved = data["fingerprint"]
+        data["steps"] = [Step.from_json(s) for s in data["steps"]]
+        data["fingerprint"]["settings"]
     except (ValueError, KeyError, TypeError) as e:
         raise CalibError(f"checkpoint {path} is corrupt ({type(e).__name__}: {e})", hint="start again with --overwrite")
+    return data
+
+
+def check_fingerprint(run_dir: Path, saved: dict, fp: dict) -> None:
     if saved != fp:
         changed = sorted(_diff(saved, fp))
         raise CalibError(
@@ -182,7 +187,6 @@ def _load_checkpoint(run_dir: Path, fp: dict) -> tuple[list[Step], float | None]
             hint="resume with the same model, data and settings, or start again with --overwrite",
             exit_code=EXIT_RESUME_MISMATCH,
         )
-    return steps, data.get("baseline_loss")
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -219,11 +223,10 @@ def calibrate(opts: Options, hooks: Hooks | None = None) -> tuple[dict, Path]:
     t_start = time.time()
     run_dir = Path(opts.out) if opts.out else Path("outputs") / art.default_run_name(opts.model, opts.data, target_label(opts))
     existed = run_dir.exists()
-    if opts.resume and not (run_dir / art.CHECKPOINT).exists():
-        raise CalibError(f"nothing to resume: {run_dir / art.CHECKPOINT} does not exist", hint="run without --resume to start")
+    saved = read_checkpoint(run_dir) if opts.resume else None
     art.prepare_run_dir(run_dir, opts.resume, opts.overwrite)
     try:
-        return _calibrate(opts, hooks, run_dir, t_start)
+        return _calibrate(opts, hooks, run_dir, t_start, saved)
     except (torch.OutOfMemoryError, MemoryError):
         raise CalibError("out of memory", hint=OOM_HINT, exit_code=EXIT_OUT_OF_MEMORY) from None
     finally:
@@ -232,12 +235,14 @@ def calibrate(opts: Options, hooks: Hooks | None = None) -> tuple[dict, Path]:
             art.rmtree_if_empty(run_dir)
 
 
-def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float) -> tuple[dict, Path]:
+def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved: dict | None) -> tuple[dict, Path]:
     from indexcache_calib import model as mdl
     from indexcache_calib.data import tokens_sha256
 
     def early(config):  # before any weights are loaded
         resolve_num_full(config.num_hidden_layers, opts.target, opts.num_full, config_fixed_shared(config))
+        if opts.start_pattern:
+            validate_pattern(opts.start_pattern, config.num_hidden_layers, config_fixed_shared(config))
 
     prep = prepare(opts, hooks, check_config=early)
     layout = prep.layout
@@ -246,12 +251,18 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float) -> tu
     config_sha = mdl.config_sha256(prep.source)
     fp = fingerprint(opts, prep, config_sha)
     done: list[Step] = []
-    if opts.resume:
-        done, _ = _load_checkpoint(run_dir, fp)
+    if saved is not None:
+        check_fingerprint(run_dir, saved["fingerprint"], fp)
+        # F-sets are nested, so a run resumed with a larger target just reads its answer off the path.
+        done = [s for s in saved["steps"] if s.pattern.count(FULL) >= num_full]
         hooks.message(f"resuming after step {len(done)}")
-    start = "".join("S" if i in layout.fixed_shared else FULL for i in range(n))
+    all_full = "".join("S" if i in layout.fixed_shared else FULL for i in range(n))
+    start = validate_pattern(opts.start_pattern, n, layout.fixed_shared) if opts.start_pattern else all_full
     if start.count(FULL) <= num_full:
-        raise CalibError(f"the model has only {start.count(FULL)} layers with an indexer; nothing to share for a target of {num_full} full layers")
+        raise CalibError(
+            f"the start pattern has {start.count(FULL)} full layers; nothing to share for a target of {num_full}",
+            hint="choose a target below the number of full layers you start from",
+        )
 
     runner = make_runner(prep, opts)
     baseline: list[Score] = []
@@ -290,6 +301,7 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float) -> tu
             on_step=on_step, on_candidate=hooks.candidate,
         )
         final = steps[-1].pattern if steps else start
+        all_full_loss = base_score.loss if start == all_full else runner.score(all_full).loss
         final_score = runner.set_base(final)
         layer_overlap = runner.last_layer_overlap
         # Uniform interleaving at the paper's ratios, scored on the same tokens: the baseline a
@@ -318,14 +330,21 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float) -> tu
         "layer_overlap": {str(k): v for k, v in layer_overlap.items()},
         "target": {"spec": opts.target, "num_full": num_full},
         "loss": {
-            "all_full": base_score.loss,
+            "all_full": all_full_loss,
+            "start": base_score.loss,
             "final": final_score.loss,
-            "delta": final_score.loss - base_score.loss,
+            "delta": final_score.loss - all_full_loss,
         },
         "path": path(start, base_score.loss, steps),
         "uniform": uniform,
         "engines": engine_args(final),
-        "search": {"strategy": opts.search, "steps": len(steps), "work": counters},
+        "search": {
+            "strategy": opts.search,
+            "start_pattern": start,
+            "steps": len(steps),
+            "candidates_scored": sum(len(s.scores) for s in steps),
+            "full_sweeps": sum(s.swept for s in steps),
+        },
         "provenance": {
             "model": opts.model,
             "model_location": prep.source.location if prep.source.is_local and not Path(opts.model).is_dir() else opts.model,
@@ -353,6 +372,8 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float) -> tu
             "wall_seconds": round(time.time() - t_start, 3),
             "search_seconds": round(seconds, 3),
             "resumed_steps": len(done),
+            # Work done by this process: a resumed run does less, so it lives here, not in `search`.
+            "work": counters,
             "host_platform": platform.platform(),
         },
     }

@@ -114,6 +114,7 @@ def calibrate(
     resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint."),
     overwrite: bool = typer.Option(False, help="Replace the results already in --out."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots next to the layer map."),
+    start_pattern: Optional[str] = typer.Option(None, help="Start the search from this F/S pattern instead of all-F."),
     as_json: bool = typer.Option(False, "--json", help="Print the layer map as JSON on stdout."),
 ) -> None:
     """Search which layers keep their indexer and write a layer map."""
@@ -125,6 +126,7 @@ def calibrate(
         overlap=overlap, indexer_chunk=indexer_chunk, cache_device=cache_device, device_map=device_map,
         dtype=dtype, max_memory=max_memory, offload_dir=offload_dir, trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle, resume=resume, overwrite=overwrite, plots=plots,
+        start_pattern=start_pattern,
     )
     if target is None and num_full is None:
         opts.target = "1/4"
@@ -179,8 +181,8 @@ def _print_summary(layer_map: dict, run_dir) -> None:
     table.add_row("full layers", f"{layer_map['num_full']} of {layer_map['num_layers']}: {layer_map['full_layers']}")
     table.add_row("loss all-F", f"{loss['all_full']:.5f}")
     table.add_row("loss pattern", f"{loss['final']:.5f} (delta {loss['delta']:+.5f})")
-    work = layer_map["search"]["work"]
-    table.add_row("search", f"{layer_map['search']['strategy']}: {layer_map['search']['steps']} steps, {work['patterns_scored']} patterns, {work['layer_forwards']} layer-forwards")
+    search, work = layer_map["search"], layer_map["environment"]["work"]
+    table.add_row("search", f"{search['strategy']}: {search['steps']} steps, {search['candidates_scored']} candidates scored, {work['layer_forwards']} layer-forwards")
     out.print(table)
     # Plain lines, never wrapped or cut, so they can be copied.
     out.print(f"layer map: {run_dir / 'layer_map.json'}", markup=False)

@@ -1,10 +1,130 @@
-"""PNG plots written next to the layer map (matplotlib, headless)."""
+"""PNG plots: loss against Full layers, the pattern strip, and the top-k overlap heatmap.
+
+Figures are built with matplotlib's object API on the Agg canvas: no display, no pyplot global state.
+Fixed sizes and no Software entry in the PNG metadata keep the files byte-identical for identical
+inputs on one matplotlib version; each is written to a temp name and renamed.
+"""
 
 from __future__ import annotations
 
+import io
+import math
 from pathlib import Path
+
+from indexcache_calib import artifact as art
+
+LOSS_PLOT = "loss_vs_full.png"
+PATTERN_PLOT = "pattern.png"
+OVERLAP_PLOT = "overlap.png"
+FULL_COLOUR, SHARED_COLOUR, FIXED_COLOUR = "#1f77b4", "#e8e8e8", "#9a9a9a"
+DPI = 120
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=DPI)
+
+
+def _save(fig, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    art.atomic_write(path, buf.getvalue())
+    return path
+
+
+def _model_name(layer_map: dict) -> str:
+    model = str(layer_map.get("provenance", {}).get("model", ""))
+    return Path(model.rstrip("/")).name or model
+
+
+def _layer_ticks(ax, n: int, axis: str = "x") -> None:
+    # Every layer fits up to ~32; beyond that a tick every 5 or 10 keeps the labels readable.
+    step = 1 if n <= 32 else 5 if n <= 80 else 10
+    ticks = list(range(0, n, step))
+    (ax.set_xticks if axis == "x" else ax.set_yticks)(ticks)
+
+
+def loss_plot(layer_map: dict, path: Path) -> Path:
+    fig = _figure(7, 4.2)
+    ax = fig.add_subplot()
+    steps = sorted(layer_map["path"], key=lambda p: p["num_full"])
+    ax.plot([p["num_full"] for p in steps], [p["loss"] for p in steps], marker="o", color=FULL_COLOUR,
+            label="greedy search path")
+    ax.axhline(layer_map["loss"]["all_full"], color="#555555", linestyle=":", linewidth=1, label="all Full")
+    for i, (ratio, u) in enumerate(sorted(layer_map.get("uniform", {}).items(), key=lambda kv: -kv[1]["num_full"])):
+        ax.scatter([u["num_full"]], [u["loss"]], marker="s", s=50, color="#d62728", zorder=3,
+                   label="uniform interleaving" if i == 0 else None)
+        ax.annotate(f"uniform {ratio}", (u["num_full"], u["loss"]), textcoords="offset points", xytext=(6, 6),
+                    fontsize=8, color="#d62728")
+    chosen = layer_map["num_full"]
+    ax.scatter([chosen], [layer_map["loss"]["final"]], marker="*", s=160, color=FULL_COLOUR, edgecolor="black",
+               zorder=4, label=f"layer map ({chosen} Full)")
+    ax.set_xlabel("Full layers (own indexer)")
+    ax.set_ylabel("calibration loss (nats/token)")
+    ax.set_xticks(sorted({p["num_full"] for p in steps} | {u["num_full"] for u in layer_map.get("uniform", {}).values()}))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{_model_name(layer_map)}: loss vs Full layers ({layer_map['num_layers']} layers)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def pattern_plot(layer_map: dict, path: Path) -> Path:
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    pattern, n = layer_map["pattern"], layer_map["num_layers"]
+    fixed = set(layer_map.get("fixed_shared_layers", []))
+    codes = [[2 if i in fixed else 0 if c == "F" else 1 for i, c in enumerate(pattern)]]
+    fig = _figure(max(6.0, min(16.0, 0.2 * n + 2)), 1.9)
+    ax = fig.add_subplot()
+    ax.imshow(codes, cmap=ListedColormap([FULL_COLOUR, SHARED_COLOUR, FIXED_COLOUR]), vmin=0, vmax=2,
+              aspect="auto", interpolation="nearest")
+    # Thin white separators so runs of equal layers still show their count.
+    for i in range(1, n):
+        ax.axvline(i - 0.5, color="white", linewidth=0.6)
+    _layer_ticks(ax, n)
+    ax.set_yticks([])
+    ax.set_xlabel("layer")
+    handles = [Patch(color=FULL_COLOUR, label="F (own indexer)"), Patch(facecolor=SHARED_COLOUR, edgecolor="#999999", label="S (reuses top-k)")]
+    if fixed:
+        handles.append(Patch(color=FIXED_COLOUR, label="S (no indexer weights)"))
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.55), ncol=len(handles), fontsize=8, frameon=False)
+    ax.set_title(f"{_model_name(layer_map)}: {layer_map['num_full']} of {n} layers Full", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def calibration_plots(layer_map: dict, run_dir: Path) -> list[Path]:
-    """Placeholder until the plotting module lands: writes nothing."""
-    return []
+    """The plots `calibrate` writes next to the layer map."""
+    run_dir = Path(run_dir)
+    return [loss_plot(layer_map, run_dir / LOSS_PLOT), pattern_plot(layer_map, run_dir / PATTERN_PLOT)]
+
+
+def overlap_plot(matrix, layers: list[int], title: str, path: Path) -> Path:
+    """Heatmap of the layer-by-layer top-k overlap; layers without an indexer (NaN) are drawn grey."""
+    import numpy as np
+    from matplotlib import colormaps
+
+    n = len(layers)
+    side = max(5.0, min(14.0, 0.18 * n + 3))
+    fig = _figure(side + 1.2, side)
+    ax = fig.add_subplot()
+    cmap = colormaps["viridis"].with_extremes(bad=FIXED_COLOUR)
+    image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="|T_i ∩ T_j| / k")
+    if n <= 16:  # values are readable only on small matrices
+        for i in range(n):
+            for j in range(n):
+                v = matrix[i][j]
+                if not math.isnan(v):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                            color="black" if v > 0.6 else "white")
+    _layer_ticks(ax, n, "x")
+    _layer_ticks(ax, n, "y")
+    ax.set_xlabel("layer j")
+    ax.set_ylabel("layer i")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from indexcache_calib.pattern import FULL, source_layers
 from indexcache_calib.search import Score
@@ -56,8 +57,8 @@ class _Store:
         if self.where == "cpu":
             value = (tensor.to("cpu", copy=True), tensor.device)
         elif self.where == "disk":
-            path = Path(self._dir.name) / ("_".join(map(str, key)) + ".pt")
-            torch.save(tensor.detach().cpu(), path)  # our own temp file, read back only by this process
+            path = Path(self._dir.name) / ("_".join(map(str, key)) + ".safetensors")
+            save_file({"t": tensor.detach().cpu().contiguous()}, str(path))
             value = (path, tensor.device)
         else:
             value = (tensor.clone(), tensor.device)
@@ -67,7 +68,7 @@ class _Store:
     def get(self, key) -> torch.Tensor:
         (obj, device), _ = self.items[key]
         if self.where == "disk":
-            return torch.load(obj, weights_only=True).to(device)
+            return load_file(str(obj))["t"].to(device)
         return obj.to(device)
 
     def drop(self, key) -> None:

@@ -66,7 +66,7 @@ def test_naive_and_fast_agree_on_the_tiny_model(glm_dir, text_data, tmp_path):
                       "--out", str(tmp_path / search), *BASE)
         assert r.exit_code == 0, r.stderr
         maps[search] = json.loads((tmp_path / search / LAYER_MAP).read_text())
-    assert maps["naive"]["search"]["work"]["layer_forwards"] > maps["fast"]["search"]["work"]["layer_forwards"]
+    assert maps["naive"]["environment"]["work"]["layer_forwards"] > maps["fast"]["environment"]["work"]["layer_forwards"]
 
 
 def test_summary_goes_to_stdout_and_progress_to_stderr(glm_dir, text_data, tmp_path):
@@ -107,6 +107,8 @@ def _write(tmp_path, name, text):
     ("too_many_full", "impossible"),
     ("bad_target", "must be a share"),
     ("bad_search", "unknown --search"),
+    ("start_with_s", "layer 0 must be 'F'"),
+    ("start_wrong_length", "pattern has 4 layers, the model has 6"),
 ])
 def test_bad_input_gets_one_error_line_and_no_artifact(case, expect, glm_dir, text_data, tmp_path):
     out = tmp_path / "out"
@@ -129,7 +131,9 @@ def test_bad_input_gets_one_error_line_and_no_artifact(case, expect, glm_dir, te
     if case == "seq_len_topk":
         args += ["--seq-len", "8"]
     extra = {"zero_full": ["--num-full", "0"], "too_many_full": ["--num-full", "7"], "bad_target": ["--target", "3/2"],
-             "bad_search": ["--num-full", "2", "--search", "magic"]}.get(case, extra)
+             "bad_search": ["--num-full", "2", "--search", "magic"],
+             "start_with_s": ["--num-full", "2", "--start-pattern", "SFFFFF"],
+             "start_wrong_length": ["--num-full", "2", "--start-pattern", "FFFF"]}.get(case, extra)
     r = calibrate(*args, *extra)
     assert r.exit_code != 0
     assert expect in one_error_line(r)

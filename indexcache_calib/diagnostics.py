@@ -1,0 +1,309 @@
+"""Diagnostics on a loaded model: how much the layers' own indexers agree (the top-k overlap matrix),
+and the loss of any set of patterns scored side by side on the same tokens.
+
+Overlap is only a diagnostic: the search optimises loss, and choosing layers by overlap does no better
+than uniform interleaving (paper, Appendix C). It shows where indexers agree, not which layers to keep.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from indexcache_calib import artifact as art
+from indexcache_calib.calibrate import OOM_HINT, Hooks, Options, Prepared, check_options, config_fixed_shared, make_runner, prepare
+from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, CalibError
+from indexcache_calib.pattern import FULL, SHARED, check_pattern, uniform_pattern
+from indexcache_calib.sharing import SharingState, install_sharing, topk_overlap
+
+OVERLAP_CSV = "overlap.csv"
+
+
+@contextmanager
+def _memory_errors():
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError):
+        raise CalibError("out of memory", hint=OOM_HINT, exit_code=EXIT_OUT_OF_MEMORY) from None
+
+
+def read_tokens(path: str | Path) -> tuple[torch.Tensor, Path]:
+    """Token ids saved by a calibration run; `path` may be the run directory. Returns (ids, file)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / art.TOKENS
+    if not path.is_file():
+        raise CalibError(f"token file {path} does not exist", hint=f"pass the {art.TOKENS} of a calibration run, or its directory")
+    try:
+        ids = art.load_tokens(path)
+    except KeyError:
+        raise CalibError(f"{path} holds no 'input_ids' tensor") from None
+    except Exception as e:  # safetensors raises its own error types for files it cannot parse
+        raise CalibError(f"cannot read token file {path}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    if ids.dim() != 2 or ids.numel() == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise CalibError(f"{path}: 'input_ids' must be a non-empty 2-D integer tensor, got {ids.dtype} {tuple(ids.shape)}")
+    return ids.long(), path
+
+
+def load_inputs(opts: Options, hooks: Hooks, tokens: str | None, check_config=None) -> Prepared:
+    """`prepare` on --data, or on the exact token ids of a run (--tokens)."""
+    if (opts.data is None) == (tokens is None):
+        raise CalibError("give exactly one of --data and --tokens")
+    check_options(opts)
+    ids = None
+    if tokens is not None:
+        ids, path = read_tokens(tokens)
+        opts.data, opts.seq_len, opts.num_samples = str(path), ids.shape[1], ids.shape[0]
+
+    def check(config):
+        if ids is not None and (int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size):
+            raise CalibError(
+                f"{opts.data}: token ids run from {int(ids.min())} to {int(ids.max())}, outside the model's vocabulary of {config.vocab_size}",
+                hint="these tokens were made with another tokenizer; pass the model they were calibrated on",
+            )
+        if check_config is not None:
+            check_config(config)
+
+    return prepare(opts, hooks, ids=ids, check_config=check)
+
+
+def data_label(data: str) -> str:
+    # For a run's tokens file the run directory names the data better than "tokens".
+    path = Path(data)
+    return str(path.parent) if path.name == art.TOKENS else data
+
+
+# -- overlap ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def overlap_matrix(model, layout, ids: torch.Tensor, batch_size: int = 1, chunk: int | None = None) -> np.ndarray:
+    """N×N mean |T_i ∩ T_j| / k of the layers' own top-k, on the unmodified (all-F) forward, over query
+    positions that see more than k keys. Layers without an indexer get NaN rows and columns.
+
+    Pairs are compared as each layer's top-k appears, and only the current batch's top-k are kept:
+    memory is one batch's indices for every layer, never the whole data set's."""
+    n, k = layout.num_layers, layout.index_topk
+    hits, totals = np.zeros((n, n)), np.zeros((n, n))
+    seen: dict[int, torch.Tensor] = {}
+
+    def compare(j, module, args, output):
+        for i, earlier in seen.items():
+            h, t = topk_overlap(output, earlier.to(output.device), k)
+            hits[i, j] += h
+            totals[i, j] += t
+        # The diagonal is measured rather than set: it is below 1 only if a top-k held invalid indices.
+        h, t = topk_overlap(output, output, k)
+        hits[j, j] += h
+        totals[j, j] += t
+        seen[j] = output
+
+    # Proxies in an all-F state run each layer's own indexer exactly as the model would, and honour
+    # --indexer-chunk; hooking them (not the originals) sees each layer's top-k once, whole.
+    state = SharingState(FULL * n, k, measure_overlap=False, chunk=chunk)
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    with install_sharing(layout, state):
+        handles = [
+            attn.indexer.register_forward_hook(partial(compare, i))
+            for i, attn in enumerate(layout.attentions) if layout.indexers[i] is not None
+        ]
+        try:
+            for b0 in range(0, len(ids), batch_size):
+                seen.clear()
+                base(input_ids=ids[b0 : b0 + batch_size], use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+            seen.clear()
+    matrix = np.full((n, n), np.nan)
+    measured = totals > 0
+    matrix[measured] = hits[measured] / totals[measured]
+    lower = np.tril_indices(n, -1)
+    matrix[lower] = matrix.T[lower]  # only i <= j was measured; the intersection is symmetric
+    return matrix
+
+
+def overlap_summary(matrix: np.ndarray) -> dict:
+    have = [i for i in range(len(matrix)) if not math.isnan(matrix[i, i])]
+    adjacent = [float(matrix[a, b]) for a, b in zip(have, have[1:])]
+    pairs = [(float(matrix[a, b]), a, b) for ai, a in enumerate(have) for b in have[ai + 1 :]]
+    low = min(pairs) if pairs else None
+    return {
+        "mean_adjacent": math.fsum(adjacent) / len(adjacent) if adjacent else None,
+        "min": low[0] if low else None,
+        "min_pair": [low[1], low[2]] if low else None,
+    }
+
+
+def overlap(opts: Options, hooks: Hooks | None = None, tokens: str | None = None) -> dict:
+    """Measure the matrix and write overlap.csv and overlap.png. Returns what the CLI prints."""
+    import pandas as pd
+
+    from indexcache_calib.plots import OVERLAP_PLOT, overlap_plot
+
+    hooks = hooks or Hooks()
+    if (opts.data is None) == (tokens is None):
+        raise CalibError("give exactly one of --data and --tokens")
+    label = data_label(opts.data or str(tokens))
+    out_dir = Path(opts.out) if opts.out else Path("outputs") / art.default_run_name(opts.model, label, "overlap")
+    existed = out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CalibError(f"cannot write to output directory {out_dir}: {e.strerror or e}") from None
+    try:
+        with _memory_errors():
+            prep = load_inputs(opts, hooks, tokens)
+            hooks.message(f"running every layer's indexer on {len(prep.ids)} sequences of {prep.ids.shape[1]} tokens")
+            matrix = overlap_matrix(prep.model, prep.layout, prep.ids, opts.batch_size, opts.indexer_chunk)
+        n = len(matrix)
+        frame = pd.DataFrame(matrix, index=pd.Index(range(n), name="layer"), columns=range(n))
+        csv = out_dir / OVERLAP_CSV
+        art.atomic_write(csv, frame.to_csv(float_format="%.6f", na_rep="NaN", lineterminator="\n"))
+        name = Path(opts.model.rstrip("/")).name or opts.model
+        title = (f"{name}: top-k overlap |T_i ∩ T_j| / k\n"
+                 f"k={prep.layout.index_topk}, {prep.ids.shape[0]} × {prep.ids.shape[1]} tokens of {Path(label).name}")
+        png = overlap_plot(matrix, list(range(n)), title, out_dir / OVERLAP_PLOT)
+    finally:
+        art.remove_partial(out_dir)
+        if not existed:
+            art.rmtree_if_empty(out_dir)
+    return {
+        "model": opts.model,
+        "data": opts.data,
+        "index_topk": prep.layout.index_topk,
+        "num_samples": int(prep.ids.shape[0]),
+        "seq_len": int(prep.ids.shape[1]),
+        "layers": list(range(n)),
+        # JSON has no NaN: layers without an indexer are null.
+        "matrix": [[None if math.isnan(v) else float(v) for v in row] for row in matrix],
+        **overlap_summary(matrix),
+        "files": {"csv": str(csv), "png": str(png)},
+    }
+
+
+# -- evaluate --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Entry:
+    kind: str  # all-F, uniform, layer map, pattern
+    name: str
+    pattern: str
+
+
+def parse_uniform(spec: str) -> list[int]:
+    """'2,4,8' -> [2, 4, 8] (1/2, 1/4, 1/8 of the layers Full); '' or 'none' -> []."""
+    if spec.strip().lower() in ("", "none"):
+        return []
+    try:
+        every = [int(part) for part in spec.split(",")]
+    except ValueError:
+        every = []
+    if not every or any(e < 2 for e in every):
+        raise CalibError(f"cannot read --uniform {spec!r}", hint="give integers of at least 2, e.g. --uniform 2,4,8 for 1/2, 1/4 and 1/8 Full")
+    return list(dict.fromkeys(every))
+
+
+def read_layer_maps(paths: list[str]) -> list[tuple[str, dict]]:
+    maps = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            path = path / art.LAYER_MAP
+        lm = art.read_layer_map(path)
+        # Every run writes layer_map.json, so its directory is the name that tells runs apart.
+        name = path.resolve().parent.name if path.name == art.LAYER_MAP else path.stem
+        maps.append((name, lm))
+    return maps
+
+
+def entries(num_layers: int, fixed: frozenset[int], uniform: list[int], maps: list[tuple[str, dict]], patterns: list[str]) -> list[Entry]:
+    """What to score, all checked against the model: all-F first (the reference), then the baselines."""
+    out = [Entry("all-F", "all-F", "".join(SHARED if i in fixed else FULL for i in range(num_layers)))]
+    out += [Entry("uniform", f"uniform 1/{every}", uniform_pattern(num_layers, every, fixed)) for every in uniform]
+    for name, lm in maps:
+        problems = check_pattern(lm["pattern"], num_layers, fixed)
+        if problems:
+            raise CalibError(f"layer map {name} does not fit this model: {'; '.join(problems)}")
+        out.append(Entry("layer map", name, lm["pattern"]))
+    for i, pattern in enumerate(patterns, 1):
+        problems = check_pattern(pattern, num_layers, fixed)
+        if problems:
+            raise CalibError(f"--pattern {pattern!r} is invalid: {'; '.join(problems)}")
+        out.append(Entry("pattern", f"pattern {i}", pattern))
+    return out
+
+
+def evaluate(
+    opts: Options,
+    hooks: Hooks | None = None,
+    tokens: str | None = None,
+    uniform: str = "2,4,8",
+    layer_maps: list[str] = (),
+    patterns: list[str] = (),
+    csv_path: str | None = None,
+) -> list[dict]:
+    """Score all-F, uniform interleaving, layer maps and patterns with one model load, on the same
+    tokens. Returns one row per entry, all-F first; with `csv_path`, also writes them there."""
+    from indexcache_calib import model as mdl
+    from indexcache_calib.data import tokens_sha256
+
+    hooks = hooks or Hooks()
+    every = parse_uniform(uniform)
+    maps = read_layer_maps(list(layer_maps))
+    patterns = list(patterns)
+    if csv_path is not None:
+        csv_path = Path(csv_path)
+        if csv_path.is_dir() or not csv_path.resolve().parent.is_dir():
+            raise CalibError(f"cannot write --out {csv_path}: " + ("it is a directory" if csv_path.is_dir() else "its directory does not exist"))
+
+    def early(config):  # a bad pattern is refused before any weights load
+        entries(config.num_hidden_layers, config_fixed_shared(config), every, maps, patterns)
+
+    with _memory_errors():
+        prep = load_inputs(opts, hooks, tokens, early)
+        todo = entries(prep.layout.num_layers, prep.layout.fixed_shared, every, maps, patterns)
+        config_sha, ids_sha = mdl.config_sha256(prep.source), tokens_sha256(prep.ids)
+        for name, lm in maps:
+            prov = lm.get("provenance", {})
+            if prov.get("config_sha256") and config_sha and prov["config_sha256"] != config_sha:
+                hooks.warn(f"layer map {name} was calibrated on another model config ({prov.get('model')})")
+            if tokens is None and prov.get("tokens_sha256") == ids_sha:
+                hooks.warn(f"these are the very tokens layer map {name} was calibrated on, not held-out data")
+        opts.cache_device = "none"  # every pattern is scored from layer 0; nothing to reuse
+        runner = make_runner(prep, opts)
+        scores = {}
+        try:
+            for e in todo:
+                if e.pattern not in scores:  # a layer map may repeat a uniform pattern
+                    scores[e.pattern] = runner.score(e.pattern)
+                hooks.message(f"{e.name}: {e.pattern.count(FULL)} Full, loss {scores[e.pattern].loss:.5f}")
+        finally:
+            runner.close()
+    reference = scores[todo[0].pattern].loss
+    rows = [
+        {
+            "name": e.name,
+            "kind": e.kind,
+            "pattern": e.pattern,
+            "num_full": e.pattern.count(FULL),
+            "loss": scores[e.pattern].loss,
+            "delta": scores[e.pattern].loss - reference,
+            "perplexity": math.exp(scores[e.pattern].loss) if scores[e.pattern].loss < 700 else None,
+            "mean_overlap": scores[e.pattern].overlap,
+        }
+        for e in todo
+    ]
+    if csv_path is not None:
+        import pandas as pd
+
+        columns = ["name", "kind", "num_full", "loss", "delta", "perplexity", "mean_overlap", "pattern"]
+        art.atomic_write(csv_path, pd.DataFrame(rows, columns=columns).to_csv(index=False, float_format="%.9g", lineterminator="\n"))
+    return rows
