@@ -62,16 +62,25 @@ def default_run_name(model_spec: str, data_path: str, target_label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-")
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Create the run directory, or refuse to clobber one that holds results."""
+def _has_results(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any((run_dir / n).exists() for n in (LAYER_MAP, CHECKPOINT, TRACE))
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber a directory that holds results; changes nothing."""
     if run_dir.exists() and not run_dir.is_dir():
         raise CalibError(f"--out {run_dir} exists and is not a directory")
-    has_results = run_dir.is_dir() and any((run_dir / n).exists() for n in (LAYER_MAP, CHECKPOINT, TRACE))
-    if has_results and not (resume or overwrite):
+    if _has_results(run_dir) and not (resume or overwrite):
         raise CalibError(
             f"{run_dir} already holds a calibration run",
             hint="pass --resume to continue it, --overwrite to start again, or choose another --out",
         )
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Create the run directory (after `check_run_dir`), clearing old results on --overwrite."""
+    check_run_dir(run_dir, resume, overwrite)
+    has_results = _has_results(run_dir)
     if has_results and overwrite and not resume:
         for name in (LAYER_MAP, CHECKPOINT, TRACE, TOKENS):
             (run_dir / name).unlink(missing_ok=True)

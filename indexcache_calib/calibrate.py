@@ -137,9 +137,12 @@ def prepare(opts: Options, hooks: Hooks, ids=None, check_config=None) -> Prepare
         ids, available = dat.pack(docs.texts, tokenizer, opts.seq_len, opts.num_samples, opts.seed)
         if available < opts.num_samples:
             hooks.warn(f"the data fills only {available} sequences of {opts.seq_len} tokens; calibrating on {available}, not {opts.num_samples}")
+    from indexcache_calib.parallel import init_world, replica_max_memory
+
     hooks.message(f"loading {source.location}")
+    max_memory = replica_max_memory(init_world(), mdl.parse_max_memory(opts.max_memory))
     model = mdl.load_model(
-        source, opts.device_map, opts.dtype, opts.max_memory, opts.offload_dir, opts.trust_remote_code, opts.allow_pickle
+        source, opts.device_map, opts.dtype, max_memory, opts.offload_dir, opts.trust_remote_code, opts.allow_pickle
     )
     layout = mdl.find_dsa(model, opts.model)
     return Prepared(source, model, layout, tokenizer, ids, available, data_sha, skipped)
@@ -218,24 +221,33 @@ def calibrate(opts: Options, hooks: Hooks | None = None) -> tuple[dict, Path]:
     """Run the search and write the artifact. Returns (layer map, run directory)."""
     import torch
 
-    hooks = hooks or Hooks()
+    from indexcache_calib.parallel import init_world
+
+    world = init_world()
+    hooks = (hooks or Hooks()) if world.is_main else Hooks()
     check_options(opts)
     t_start = time.time()
     run_dir = Path(opts.out) if opts.out else Path("outputs") / art.default_run_name(opts.model, opts.data, target_label(opts))
     existed = run_dir.exists()
     saved = read_checkpoint(run_dir) if opts.resume else None
-    art.prepare_run_dir(run_dir, opts.resume, opts.overwrite)
+    art.check_run_dir(run_dir, opts.resume, opts.overwrite)
+    world.barrier()  # every rank has checked before rank 0 changes anything
+    if world.is_main:
+        art.prepare_run_dir(run_dir, opts.resume, opts.overwrite)
     try:
-        return _calibrate(opts, hooks, run_dir, t_start, saved)
+        return _calibrate(opts, hooks, run_dir, t_start, saved, world)
     except (torch.OutOfMemoryError, MemoryError):
         raise CalibError("out of memory", hint=OOM_HINT, exit_code=EXIT_OUT_OF_MEMORY) from None
     finally:
-        art.remove_partial(run_dir)
-        if not existed:
-            art.rmtree_if_empty(run_dir)
+        if world.is_main:
+            art.remove_partial(run_dir)
+            if not existed:
+                art.rmtree_if_empty(run_dir)
 
 
-def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved: dict | None) -> tuple[dict, Path]:
+def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved: dict | None, world) -> tuple[dict, Path]:
+    from indexcache_calib.parallel import ParallelEvaluator, sum_counters
+
     from indexcache_calib import model as mdl
     from indexcache_calib.data import tokens_sha256
 
@@ -265,9 +277,12 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
         )
 
     runner = make_runner(prep, opts)
+    evaluator = ParallelEvaluator(runner, world)
     baseline: list[Score] = []
 
     def checkpoint(steps: list[Step]) -> None:
+        if not world.is_main:
+            return
         art.write_json(run_dir / art.CHECKPOINT, {
             "fingerprint": fp, "baseline_loss": baseline[0].loss if baseline else None,
             "steps": [s.to_json() for s in steps],
@@ -284,14 +299,19 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
     class _Observed:
         """Passes the baseline score to the checkpoint as soon as it is known."""
 
+        parallel = world.size
+
         def set_base(self, pattern):
-            score = runner.set_base(pattern)
+            score = evaluator.set_base(pattern)
             if not baseline:
                 baseline.append(score)
             return score
 
         def score(self, pattern):
-            return runner.score(pattern)
+            return evaluator.score(pattern)
+
+        def score_many(self, patterns):
+            return evaluator.score_many(patterns)
 
     remaining = max(0, start.count(FULL) - num_full - len(done))
     hooks.search_started(remaining, len(start) - len(layout.fixed_shared) - 1)
@@ -314,9 +334,11 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
     finally:
         runner.close()
     checkpoint(steps)
+    counters = sum_counters(runner.counters.as_dict())
+    if not world.is_main:
+        return {}, run_dir
     art.save_tokens(run_dir / art.TOKENS, prep.ids, {"tokens_sha256": tokens_sha256(prep.ids), "seq_len": opts.seq_len})
 
-    counters = runner.counters.as_dict()
     seconds = counters.pop("seconds")
     layer_map = {
         "schema": art.SCHEMA,
@@ -372,6 +394,7 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
             "wall_seconds": round(time.time() - t_start, 3),
             "search_seconds": round(seconds, 3),
             "resumed_steps": len(done),
+            "processes": world.size,
             # Work done by this process: a resumed run does less, so it lives here, not in `search`.
             "work": counters,
             "host_platform": platform.platform(),

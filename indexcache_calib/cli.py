@@ -133,6 +133,8 @@ def calibrate(
     with handled(_resume_command(sys.argv[1:])):
         _quiet_libraries()
         layer_map, run_dir = _run_calibration(opts, Hooks)
+    if not layer_map:  # a worker rank of a candidate-parallel run: rank 0 reports
+        return
     if as_json:
         out.print(json.dumps(layer_map, sort_keys=True, indent=2), markup=False)
         return

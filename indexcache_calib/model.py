@@ -175,7 +175,7 @@ def load_model(
     source: ModelSource,
     device_map: str = "auto",
     dtype: str = "auto",
-    max_memory: str | None = None,
+    max_memory: str | dict | None = None,
     offload_dir: str | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
@@ -204,7 +204,7 @@ def load_model(
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     if max_memory:
-        kwargs["max_memory"] = parse_max_memory(max_memory)
+        kwargs["max_memory"] = parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory
     if offload_dir:
         kwargs["offload_folder"] = offload_dir
     try:

@@ -110,26 +110,40 @@ def greedy_search(
         step_no = len(steps) + 1
         scores: dict[int, Score] = {}
 
-        def score(layer: int) -> None:
+        def score(layers: list[int]) -> list[Score]:
             if on_candidate:
                 on_candidate(step_no, len(scores), len(cands))
-            scores[layer] = evaluator.score(flip(pattern, layer))
+            patterns = [flip(pattern, layer) for layer in layers]
+            if hasattr(evaluator, "score_many"):
+                return evaluator.score_many(patterns)
+            return [evaluator.score(p) for p in patterns]
 
         if search == "naive" or not steps or any(c not in last_delta for c in cands):
-            for layer in cands:
-                score(layer)
+            scores.update(zip(cands, score(cands)))
         else:
             ranked = sorted(cands, key=lambda c: (last_delta[c], c))
-            first = ranked[:rescore_best] + _neighbours(pattern, steps[-1].chosen, cands)
-            for layer in sorted(set(first)):
-                score(layer)
-            for layer in ranked:
-                best = min(sc.loss for sc in scores.values()) - base_score.loss
-                if layer in scores:
-                    continue
-                if last_delta[layer] >= best:
-                    break  # ranked by last delta: no later candidate is in doubt either
-                score(layer)
+            first = sorted(set(ranked[:rescore_best] + _neighbours(pattern, steps[-1].chosen, cands)))
+            scores.update(zip(first, score(first)))
+            doubt = [c for c in ranked if c not in scores]
+            group = max(1, getattr(evaluator, "parallel", 1))
+
+            def in_doubt(layer: int) -> bool:
+                return last_delta[layer] < min(sc.loss for sc in scores.values()) - base_score.loss
+
+            while doubt and in_doubt(doubt[0]):
+                batch = doubt[:group]
+                fresh = dict(zip(batch, score(batch)))
+                # Apply the one-at-a-time rule to the batch in order and keep only what it would have
+                # scored, so the answer never depends on how many workers score in parallel.
+                stopped = False
+                for layer in batch:
+                    if not in_doubt(layer):
+                        stopped = True
+                        break
+                    scores[layer] = fresh[layer]
+                if stopped:
+                    break
+                doubt = doubt[len(batch):]
         for layer, sc in scores.items():
             last_delta[layer] = sc.loss - base_score.loss
         chosen = _pick(scores)

@@ -1,0 +1,81 @@
+"""Placement and parallelism change where the work runs, never the answer."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from indexcache_calib.artifact import LAYER_MAP, TRACE
+from indexcache_calib.cli import app
+from indexcache_calib.search import greedy_search
+
+from test_search import Additive
+
+runner = CliRunner()
+ARGS = ["--seq-len", "48", "--num-samples", "4", "--batch-size", "2", "--num-full", "2", "--no-plots"]
+
+
+def answer(run_dir):
+    data = json.loads((run_dir / LAYER_MAP).read_text())
+    for key in ("environment", "provenance"):
+        data.pop(key)
+    return data
+
+
+@pytest.fixture(scope="module")
+def reference(glm_dir, text_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    r = runner.invoke(app, ["calibrate", "--model", str(glm_dir), "--data", str(text_data), "--out", str(out), *ARGS])
+    assert r.exit_code == 0, r.stderr
+    return out
+
+
+def test_layers_offloaded_to_disk_give_the_same_pattern_and_losses(glm_dir, text_data, tmp_path, reference):
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    device_map.update({f"model.layers.{i}": ("disk" if i in (1, 2, 4) else "cpu") for i in range(6)})
+    (tmp_path / "map.json").write_text(json.dumps(device_map))
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["calibrate", "--model", str(glm_dir), "--data", str(text_data), "--out", str(out), *ARGS,
+                            "--device-map", str(tmp_path / "map.json"), "--offload-dir", str(tmp_path / "offload")])
+    assert r.exit_code == 0, r.stderr
+    placed = json.loads((out / LAYER_MAP).read_text())["provenance"]["device_map"]
+    assert placed["model.layers.1"] == "disk" and placed["model.layers.0"] == "cpu"
+    assert answer(out) == answer(reference)
+    assert (out / TRACE).read_bytes() == (reference / TRACE).read_bytes()
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+def test_two_candidate_parallel_processes_give_the_single_process_answer(glm_dir, text_data, tmp_path, reference):
+    out = tmp_path / "run"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29561", "-m", "indexcache_calib", "calibrate",
+                        "--model", str(glm_dir), "--data", str(text_data), "--out", str(out), *ARGS],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads((out / LAYER_MAP).read_text())["environment"]["processes"] == 2
+    assert answer(out) == answer(reference)
+    assert (out / TRACE).read_bytes() == (reference / TRACE).read_bytes()
+
+
+class Grouped(Additive):
+    """Scores several patterns per call, like a candidate-parallel evaluator with `parallel` workers."""
+
+    def __init__(self, costs, pair_bonus, parallel):
+        super().__init__(costs, pair_bonus)
+        self.parallel = parallel
+
+    def score_many(self, patterns):
+        return [self.score(p) for p in patterns]
+
+
+@pytest.mark.parametrize("parallel", [2, 3, 5])
+def test_fast_search_takes_the_same_steps_whatever_the_number_of_workers(parallel):
+    costs = [0, 0.30, 0.31, 0.32, 0.33, 0.34, 0.35, 0.36, 0.2, 0.25]
+    _, one = greedy_search("F" * 10, 2, Additive(costs, pair_bonus=0.2), search="fast")
+    _, many = greedy_search("F" * 10, 2, Grouped(costs, 0.2, parallel), search="fast")
+    assert [(s.chosen, sorted(s.scores)) for s in many] == [(s.chosen, sorted(s.scores)) for s in one]
