@@ -47,6 +47,7 @@ class Options:
     overwrite: bool = False
     plots: bool = True
     start_pattern: str | None = None  # begin the search here instead of all-F
+    cache_budget: str | None = None  # e.g. "64GiB": a larger prefix cache goes to disk
 
     def fingerprint_fields(self) -> dict:
         # What must not change between a run and its resume. The target may: F-sets are nested, so a
@@ -85,7 +86,33 @@ def target_label(opts: Options) -> str:
     return (opts.target or "").replace("/", "-")
 
 
+def dry_run(opts: Options) -> dict:
+    """Check the options against the config and estimate what the run needs; loads no weights."""
+    from indexcache_calib import model as mdl
+    from indexcache_calib.dryrun import plan
+
+    check_options(opts)
+    config = mdl.load_config(mdl.resolve(opts.model), opts.trust_remote_code)
+    check_seq_len(opts, config)
+    return plan(opts, config)
+
+
+def check_seq_len(opts: Options, config) -> None:
+    topk = int(config.index_topk)
+    if opts.seq_len <= topk:
+        raise CalibError(
+            f"--seq-len {opts.seq_len} is not above the model's index_topk {topk}: every token would be selected, "
+            "so sharing changes nothing and the search could learn nothing",
+            hint=f"use --seq-len of at least {2 * topk}",
+        )
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos and opts.seq_len > max_pos:
+        raise CalibError(f"--seq-len {opts.seq_len} exceeds the model's max_position_embeddings {max_pos}")
+
+
 def check_options(opts: Options) -> None:
+    if opts.cache_device not in ("cpu", "gpu", "disk", "none"):
+        raise CalibError(f"unknown --cache-device {opts.cache_device!r}", hint="use cpu, gpu, disk or none")
     if opts.search not in SEARCHES:
         raise CalibError(f"unknown --search {opts.search!r}", hint=f"use one of {', '.join(SEARCHES)}")
     for name in ("seq_len", "num_samples", "batch_size"):
@@ -110,18 +137,9 @@ def prepare(opts: Options, hooks: Hooks, ids=None, check_config=None) -> Prepare
 
     source = mdl.resolve(opts.model)
     config = mdl.load_config(source, opts.trust_remote_code)
-    topk = int(config.index_topk)
-    if opts.seq_len <= topk:
-        raise CalibError(
-            f"--seq-len {opts.seq_len} is not above the model's index_topk {topk}: every token would be selected, "
-            "so sharing changes nothing and the search could learn nothing",
-            hint=f"use --seq-len of at least {2 * topk}",
-        )
+    check_seq_len(opts, config)
     if check_config is not None:
         check_config(config)
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if max_pos and opts.seq_len > max_pos:
-        raise CalibError(f"--seq-len {opts.seq_len} exceeds the model's max_position_embeddings {max_pos}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, local_files_only=True, trust_remote_code=opts.trust_remote_code)
     except (OSError, ValueError) as e:
@@ -151,10 +169,44 @@ def prepare(opts: Options, hooks: Hooks, ids=None, check_config=None) -> Prepare
 def make_runner(prep: Prepared, opts: Options):
     from indexcache_calib.runner import PatternRunner
 
+    # The naive search is the paper's reference: every candidate is a full forward, no prefix reuse.
     return PatternRunner(
         prep.model, prep.layout, prep.ids, batch_size=opts.batch_size, measure_overlap=opts.overlap,
-        indexer_chunk=opts.indexer_chunk, cache_device=opts.cache_device,
+        indexer_chunk=opts.indexer_chunk, cache_device="none" if opts.search == "naive" else opts.cache_device,
     )
+
+
+def choose_cache_device(opts: Options, prep: Prepared, hooks: Hooks) -> str:
+    """Keep the prefix cache within --cache-budget: past it, the cache moves to disk."""
+    import shutil
+    import tempfile
+
+    from accelerate.utils import convert_file_size_to_int
+
+    from indexcache_calib.dryrun import size_str
+    from indexcache_calib.runner import cache_bytes_estimate
+
+    if opts.search == "naive" or opts.cache_device == "none":
+        return opts.cache_device
+    elem = next(prep.model.parameters()).element_size()
+    need = cache_bytes_estimate(prep.layout, len(prep.ids), prep.ids.shape[1], prep.model.config.hidden_size, elem)
+    device = opts.cache_device
+    if opts.cache_budget:
+        try:
+            budget = convert_file_size_to_int(opts.cache_budget)
+        except ValueError:
+            raise CalibError(f"cannot read --cache-budget {opts.cache_budget!r}", hint="use e.g. 64GiB or 500MB")
+        if need > budget and device != "disk":
+            hooks.warn(f"the prefix cache needs up to {size_str(need)}, over --cache-budget {opts.cache_budget}: keeping it on disk")
+            device = "disk"
+    if device == "disk":
+        free = shutil.disk_usage(tempfile.gettempdir()).free
+        if need > free:
+            raise CalibError(
+                f"the prefix cache needs up to {size_str(need)} on disk, but {tempfile.gettempdir()} has {size_str(free)} free",
+                hint="point TMPDIR at a larger disk, lower --num-samples or --seq-len, or use --cache-device none",
+            )
+    return device
 
 
 def fingerprint(opts: Options, prep: Prepared, config_sha: str | None) -> dict:
@@ -276,6 +328,7 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
             hint="choose a target below the number of full layers you start from",
         )
 
+    opts.cache_device = choose_cache_device(opts, prep, hooks)
     runner = make_runner(prep, opts)
     evaluator = ParallelEvaluator(runner, world)
     baseline: list[Score] = []
@@ -395,6 +448,7 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
             "search_seconds": round(seconds, 3),
             "resumed_steps": len(done),
             "processes": world.size,
+            "cache_device": opts.cache_device,
             # Work done by this process: a resumed run does less, so it lives here, not in `search`.
             "work": counters,
             "host_platform": platform.platform(),

@@ -40,6 +40,9 @@ def _quiet_libraries() -> None:
     import transformers
     from datasets.utils.logging import disable_progress_bar as datasets_quiet
 
+    import logging
+
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets_quiet()
@@ -105,6 +108,7 @@ def calibrate(
     overlap: bool = typer.Option(True, "--overlap/--no-overlap", help="Measure top-k overlap of shared layers (runs their own indexers)."),
     indexer_chunk: Optional[int] = typer.Option(None, help="Score indexer queries this many rows at a time (bounds memory at long seq-len)."),
     cache_device: str = typer.Option("cpu", help="Where cached layer inputs live: cpu, gpu, disk, or none."),
+    cache_budget: Optional[str] = typer.Option(None, help="Most memory the layer-input cache may take (e.g. 64GiB); past it the cache goes to disk."),
     device_map: str = typer.Option("auto", help="auto, balanced, sequential, cpu, cuda:N, or a JSON file."),
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
     max_memory: Optional[str] = typer.Option(None, help="Per-device limits, e.g. 0=70GiB,1=70GiB,cpu=400GiB."),
@@ -115,6 +119,7 @@ def calibrate(
     overwrite: bool = typer.Option(False, help="Replace the results already in --out."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots next to the layer map."),
     start_pattern: Optional[str] = typer.Option(None, help="Start the search from this F/S pattern instead of all-F."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the memory and work the run will need, load no weights, and exit."),
     as_json: bool = typer.Option(False, "--json", help="Print the layer map as JSON on stdout."),
 ) -> None:
     """Search which layers keep their indexer and write a layer map."""
@@ -126,10 +131,25 @@ def calibrate(
         overlap=overlap, indexer_chunk=indexer_chunk, cache_device=cache_device, device_map=device_map,
         dtype=dtype, max_memory=max_memory, offload_dir=offload_dir, trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle, resume=resume, overwrite=overwrite, plots=plots,
-        start_pattern=start_pattern,
+        start_pattern=start_pattern, cache_budget=cache_budget,
     )
     if target is None and num_full is None:
         opts.target = "1/4"
+    if dry_run:
+        with handled():
+            _quiet_libraries()
+            from indexcache_calib.calibrate import dry_run as plan
+            from indexcache_calib.dryrun import describe
+
+            estimate = plan(opts)
+        if as_json:
+            out.print(json.dumps(estimate, sort_keys=True, indent=2), markup=False)
+        else:
+            table = Table(title="dry run: nothing was loaded", show_header=False, title_justify="left")
+            for key, value in describe(estimate):
+                table.add_row(key, value)
+            out.print(table)
+        return
     with handled(_resume_command(sys.argv[1:])):
         _quiet_libraries()
         layer_map, run_dir = _run_calibration(opts, Hooks)

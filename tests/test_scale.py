@@ -79,3 +79,31 @@ def test_fast_search_takes_the_same_steps_whatever_the_number_of_workers(paralle
     _, one = greedy_search("F" * 10, 2, Additive(costs, pair_bonus=0.2), search="fast")
     _, many = greedy_search("F" * 10, 2, Grouped(costs, 0.2, parallel), search="fast")
     assert [(s.chosen, sorted(s.scores)) for s in many] == [(s.chosen, sorted(s.scores)) for s in one]
+
+
+def test_dry_run_loads_no_weights_and_counts_the_naive_work(glm_dir, tmp_path):
+    import shutil as sh
+
+    cfg_only = tmp_path / "config-only"
+    cfg_only.mkdir()
+    sh.copy(glm_dir / "config.json", cfg_only / "config.json")  # no weights: a dry run must not need them
+    r = runner.invoke(app, ["calibrate", "--model", str(cfg_only), "--data", "unused.jsonl", "--seq-len", "48",
+                            "--num-samples", "4", "--num-full", "2", "--search", "naive", "--dry-run", "--json"])
+    assert r.exit_code == 0, r.stderr
+    plan = json.loads(r.stdout)
+    # Algorithm 1 from 6 layers to 2: 1 baseline + 5 + 4 + 3 + 2 candidates, each a 6-layer forward of 4 sequences.
+    assert plan["work"] == {"patterns": 15, "layer_forwards": 15 * 6 * 4}
+    assert plan["num_full_target"] == 2 and plan["weights_total"] > 0
+    chunked = runner.invoke(app, ["calibrate", "--model", str(cfg_only), "--data", "x", "--seq-len", "48",
+                                  "--num-full", "2", "--indexer-chunk", "12", "--dry-run", "--json"])
+    assert json.loads(chunked.stdout)["indexer_peak_per_layer"] * 4 == plan["indexer_peak_per_layer"]
+
+
+def test_cache_budget_moves_the_prefix_cache_to_disk_with_the_same_answer(glm_dir, text_data, tmp_path, reference):
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["calibrate", "--model", str(glm_dir), "--data", str(text_data), "--out", str(out), *ARGS,
+                            "--cache-budget", "1KB"])
+    assert r.exit_code == 0, r.stderr
+    assert "keeping it on disk" in r.stderr
+    assert json.loads((out / LAYER_MAP).read_text())["environment"]["cache_device"] == "disk"
+    assert answer(out) == answer(reference)

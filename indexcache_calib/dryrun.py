@@ -1,0 +1,126 @@
+"""`calibrate --dry-run`: what a run will need, worked out from the config alone (no weights load)."""
+
+from __future__ import annotations
+
+import os
+
+from indexcache_calib.errors import CalibError
+from indexcache_calib.pattern import resolve_num_full
+
+
+def size_str(n: float) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def search_work(num_layers: int, fixed: frozenset[int], num_full: int, search: str, samples: int) -> dict:
+    """Patterns scored and decoder-layer forwards (per sequence x samples). Exact for naive; for fast an
+    upper bound (its first step is a full sweep; later steps re-score a few candidates and fall back to
+    more only when the ranking is in doubt) and a typical count of 4 candidates per later step."""
+    cands = [i for i in range(1, num_layers) if i not in fixed]
+    steps = len(cands) + 1 - num_full
+    naive_patterns = sum(len(cands) - s for s in range(steps))
+    if search == "naive":
+        return {"patterns": 1 + naive_patterns, "layer_forwards": (1 + naive_patterns) * num_layers * samples}
+    # With prefix reuse, the candidate that flips layer l runs layers l..N-1; refreshing the cache after
+    # committing l does the same once per step.
+    sweep = sum(num_layers - l for l in cands)
+    mean_tail = sweep / max(1, len(cands))
+    upper = num_layers + sweep * steps + mean_tail * steps
+    typical = num_layers + sweep + (min(4, len(cands)) * mean_tail + mean_tail) * max(0, steps - 1)
+    return {
+        "patterns_at_most": 1 + naive_patterns,
+        "layer_forwards_at_most": int(upper * samples),
+        "layer_forwards_typical": int(typical * samples),
+    }
+
+
+def plan(opts, config) -> dict:
+    """Memory and work estimates for `opts` on a model with `config`."""
+    import torch
+    from accelerate import init_empty_weights
+    from accelerate.utils import compute_module_sizes, get_balanced_memory, infer_auto_device_map
+    from transformers import AutoModelForCausalLM
+
+    from indexcache_calib.calibrate import config_fixed_shared
+    from indexcache_calib.model import parse_max_memory
+
+    n = config.num_hidden_layers
+    fixed = config_fixed_shared(config)
+    num_full = resolve_num_full(n, opts.target, opts.num_full, fixed)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        opts.dtype, getattr(config, "dtype", None) or torch.float32
+    )
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    sizes = compute_module_sizes(model, dtype=dtype)
+    total = sizes[""]
+    max_memory = parse_max_memory(opts.max_memory)
+    no_split = getattr(model, "_no_split_modules", None) or []
+    try:
+        if opts.device_map in ("auto", "balanced", "balanced_low_0"):
+            max_memory = get_balanced_memory(model, max_memory, no_split_module_classes=no_split, dtype=dtype,
+                                             low_zero=opts.device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(model, max_memory, no_split_module_classes=no_split, dtype=dtype)
+    except Exception as e:  # accelerate raises plain errors for impossible budgets
+        raise CalibError(f"cannot place the model: {e}", hint="raise --max-memory or set --offload-dir")
+    per_device: dict[str, int] = {}
+    for name, device in device_map.items():
+        per_device[str(device)] = per_device.get(str(device), 0) + sizes[name]
+    elem = torch.tensor([], dtype=dtype).element_size()
+    b, s = opts.batch_size, opts.seq_len
+    heads = getattr(config, "index_n_heads", 1)
+    rows = min(opts.indexer_chunk or s, s)
+    indexer_peak = b * rows * heads * s * 4 + b * rows * s * 4  # fp32 per-head scores + summed scores
+    mask = b * s * s * elem  # the model's own [B, 1, S, T] additive mask, kept per batch
+    samples = opts.num_samples
+    hidden = config.hidden_size
+    cache = 0
+    if opts.search != "naive" and opts.cache_device != "none":
+        cache = (n - 1) * samples * s * hidden * elem + n * samples * s * config.index_topk * 4
+    work = search_work(n, fixed, num_full, opts.search, samples)
+    warnings = []
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if cache and opts.cache_device == "cpu" and cache > host // 2:
+        warnings.append(f"the activation cache ({size_str(cache)}) exceeds half of this host's memory ({size_str(host)}): use --cache-device disk")
+    return {
+        "warnings": warnings,
+        "model_type": config.model_type,
+        "num_layers": n,
+        "num_full_target": num_full,
+        "weights_total": total,
+        "weights_per_device": per_device,
+        "dtype": str(dtype).replace("torch.", ""),
+        "indexer_peak_per_layer": indexer_peak,
+        "indexer_rows_per_call": rows,
+        "attention_mask_per_batch": mask,
+        "activation_cache": cache,
+        "activation_cache_device": opts.cache_device if cache else "none",
+        "search": opts.search,
+        "work": work,
+    }
+
+
+def describe(p: dict) -> list[tuple[str, str]]:
+    rows = [
+        ("model", f"{p['model_type']}, {p['num_layers']} layers, target {p['num_full_target']} full"),
+        ("weights", f"{size_str(p['weights_total'])} in {p['dtype']}"),
+    ]
+    for device, size in sorted(p["weights_per_device"].items()):
+        rows.append((f"  on {device}", size_str(size)))
+    rows += [
+        ("indexer peak", f"{size_str(p['indexer_peak_per_layer'])} per layer call ({p['indexer_rows_per_call']} query rows; --indexer-chunk lowers it)"),
+        ("attention mask", f"{size_str(p['attention_mask_per_batch'])} per batch"),
+        ("activation cache", f"{size_str(p['activation_cache'])} on {p['activation_cache_device']}"),
+    ]
+    w = p["work"]
+    if "patterns" in w:
+        rows.append(("search (naive)", f"{w['patterns']} patterns, {w['layer_forwards']:,} layer-forwards"))
+    else:
+        rows.append(("search (fast)", f"typically {w['layer_forwards_typical']:,} layer-forwards, at most {w['layer_forwards_at_most']:,}"))
+    rows += [("warning", w) for w in p["warnings"]]
+    return rows
