@@ -422,7 +422,7 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
         },
         "provenance": {
             "model": opts.model,
-            "model_location": prep.source.location if prep.source.is_local and not Path(opts.model).is_dir() else opts.model,
+            "model_location": prep.source.location,  # the directory or hub id an alias resolved to
             "architecture": type(prep.model).__name__,
             "model_type": prep.model.config.model_type,
             "revision": mdl.revision(prep.source),

@@ -1,5 +1,201 @@
-"""Commands registered on the `indexcache` app (see cli._register_commands)."""
+"""`indexcache export | validate | apply | show`: handing a layer map to the serving engines.
+The logic is in deploy.py; this file parses options and draws."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from indexcache_calib.errors import CalibError
+
+F_STYLE, S_STYLE = "bold white on green4", "black on grey70"
+
+
+def _cli():
+    # cli imports this module while it is being built; look it up when a command runs
+    from indexcache_calib import cli
+
+    return cli
+
+
+def _print(text: str) -> None:
+    _cli().out.print(text, markup=False, emoji=False)
+
+
+def _note(text: str) -> None:
+    _cli().err.print(f"Note: {text}", markup=False, emoji=False)
+
+
+def _refuse(problems: list[str], hint: str) -> None:
+    from indexcache_calib.deploy import EXIT_INVALID
+
+    err = _cli().err
+    for p in problems:
+        err.print(f"Error: {p}", markup=False, emoji=False)
+    err.print(f"Hint: {hint}", markup=False, emoji=False)
+    raise typer.Exit(EXIT_INVALID)
+
+
+def export(
+    layer_map: str = typer.Argument(..., help="layer_map.json, or the run directory holding it."),
+    engine: str = typer.Option(..., "--engine", "-e", help="vllm, sglang, transformers or trtllm."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name or path the engine loads (default: the calibrated model)."),
+    out_file: Optional[str] = typer.Option(None, "--out", "-o", help="Write to this file instead of stdout."),
+    as_json: bool = typer.Option(False, "--json", help="Print the overrides, model and command as JSON."),
+) -> None:
+    """Print the launch arguments that make an engine use the pattern."""
+    from indexcache_calib import artifact as art
+    from indexcache_calib import deploy
+
+    with _cli().handled():
+        lm, _ = deploy.load_layer_map(layer_map)
+        result = deploy.export(lm, engine.lower(), model)
+        text = json.dumps(result, indent=2, sort_keys=True) if as_json else result["text"]
+        if out_file is None:
+            _print(text)
+            return
+        path = Path(out_file).expanduser()
+        try:
+            art.atomic_write(path, text + "\n")
+        except OSError as e:
+            raise CalibError(f"cannot write {path}: {e.strerror or e}")
+        _print(f"wrote {engine} launch arguments to {path}")
+
+
+def validate(
+    target: str = typer.Argument(..., help="layer_map.json, a run directory, or a bare pattern such as FSSFSS..."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Checkpoint dir, hub id (local cache) or alias to check against."),
+    as_json: bool = typer.Option(False, "--json", help="Print {valid, problems, notes} as JSON."),
+) -> None:
+    """Check a pattern: F/S only, layer 0 full, one char per decoder layer, S wherever the checkpoint
+    has no indexer weights, a supported architecture, and a layer map that agrees with itself."""
+    from indexcache_calib import deploy
+
+    with _cli().handled():
+        t = deploy.read_target(target)
+        info = deploy.read_model(model) if model else None
+        report = deploy.validate(t, info)
+        if as_json:
+            _print(json.dumps(report.as_json(), indent=2, sort_keys=True))
+        elif report.valid:
+            against = f" for {model}" if model else ""
+            _print(f"OK: {report.pattern} ({report.pattern.count('F')} of {len(report.pattern)} layers full) is valid{against}")
+        if not as_json:
+            for n in report.notes:
+                _note(n)
+        if not report.valid:
+            _refuse(report.problems, "a pattern has one 'F'/'S' per decoder layer, starts with 'F', and is 'S' where the checkpoint has no indexer")
+
+
+def apply(
+    layer_map: str = typer.Argument(..., help="layer_map.json, or the run directory holding it."),
+    model: str = typer.Option(..., "--model", "-m", help="The checkpoint directory (or cached hub id) to apply the pattern to."),
+    out_dir: str = typer.Option(..., "--out", "-o", help="New model directory: config.json with the pattern, every other file linked."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists and is not empty."),
+) -> None:
+    """Write a model directory whose config.json carries the pattern, so engines need no overrides."""
+    from indexcache_calib import deploy
+
+    with _cli().handled():
+        lm, _ = deploy.load_layer_map(layer_map)
+        info = deploy.read_model(model)
+        try:
+            done = deploy.apply(lm, info, Path(out_dir), overwrite)
+        except deploy.InvalidPattern as e:
+            _refuse(e.problems, f"the layer map does not fit {model}; check with: indexcache validate {shlex.quote(layer_map)} --model {shlex.quote(model)}")
+        for n in done.notes:
+            _note(n)
+        if done.link_error:
+            made = ", ".join(f"{v} {k.replace('hardlink', 'hard link')}{'s' if v != 1 else ''}" for k, v in done.linked.items() if v)
+            _note(f"symlinks are not possible here ({done.link_error}); made {made} instead")
+        if done.transformers_ignores:
+            _note(f"transformers has no indexer sharing for {info.architecture} and ignores these keys there; vLLM and SGLang read them")
+        pattern = lm["pattern"]
+        count = sum(done.linked.values())
+        _print(f"wrote {done.out}: config.json sets index_topk_pattern and indexer_types "
+               f"({pattern.count('F')} of {len(pattern)} layers full); {count} other entries linked from {done.source}")
+        q = shlex.quote(str(done.out))
+        _print(f"serve it without overrides: vllm serve {q}  |  python -m sglang.launch_server --model-path {q}")
+
+
+def show(
+    layer_map: str = typer.Argument(..., help="layer_map.json, or the run directory holding it."),
+    as_json: bool = typer.Option(False, "--json", help="Print the same data as JSON."),
+) -> None:
+    """Draw a layer map: the pattern, each layer's source and overlap, the search path, the provenance."""
+    from indexcache_calib import deploy
+
+    with _cli().handled():
+        lm, path = deploy.load_layer_map(layer_map)
+        try:
+            data = deploy.summary(lm, path)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CalibError(f"{path} is malformed ({type(e).__name__}: {e})", hint="calibrate again to rewrite it")
+    if as_json:
+        _print(json.dumps(data, indent=2, sort_keys=True))
+        return
+    _draw(data)
+
+
+def _draw(data: dict) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    out = _cli().out
+    pattern, n = data["pattern"], data["num_layers"]
+    out.print(Text(f"{data['layer_map'] or 'layer map'}: {data['num_full']} of {n} layers full", style="bold"))
+    ruler = [" "] * (n + 4)
+    for i in range(0, n, 10):
+        ruler[i : i + len(str(i))] = str(i)
+    out.print(Text("layer ") + Text("".join(ruler).rstrip()))
+    strip = Text("      ")
+    for c in pattern:
+        strip.append(c, style=F_STYLE if c == "F" else S_STYLE)
+    out.print(strip)
+    legend = Text("      ")
+    legend.append("F", style=F_STYLE).append(" full: runs its own indexer   ").append("S", style=S_STYLE).append(" shared: reuses the nearest F above")
+    out.print(legend)
+    loss = data["loss"]
+    out.print(Text(f"loss {loss['final']:.5f}, all-F {loss['all_full']:.5f}, delta {loss['final'] - loss['all_full']:+.5f}"))
+
+    table = Table(title="layers", title_justify="left")
+    for col in ("layer", "F/S", "reads top-k from", "overlap"):
+        table.add_column(col, justify="right" if col in ("layer", "overlap") else "left")
+    for row in data["layers"]:
+        kind = "F" if row["type"] == "F" else "S" + (" (no indexer weights)" if row["no_indexer_weights"] else "")
+        source = "own indexer" if row["type"] == "F" else f"layer {row['reads_from']}"
+        overlap = "" if row["overlap"] is None else f"{row['overlap']:.4f}"
+        table.add_row(str(row["layer"]), Text(kind, style=F_STYLE if row["type"] == "F" else S_STYLE), source, overlap)
+    out.print(table)
+
+    steps = Table(title="loss along the search (delta vs all-F)", title_justify="left")
+    for col in ("step", "layer -> S", "full", "loss", "delta", "note"):
+        steps.add_column(col, justify="left" if col in ("step", "note") else "right")
+    for s in data["path"]:
+        note = "this layer map" if s["pattern"] == pattern else ""
+        steps.add_row(str(s["step"]), ",".join(map(str, s["flipped"])), str(s["num_full"]), f"{s['loss']:.5f}", f"{s['delta']:+.5f}", note)
+    for u in data["uniform"]:
+        searched = u["searched_loss_same_num_full"]
+        note = "" if searched is None else f"searched {searched - u['loss']:+.5f}"
+        steps.add_row(f"uniform {u['ratio']}", "", str(u["num_full"]), f"{u['loss']:.5f}", f"{u['delta']:+.5f}", note)
+    out.print(steps)
+
+    prov = Table(title="provenance", title_justify="left", show_header=False)
+    prov.add_column("key")
+    prov.add_column("value", overflow="fold")  # hashes and paths are copied, not read
+    for key, value in sorted(data["provenance"].items()):
+        if isinstance(value, dict):
+            value = ", ".join(f"{k or 'all'} {v}" for k, v in sorted(value.items()))
+        prov.add_row(key, Text(str(value)))
+    out.print(prov)
 
 
 def register(app) -> None:
-    pass
+    app.command("export")(export)
+    app.command("validate")(validate)
+    app.command("apply")(apply)
+    app.command("show")(show)
