@@ -218,6 +218,8 @@ def read_layer_maps(paths: list[str]) -> list[tuple[str, dict]]:
         if path.is_dir():
             path = path / art.LAYER_MAP
         lm = art.read_layer_map(path)
+        if not isinstance(lm["pattern"], str):
+            raise CalibError(f"{path}: 'pattern' must be a string of F and S")
         # Every run writes layer_map.json, so its directory is the name that tells runs apart.
         name = path.resolve().parent.name if path.name == art.LAYER_MAP else path.stem
         maps.append((name, lm))

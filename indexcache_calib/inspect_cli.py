@@ -1,5 +1,135 @@
-"""Commands registered on the `indexcache` app (see cli._register_commands)."""
+"""`indexcache overlap` and `indexcache evaluate`: look at a model's indexers and compare patterns.
+The work is in `diagnostics`; this module parses options and prints."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+MODEL_HELP = "Local checkpoint dir, hub id (from the local HF cache) or alias."
+DATA_HELP = "JSONL (text or messages), .txt, .parquet/.csv, or a saved datasets dir."
+TOKENS_HELP = "A run's tokens.safetensors (or its run directory): score exactly those token ids instead of --data."
+
+
+def overlap(
+    model: str = typer.Option("tiny-dsa", "--model", "-m", help=MODEL_HELP),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help=DATA_HELP),
+    tokens: Optional[str] = typer.Option(None, "--tokens", help=TOKENS_HELP),
+    out_dir: Optional[str] = typer.Option(None, "--out", "-o", help="Directory for overlap.csv and overlap.png (default: outputs/<model>_<data>_overlap)."),
+    seq_len: int = typer.Option(512, help="Tokens per sequence; must exceed the model's index_topk (ignored with --tokens)."),
+    num_samples: int = typer.Option(8, help="Sequences (ignored with --tokens)."),
+    seed: int = typer.Option(0, help="Picks which packed sequences are used."),
+    batch_size: int = typer.Option(1, help="Sequences per forward."),
+    text_field: str = typer.Option("text", help="Field / column holding the text."),
+    indexer_chunk: Optional[int] = typer.Option(None, help="Score indexer queries this many rows at a time (bounds memory at long seq-len)."),
+    device_map: str = typer.Option("auto", help="auto, balanced, sequential, cpu, cuda:N, or a JSON file."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
+    max_memory: Optional[str] = typer.Option(None, help="Per-device limits, e.g. 0=70GiB,1=70GiB,cpu=400GiB."),
+    offload_dir: Optional[str] = typer.Option(None, help="Directory for weights offloaded to disk."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code shipped inside the checkpoint to run."),
+    allow_pickle: bool = typer.Option(False, help="Allow .bin/.pt weights (pickle can run code)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the matrix and its summary as JSON on stdout."),
+) -> None:
+    """Top-k overlap |T_i ∩ T_j| / k between every pair of layers' own indexers (a diagnostic, not an objective)."""
+    from indexcache_calib.calibrate import Options
+    from indexcache_calib.cli import _quiet_libraries, handled, out
+
+    opts = Options(
+        model=model, data=data, out=out_dir, seq_len=seq_len, num_samples=num_samples, seed=seed,
+        batch_size=batch_size, text_field=text_field, indexer_chunk=indexer_chunk, device_map=device_map,
+        dtype=dtype, max_memory=max_memory, offload_dir=offload_dir, trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+    )
+    with handled():
+        _quiet_libraries()
+        from indexcache_calib.diagnostics import overlap as run
+
+        result = run(opts, _hooks(), tokens)
+    if as_json:
+        out.print(json.dumps(result, indent=2), markup=False)
+        return
+    n = len(result["layers"])
+    if result["mean_adjacent"] is None:
+        out.print(f"{n} layers: fewer than two have an indexer, so there is nothing to compare", markup=False)
+    else:
+        a, b = result["min_pair"]
+        out.print(f"mean adjacent-layer overlap: {result['mean_adjacent']:.3f}", markup=False)
+        out.print(f"min overlap: {result['min']:.3f} (layers {a} and {b})", markup=False)
+    missing = [i for i, row in enumerate(result["matrix"]) if row[i] is None]
+    if missing:
+        out.print(f"no indexer (NaN rows): layers {missing}", markup=False)
+    out.print(f"matrix:  {result['files']['csv']}", markup=False)
+    out.print(f"heatmap: {result['files']['png']}", markup=False)
+
+
+def evaluate(
+    model: str = typer.Option("tiny-dsa", "--model", "-m", help=MODEL_HELP),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help=DATA_HELP + " Use held-out data, not the calibration set."),
+    tokens: Optional[str] = typer.Option(None, "--tokens", help=TOKENS_HELP),
+    uniform: str = typer.Option("2,4,8", help="Uniform interleaving baselines: 2,4,8 scores 1/2, 1/4 and 1/8 Full; 'none' for none."),
+    layer_map: Optional[list[str]] = typer.Option(None, "--layer-map", "-l", help="A layer_map.json (or its run directory) to score; repeatable."),
+    pattern: Optional[list[str]] = typer.Option(None, "--pattern", "-p", help="A pattern string (FSS…, one char per layer) to score; repeatable."),
+    out_csv: Optional[str] = typer.Option(None, "--out", "-o", help="Also write the rows to this CSV file."),
+    seq_len: int = typer.Option(512, help="Tokens per sequence; must exceed the model's index_topk (ignored with --tokens)."),
+    num_samples: int = typer.Option(8, help="Sequences (ignored with --tokens)."),
+    seed: int = typer.Option(0, help="Picks which packed sequences are used."),
+    batch_size: int = typer.Option(1, help="Sequences per forward."),
+    text_field: str = typer.Option("text", help="Field / column holding the text."),
+    overlap: bool = typer.Option(True, "--overlap/--no-overlap", help="Measure top-k overlap of shared layers (runs their own indexers)."),
+    indexer_chunk: Optional[int] = typer.Option(None, help="Score indexer queries this many rows at a time (bounds memory at long seq-len)."),
+    device_map: str = typer.Option("auto", help="auto, balanced, sequential, cpu, cuda:N, or a JSON file."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
+    max_memory: Optional[str] = typer.Option(None, help="Per-device limits, e.g. 0=70GiB,1=70GiB,cpu=400GiB."),
+    offload_dir: Optional[str] = typer.Option(None, help="Directory for weights offloaded to disk."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code shipped inside the checkpoint to run."),
+    allow_pickle: bool = typer.Option(False, help="Allow .bin/.pt weights (pickle can run code)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON on stdout."),
+) -> None:
+    """Score all-F, uniform interleaving, layer maps and patterns on the same tokens, with one model load."""
+    from rich.table import Table
+
+    from indexcache_calib.calibrate import Options
+    from indexcache_calib.cli import _quiet_libraries, handled, out
+
+    opts = Options(
+        model=model, data=data, seq_len=seq_len, num_samples=num_samples, seed=seed, batch_size=batch_size,
+        text_field=text_field, overlap=overlap, indexer_chunk=indexer_chunk, device_map=device_map, dtype=dtype,
+        max_memory=max_memory, offload_dir=offload_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+    )
+    with handled():
+        _quiet_libraries()
+        from indexcache_calib.diagnostics import evaluate as run
+
+        rows = run(opts, _hooks(), tokens, uniform, layer_map or [], pattern or [], out_csv)
+    if as_json:
+        out.print(json.dumps(rows, indent=2), markup=False)
+        return
+    table = Table(title=f"{model} on {data or tokens}", title_justify="left")
+    for col in ("name", "F", "loss", "delta vs all-F", "perplexity", "mean overlap"):
+        table.add_column(col, justify="left" if col == "name" else "right")
+    for r in rows:
+        table.add_row(
+            r["name"], str(r["num_full"]), f"{r['loss']:.5f}", f"{r['delta']:+.5f}",
+            "-" if r["perplexity"] is None else f"{r['perplexity']:.3f}",
+            "-" if r["mean_overlap"] is None else f"{r['mean_overlap']:.3f}",
+        )
+    out.print(table)
+    # Plain lines, never wrapped or cut, so patterns can be copied.
+    for r in rows:
+        out.print(f"{r['name']}: {r['pattern']}", markup=False)
+    if out_csv:
+        out.print(f"rows: {out_csv}", markup=False)
+
+
+def _hooks():
+    from indexcache_calib.calibrate import Hooks
+    from indexcache_calib.cli import err
+
+    return Hooks(message=lambda t: err.print(t, markup=False), warn=lambda t: err.print(f"Warning: {t}", markup=False))
 
 
 def register(app) -> None:
-    pass
+    app.command()(overlap)
+    app.command()(evaluate)

@@ -23,7 +23,8 @@ DPI = 120
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), dpi=DPI)
+    # Constrained layout makes room for titles, labels and outside legends at any layer count.
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
 def _save(fig, path: Path) -> Path:
@@ -46,6 +47,8 @@ def _layer_ticks(ax, n: int, axis: str = "x") -> None:
 
 
 def loss_plot(layer_map: dict, path: Path) -> Path:
+    from matplotlib.ticker import MaxNLocator
+
     fig = _figure(7, 4.2)
     ax = fig.add_subplot()
     steps = sorted(layer_map["path"], key=lambda p: p["num_full"])
@@ -62,11 +65,10 @@ def loss_plot(layer_map: dict, path: Path) -> Path:
                zorder=4, label=f"layer map ({chosen} Full)")
     ax.set_xlabel("Full layers (own indexer)")
     ax.set_ylabel("calibration loss (nats/token)")
-    ax.set_xticks(sorted({p["num_full"] for p in steps} | {u["num_full"] for u in layer_map.get("uniform", {}).values()}))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"{_model_name(layer_map)}: loss vs Full layers ({layer_map['num_layers']} layers)", fontsize=10)
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -81,18 +83,20 @@ def pattern_plot(layer_map: dict, path: Path) -> Path:
     ax = fig.add_subplot()
     ax.imshow(codes, cmap=ListedColormap([FULL_COLOUR, SHARED_COLOUR, FIXED_COLOUR]), vmin=0, vmax=2,
               aspect="auto", interpolation="nearest")
-    # Thin white separators so runs of equal layers still show their count.
+    # Thin white separators so runs of equal layers still show their count; letters where they fit.
     for i in range(1, n):
         ax.axvline(i - 0.5, color="white", linewidth=0.6)
+    if n <= 48:
+        for i, c in enumerate(pattern):
+            ax.text(i, 0, c, ha="center", va="center", fontsize=7, color="white" if codes[0][i] != 1 else "#444444")
     _layer_ticks(ax, n)
     ax.set_yticks([])
     ax.set_xlabel("layer")
     handles = [Patch(color=FULL_COLOUR, label="F (own indexer)"), Patch(facecolor=SHARED_COLOUR, edgecolor="#999999", label="S (reuses top-k)")]
     if fixed:
         handles.append(Patch(color=FIXED_COLOUR, label="S (no indexer weights)"))
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.55), ncol=len(handles), fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
     ax.set_title(f"{_model_name(layer_map)}: {layer_map['num_full']} of {n} layers Full", fontsize=10)
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -126,5 +130,4 @@ def overlap_plot(matrix, layers: list[int], title: str, path: Path) -> Path:
     ax.set_xlabel("layer j")
     ax.set_ylabel("layer i")
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
     return _save(fig, path)
