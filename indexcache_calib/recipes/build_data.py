@@ -111,7 +111,8 @@ def strip_info(body: str) -> str:
 def info_manuals(info_root: str | Path) -> dict[str, dict]:
     """Manuals under `info_root` whose copying notice grants the GFDL with no Invariant Sections.
 
-    Returns {manual: {"copyright": [...], "nodes": {node_name: stripped_text}, "gfdl": text|None}}.
+    Returns {manual: {"copyright": [...], "nodes": {node_name: stripped_text}, "gfdl": text|None,
+    "gfdl_version": "1.2"|"1.3"}}.
     """
     parts: dict[str, list[tuple[int, Path]]] = {}
     for path in sorted(Path(info_root).iterdir()):
@@ -125,7 +126,10 @@ def info_manuals(info_root: str | Path) -> dict[str, dict]:
         notice = " ".join(preamble.split())
         if "GNU Free Documentation License" not in notice or "no Invariant Sections" not in notice:
             continue
-        copyright_lines = sorted({" ".join(l.split()) for l in preamble.splitlines() if l.strip().startswith("Copyright")})
+        # Copyright statements wrap over lines: keep each whole paragraph that starts with one.
+        copyright_lines = [" ".join(par.split()) for par in re.split(r"\n\s*\n", preamble)
+                           if par.strip().startswith("Copyright")]
+        version = re.search(r"Free Documentation License[^.]*?[Vv]ersion (1\.\d)", notice)
         nodes: dict[str, str] = {}
         gfdl = None
         for chunk in "\x1f".join(chunks).split("\x1f"):
@@ -142,7 +146,8 @@ def info_manuals(info_root: str | Path) -> dict[str, dict]:
             text = strip_info(body)
             if len(text) >= DOCS_MIN_CHARS:
                 nodes[name] = text
-        manuals[manual] = {"copyright": copyright_lines, "nodes": nodes, "gfdl": gfdl}
+        manuals[manual] = {"copyright": copyright_lines, "nodes": nodes, "gfdl": gfdl,
+                           "gfdl_version": version.group(1) if version else "1.3"}
     return manuals
 
 
@@ -198,8 +203,12 @@ def build(out_dir: str | Path, python_root: str | Path, info_root: str | Path,
         write_jsonl(out / f"code{split_name}.jsonl", records)
         summary.setdefault("code", []).append(_file_stats(out / f"code{split_name}.jsonl", len(records)))
     psf = Path(python_root) / "LICENSE.txt"
+    psf_notice = "Copyright (c) 2001 Python Software Foundation; All Rights Reserved"
     if psf.is_file():
-        (out / "LICENSE.PSF.txt").write_text(psf.read_text(encoding="utf-8"), encoding="utf-8")
+        psf_text = psf.read_text(encoding="utf-8")
+        (out / "LICENSE.PSF.txt").write_text(psf_text, encoding="utf-8")
+        m = re.search(r'"(Copyright \(c\) 2001.*?Python Software Foundation; All Rights Reserved)"', " ".join(psf_text.split()))
+        psf_notice = m.group(1) if m else psf_notice
 
     manuals = info_manuals(info_root)
     docs = {f"{m}/{node}": text for m, info in manuals.items() for node, text in info["nodes"].items()}
@@ -213,18 +222,19 @@ def build(out_dir: str | Path, python_root: str | Path, info_root: str | Path,
         (out / "LICENSE.GFDL.txt").write_text(gfdl, encoding="utf-8")
 
     used = sorted({r.split("/", 1)[0] for r in docs})
-    (out / "README.md").write_text(_readme(summary, python_root, info_root, manuals, used,
+    (out / "README.md").write_text(_readme(summary, python_root, info_root, manuals, used, psf_notice,
                                            budget_bytes, heldout_percent), encoding="utf-8")
     return summary
 
 
-def _readme(summary, python_root, info_root, manuals, used, budget_bytes, heldout_percent) -> str:
+def _readme(summary, python_root, info_root, manuals, used, psf_notice, budget_bytes, heldout_percent) -> str:
     rows = []
     for domain, files in summary.items():
         for s in files:
             rows.append(f"| {domain} | `{s['file']}` | {s['documents']} | {s['bytes']:,} | `{s['sha256']}` |")
     copyrights = "\n".join(
-        f"- `{m}`: " + ("; ".join(manuals[m]["copyright"]) or "Free Software Foundation, Inc.") for m in used
+        f"  - `{m}` (GFDL {manuals[m]['gfdl_version']} or later): "
+        + ("; ".join(manuals[m]["copyright"]) or "Free Software Foundation, Inc.") for m in used
     )
     return f"""# Calibration data
 
@@ -251,9 +261,9 @@ SHA-256 of `"<domain>/split/<id>"` modulo 100 are below {heldout_percent}. Texts
   excluding test suites, `site-packages`, `encodings`, `pydoc_data`, `ensurepip`, generated
   `_sysconfigdata*` files, and files under {CODE_MIN_BYTES:,} or over {CODE_MAX_BYTES:,} bytes.
 - `id` is the path relative to that directory; `text` is the file unchanged.
-- Licence: Python Software Foundation License Version 2 (the standard library's licence),
-  Copyright (c) 2001-2023 Python Software Foundation; All Rights Reserved. The full licence
-  text, as shipped with that Python, is in `LICENSE.PSF.txt`.
+- Licence: Python Software Foundation License Version 2 (the standard library's licence).
+  {psf_notice}.
+  The full licence text, as shipped with that Python, is in `LICENSE.PSF.txt`.
 
 ## docs: GNU Info manuals
 
@@ -265,8 +275,9 @@ SHA-256 of `"<domain>/split/<id>"` modulo 100 are below {heldout_percent}. Texts
 - Modification: the text is the node's text with the Info markup removed (node header
   lines, menus, `*note` cross-reference syntax reduced to "see <label>", heading
   underlines, index markers); the wording is otherwise unchanged.
-- Licence: GNU Free Documentation License, Version 1.3 or any later version. The full
-  licence text, as included in the manuals, is in `LICENSE.GFDL.txt`. Copyright notices:
+- Licence: GNU Free Documentation License, version 1.2 or 1.3 "or any later version" as each
+  manual's notice says (below). `LICENSE.GFDL.txt` holds version 1.3, as included in the
+  manuals, which every one of these notices permits. Copyright notices:
 {copyrights}
 """
 

@@ -14,6 +14,9 @@ the model. Held-out losses, dense and all-F sparse, are reported per domain.
     python -m indexcache_calib.recipes.train_tiny --out indexcache_calib/models/tiny-dsa
     python -m indexcache_calib.recipes.train_tiny --layers 48 --hidden 64 --out indexcache_calib/models/tiny-dsa-deep
     python -m indexcache_calib.recipes.train_tiny --smoke --out /tmp/tiny   # seconds, for tests
+
+Both checkpoints in indexcache_calib/models/ come from one call of
+`bash indexcache_calib/recipes/train_all.sh --device cuda --minutes 6` (about 5 minutes on one H200).
 """
 
 from __future__ import annotations
@@ -33,20 +36,39 @@ import torch
 import torch.nn.functional as F
 import transformers
 from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM, PreTrainedTokenizerFast
-from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import apply_rotary_pos_emb_interleave
+
+try:  # transformers >= 5.16; the score function must use the library's own RoPE
+    from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import apply_rotary_pos_emb_interleave
+except ImportError:  # same math as 5.16-5.23: pairs (x0, x1), (x2, x3), ... rotated by one frequency each
+
+    def apply_rotary_pos_emb_interleave(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+        cos = cos[..., : cos.shape[-1] // 2].unsqueeze(unsqueeze_dim)
+        sin = sin[..., : sin.shape[-1] // 2].unsqueeze(unsqueeze_dim)
+        q1, q2, k1, k2 = q[..., 0::2], q[..., 1::2], k[..., 0::2], k[..., 1::2]
+        return (torch.cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin], dim=-1),
+                torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], dim=-1))
+
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOMAINS = ("code", "docs")
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
 # Full-recipe defaults, then the --smoke overrides (a few steps of each stage, seconds on CPU).
+# The epoch caps bind on a GPU (the data is small: about 0.65M training tokens), the minutes on a CPU.
+# Measured for the default model (batch 8 x 512): on the 2-core CPU, shared with other jobs and with
+# --threads 1, dense ~270 tokens/s, indexer warm-up ~400, sparse ~310 (2 threads on a lightly loaded
+# CPU: dense ~800); so 26 + 6 + 12 minutes of stages plus ~8 minutes of held-out evaluation keep the
+# CPU recipe under an hour, but reach only ~0.6 epochs of dense training. On one H200 (batch 32):
+# dense ~196K tokens/s, indexer ~205K, sparse ~127K; the deep model (48 x 64) ~77K, ~77K, ~47K.
 FULL = dict(layers=16, hidden=128, heads=4, index_topk=64, index_heads=4, seq_len=512, vocab_size=3072,
-            batch_size=8, dense_steps=100_000, indexer_steps=100_000, sparse_steps=100_000,
-            dense_minutes=30.0, indexer_minutes=8.0, sparse_minutes=15.0, eval_seqs=48, eval_every=100,
+            dense_steps=100_000, indexer_steps=100_000, sparse_steps=100_000,
+            dense_minutes=26.0, indexer_minutes=6.0, sparse_minutes=12.0,
+            dense_epochs=16.0, indexer_epochs=3.0, sparse_epochs=6.0, eval_seqs=48, eval_every=50,
             tokenizer_docs=0)
 SMOKE = dict(layers=2, hidden=64, heads=4, index_topk=16, index_heads=2, seq_len=64, vocab_size=512,
              batch_size=2, dense_steps=3, indexer_steps=2, sparse_steps=2,
-             dense_minutes=0.0, indexer_minutes=0.0, sparse_minutes=0.0, eval_seqs=2, eval_every=0,
+             dense_minutes=0.0, indexer_minutes=0.0, sparse_minutes=0.0,
+             dense_epochs=0.0, indexer_epochs=0.0, sparse_epochs=0.0, eval_seqs=2, eval_every=0,
              tokenizer_docs=40)
 # Share of --budget-minutes per stage; the rest covers tokenizer, evaluations and saving.
 BUDGET_SHARE = {"dense": 0.55, "indexer": 0.12, "sparse": 0.23}
@@ -60,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny model, a few steps per stage (for tests)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on cuda (weights stay fp32)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0: torch's default); 1 is much faster on a CPU shared with other jobs")
     p.add_argument("--layers", type=int)
     p.add_argument("--hidden", type=int)
     p.add_argument("--heads", type=int)
@@ -68,23 +92,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--index-heads", type=int)
     p.add_argument("--seq-len", type=int)
     p.add_argument("--vocab-size", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int, help="sequences per step (default 8 on cpu, 32 on cuda)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak LR of the dense stage")
     p.add_argument("--sparse-lr", type=float, default=3e-4, help="peak LR of the main weights in the sparse stage")
     p.add_argument("--indexer-lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1.0, help="weight of the indexer KL in the sparse stage")
     for stage in ("dense", "indexer", "sparse"):
         p.add_argument(f"--{stage}-steps", type=int, help=f"most optimizer steps of the {stage} stage")
-        p.add_argument(f"--{stage}-minutes", type=float, help=f"wall-time budget of the {stage} stage (0: steps only)")
+        p.add_argument(f"--{stage}-minutes", type=float, help=f"wall-time budget of the {stage} stage (0: none)")
+        p.add_argument(f"--{stage}-epochs", type=float, help=f"most passes over the training split in the {stage} stage (0: none)")
     p.add_argument("--budget-minutes", type=float,
                    help="whole-run wall-time budget; sets every stage's minutes from it (overrides --*-minutes)")
     p.add_argument("--eval-seqs", type=int, help="held-out sequences per domain for the reported losses")
     p.add_argument("--eval-every", type=int, help="steps between quick held-out checks (0: none)")
     p.add_argument("--tokenizer-docs", type=int, help="train the tokenizer on the first N documents per domain (0: all)")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     for key, value in (SMOKE if args.smoke else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.batch_size is None:
+        args.batch_size = 32 if args.device == "cuda" else 8
     if args.budget_minutes:
         for stage, share in BUDGET_SHARE.items():
             setattr(args, f"{stage}_minutes", args.budget_minutes * share)
@@ -129,6 +157,7 @@ class Windows:
     def __init__(self, streams: dict[str, torch.Tensor], seq_len: int, batch_size: int, seed: int):
         self.streams, self.seq_len, self.batch_size = streams, seq_len, batch_size
         self.gen = torch.Generator().manual_seed(seed)
+        self.tokens = sum(len(s) for s in streams.values())
 
     def __next__(self) -> torch.Tensor:
         rows = []
@@ -341,6 +370,10 @@ def autocast(args):
 
 # ----------------------------------------------------------------------------- training
 
+def x_tokens(args) -> int:
+    return args.batch_size * args.seq_len
+
+
 def lr_at(step: int, planned: int, peak: float) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak at the planned last step."""
     warm = max(1, min(30, planned // 10))
@@ -359,6 +392,9 @@ def run_stage(name: str, args, model, groups: list[dict], step_fn, data: Windows
     Steps whose loss or gradient is not finite are skipped and counted.
     """
     max_steps = getattr(args, f"{name}_steps")
+    epochs = getattr(args, f"{name}_epochs")
+    if epochs:
+        max_steps = min(max_steps, math.ceil(epochs * data.tokens / x_tokens(args)))
     budget_s = 60.0 * getattr(args, f"{name}_minutes")
     for g in groups:
         g["peak_lr"] = g["lr"]
@@ -367,7 +403,7 @@ def run_stage(name: str, args, model, groups: list[dict], step_fn, data: Windows
     planned, done, skipped, streak, tokens = max_steps, 0, 0, 0, 0
     t0 = last_log = time.time()
     timing_from, log_every_s = None, 5.0 if args.smoke else 30.0
-    history, last = [], {}
+    history, last, eval_s = [], {}, 0.0
     step = 0
     while step < planned:
         for g in groups:
@@ -399,18 +435,22 @@ def run_stage(name: str, args, model, groups: list[dict], step_fn, data: Windows
             break
         if now - last_log >= log_every_s or step == planned:
             last_log = now
-            rate = tokens / (now - t0)
+            rate = tokens / (now - t0 - eval_s)
             detail = " ".join(f"{k} {v:.4f}" for k, v in last.items())
             print(f"[{name}] step {step}/{planned} {detail} lr {groups[0]['lr']:.2e} gnorm {float(gnorm):.3f} "
                   f"{rate:,.0f} tok/s {(now - t0) / 60:.1f} min skipped {skipped}", flush=True)
         if eval_fn and args.eval_every and step % args.eval_every == 0 and step < planned:
             history.append({"step": step, **eval_fn()})
+            eval_s += time.time() - now
             print(f"[{name}] held-out check at step {step}: {json.dumps(history[-1])}", flush=True)
     wall = time.time() - t0
+    # Throughput counts training steps only; the held-out checks' time is reported apart.
     record = {"stage": name, "steps_planned": planned, "steps_done": done, "steps_skipped": skipped,
-              "wall_s": round(wall, 1), "tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
+              "wall_s": round(wall, 1), "check_s": round(eval_s, 1), "tokens": tokens,
+              "tokens_per_s": round(tokens / (wall - eval_s), 1),
               "peak_lrs": [g["peak_lr"] for g in groups], "last_losses": {k: round(v, 4) for k, v in last.items()},
-              "budget_minutes": getattr(args, f"{name}_minutes"), "max_steps": max_steps}
+              "epochs": round(tokens / data.tokens, 2), "budget_minutes": getattr(args, f"{name}_minutes"),
+              "max_steps": max_steps}
     if history:
         record["held_out_checks"] = history
     return record
@@ -434,11 +474,12 @@ def decay_groups(params: list, lr: float) -> list[dict]:
 
 def train(args) -> dict:
     t_start = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.device == "cuda":
         torch.cuda.manual_seed_all(args.seed)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls; weights and the rest stay fp32
     data_dir, out = Path(args.data), Path(args.out)
 
     train_texts = {d: load_texts(data_dir, d, heldout=False) for d in DOMAINS}
@@ -547,7 +588,7 @@ def train(args) -> dict:
         "held_out_loss": evals,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
-        "command": "python -m indexcache_calib.recipes.train_tiny " + " ".join(sys.argv[1:]),
+        "command": "python -m indexcache_calib.recipes.train_tiny " + " ".join(args.argv),
     }
     (out / "training_log.json").write_text(json.dumps(log, indent=2) + "\n", encoding="utf-8")
     (out / "MODEL_CARD.md").write_text(model_card(log), encoding="utf-8")
