@@ -23,10 +23,9 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
-# Until the trained default model ships, the demo calibrates a random tiny DSA checkpoint made on the fly.
+# The embedded default: the project's trained 16-layer DSA model on the shipped code domain.
 demo: setup
-	$(BIN)/python -m indexcache_calib.testing outputs/random-tiny-glm --layers 8
-	$(BIN)/indexcache calibrate --model outputs/random-tiny-glm --data README.md --seq-len 64 --num-samples 4 --target 1/4 --out outputs/demo --overwrite
+	$(BIN)/indexcache calibrate --model tiny-dsa --data calibration_data/code.jsonl --target 1/4 --out outputs/demo --overwrite
 
 test: setup
 	$(BIN)/python -m pytest

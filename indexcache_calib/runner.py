@@ -50,6 +50,7 @@ class _Store:
         self.items: dict = {}
         self.bytes = 0
         self._dir = tempfile.TemporaryDirectory(prefix="indexcache-cache-") if where == "disk" else None
+        self._adopted: list = []
 
     def put(self, key, tensor: torch.Tensor) -> None:
         self.drop(key)
@@ -75,11 +76,31 @@ class _Store:
         if key in self.items:
             self.bytes -= self.items.pop(key)[1]
 
+    def adopt(self, other: "_Store") -> None:
+        """Take over every entry of `other` (its temp directory stays alive with this store)."""
+        for key in list(other.items):
+            self.drop(key)
+        self.items.update(other.items)
+        self.bytes += other.bytes
+        if other._dir is not None:
+            self._adopted.append(other._dir)
+        other.items, other.bytes, other._dir = {}, 0, None
+
     def close(self) -> None:
         self.items.clear()
         self.bytes = 0
-        if self._dir is not None:
-            self._dir.cleanup()
+        for d in self._adopted + ([self._dir] if self._dir is not None else []):
+            d.cleanup()
+        self._adopted, self._dir = [], None
+
+
+@dataclass
+class _Candidate:
+    rank: tuple
+    pattern: str
+    score: Score
+    store: _Store
+    overlap: tuple
 
 
 class PatternRunner:
@@ -111,6 +132,8 @@ class PatternRunner:
             "prev_topk_indices" in inspect.signature(type(layer).forward).parameters for layer in layout.layers
         ]
         self._base_overlap: tuple[dict, dict] = ({}, {})
+        self._last_overlap: tuple[dict, dict] = ({}, {})
+        self._best: _Candidate | None = None
         self._kwargs: dict = {}  # per batch: the mask and rotary tables captured at layer 0
         self._batches = [tokens[i : i + self.batch_size] for i in range(0, len(tokens), self.batch_size)]
 
@@ -133,25 +156,26 @@ class PatternRunner:
             handle.remove()
         return captured["hidden"], captured["kwargs"]
 
-    def _run_layers(self, hidden, kwargs, start: int, batch_no: int, record: bool):
+    def _run_layers(self, hidden, kwargs, start: int, batch_no: int, into):
         for i in range(start, self.layout.num_layers):
-            if record:
-                self._record(i, batch_no, hidden)
+            if into is not None:
+                self._record(into, i, batch_no, hidden)
             layer = self.layout.layers[i]
             extra = {"prev_topk_indices": self.state.current} if self._takes_prev[i] else {}
             out = layer(hidden, **kwargs, **extra)
             hidden = out[0] if isinstance(out, tuple) else out
             self.counters.layer_forwards += hidden.shape[0]
             self.counters.tokens += hidden.shape[0] * hidden.shape[1]
-            if record and self.state.pattern[i] == FULL and self.layout.indexers[i] is not None:
-                self.store.put(("topk", i, batch_no), self.state.current)
+            if into is not None and self.state.pattern[i] == FULL and self.layout.indexers[i] is not None:
+                into.put(("topk", i, batch_no), self.state.current)
         return hidden
 
-    def _record(self, i: int, batch_no: int, hidden) -> None:
+    def _record(self, into, i: int, batch_no: int, hidden) -> None:
         # Only inputs a candidate can start from are kept: full layers other than 0.
         if i > 0 and self.state.pattern[i] == FULL and i not in self.layout.fixed_shared:
-            self.store.put(("hidden", i, batch_no), hidden)
-        self.counters.peak_cache_bytes = max(self.counters.peak_cache_bytes, self.store.bytes)
+            into.put(("hidden", i, batch_no), hidden)
+        held = self.store.bytes + (into.bytes if into is not self.store else 0) + (self._best.store.bytes if self._best else 0)
+        self.counters.peak_cache_bytes = max(self.counters.peak_cache_bytes, held)
 
     def _seq_losses(self, hidden, ids) -> list[float]:
         """Summed next-token cross-entropy per sequence, with the head applied in chunks so the
@@ -169,7 +193,7 @@ class PatternRunner:
     # -- Evaluator API ------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _evaluate(self, pattern: str, start: int, record: bool) -> Score:
+    def _evaluate(self, pattern: str, start: int, into: "_Store | None") -> Score:
         t0 = time.perf_counter()
         self.state.pattern = pattern
         self.state.reset_overlap()
@@ -190,7 +214,7 @@ class PatternRunner:
                     self.state.current = self.store.get(("topk", sources[start - 1], b))
                 if start == 0 and self.store is not None:
                     self._kwargs[b] = kwargs
-                hidden = self._run_layers(hidden, kwargs, start, b, record)
+                hidden = self._run_layers(hidden, kwargs, start, b, into)
                 seq_sums += self._seq_losses(hidden, ids)
         self.state.current = None
         per_token = self.tokens.shape[1] - 1
@@ -201,41 +225,68 @@ class PatternRunner:
             overlap=(math.fsum(overlaps.values()) / len(overlaps)) if overlaps else None,
         )
         self.last_layer_overlap = overlaps
+        self._last_overlap = (dict(self.state.overlap_hits), dict(self.state.overlap_total))
         self.counters.patterns_scored += 1
         self.counters.seconds += time.perf_counter() - t0
         return score
 
+    def _restart_layer(self, pattern: str) -> int:
+        """The layer a pattern that flips one cached full layer of the base can restart from, else 0."""
+        if self.store is None or self.base is None or len(self.base) != len(pattern):
+            return 0
+        diff = [i for i, (a, b) in enumerate(zip(self.base, pattern)) if a != b]
+        if len(diff) == 1 and self.base[diff[0]] == FULL and ("hidden", diff[0], 0) in self.store.items:
+            return diff[0]
+        return 0
+
     def set_base(self, pattern: str) -> Score:
         """Score the committed pattern and cache what its candidates share with it."""
         if self.store is None:
-            self.base, self.base_score = pattern, self._evaluate(pattern, 0, record=False)
+            self.base, self.base_score = pattern, self._evaluate(pattern, 0, None)
             return self.base_score
-        start = 0
-        if self.base is not None and len(self.base) == len(pattern):
-            diff = [i for i, (a, b) in enumerate(zip(self.base, pattern)) if a != b]
-            # Only a pattern that flips one cached full layer to S can restart from the cache.
-            if len(diff) == 1 and self.base[diff[0]] == FULL and ("hidden", diff[0], 0) in self.store.items:
-                start = diff[0]
+        start = self._restart_layer(pattern)
         # Everything from the flipped layer on changes; the input of the flipped layer itself does not,
         # and is the starting point of the refresh.
         stale = [k for k in self.store.items if start == 0 or k[1] > start or (k[0] == "topk" and k[1] == start)]
         for key in stale:
             self.store.drop(key)
-        self.base, self.base_score = pattern, self._evaluate(pattern, start, record=True)
-        self._base_overlap = (dict(self.state.overlap_hits), dict(self.state.overlap_total))
+        best, self._best = self._best, None
+        if start > 0 and best is not None and best.pattern == pattern:
+            # The committed pattern is the step's best candidate, whose layer inputs were kept while it
+            # was scored: adopt them instead of running its layers again.
+            self.store.adopt(best.store)
+            self.base, self.base_score, self._base_overlap = pattern, best.score, best.overlap
+            hits, total = best.overlap
+            self.last_layer_overlap = {i: hits[i] / total[i] for i in sorted(total) if total[i]}
+        else:
+            if best is not None:
+                best.store.close()
+            self.base, self.base_score = pattern, self._evaluate(pattern, start, self.store)
+            self._base_overlap = self._last_overlap
         for key in [k for k in self.store.items if k[0] == "hidden" and k[1] == start]:
             self.store.drop(key)  # no longer a candidate
         return self.base_score
 
     def score(self, pattern: str) -> Score:
-        start = 0
-        if self.store is not None and self.base is not None:
-            diff = [i for i, (a, b) in enumerate(zip(self.base, pattern)) if a != b]
-            if len(diff) == 1 and ("hidden", diff[0], 0) in self.store.items:
-                start = diff[0]
-        return self._evaluate(pattern, start, record=False)
+        start = self._restart_layer(pattern)
+        if start == 0:
+            return self._evaluate(pattern, 0, None)
+        # Keep the layer inputs of the best candidate so far: it is the likely next base.
+        scratch = _Store(self.cache_device)
+        score = self._evaluate(pattern, start, scratch)
+        rank = (score.loss, start)
+        if self._best is None or rank < self._best.rank:
+            if self._best is not None:
+                self._best.store.close()
+            self._best = _Candidate(rank, pattern, score, scratch, self._last_overlap)
+        else:
+            scratch.close()
+        return score
 
     def close(self) -> None:
+        if self._best is not None:
+            self._best.store.close()
+            self._best = None
         if self.store is not None:
             self.store.close()
 

@@ -188,3 +188,24 @@ def test_install_sharing_is_removed_by_one_call(glm_dir):
     assert all(type(a.indexer).__name__ == "IndexerProxy" for a in layout.attentions)
     handle.remove()
     assert [a.indexer for a in layout.attentions] == layout.indexers
+
+
+def test_committing_the_best_candidate_reuses_its_layer_inputs(glm_dir):
+    model, layout = load(glm_dir)
+    ids = ids_for(model, n=4)
+    cached = PatternRunner(model, layout, ids, batch_size=2, cache_device="cpu")
+    plain = PatternRunner(model, layout, ids, batch_size=2, cache_device="none")
+    base = "FFFFFF"
+    cached.set_base(base)
+    for _ in range(3):
+        scores = {p: cached.score(p) for p in [base[:i] + "S" + base[i + 1 :] for i in range(1, 6) if base[i] == "F"]}
+        best = min(scores, key=lambda p: (scores[p].loss, p.index("S", 1) if "S" in p[1:] else 0))
+        before = cached.counters.layer_forwards
+        committed = cached.set_base(best)
+        assert cached.counters.layer_forwards == before  # adopted, not recomputed
+        assert committed.loss == plain.set_base(best).loss == scores[best].loss
+        assert cached.last_layer_overlap == plain.last_layer_overlap
+        base = best
+        for i in [i for i in range(1, 6) if base[i] == "F"]:
+            p = base[:i] + "S" + base[i + 1 :]
+            assert cached.score(p).loss == plain.score(p).loss
