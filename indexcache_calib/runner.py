@@ -148,6 +148,9 @@ class PatternRunner:
             raise _Stop
 
         handle = self.layout.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        device = self.model.get_input_embeddings().weight.device
+        if device.type != "meta":  # offloaded embeddings: accelerate's hook moves the input itself
+            ids = ids.to(device)
         try:
             self._base_model(input_ids=ids, use_cache=False)
         except _Stop:
