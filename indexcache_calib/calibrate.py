@@ -35,7 +35,7 @@ class Options:
     search: str = "fast"
     text_field: str = "text"
     overlap: bool = True
-    indexer_chunk: int | None = None
+    indexer_chunk: int | None = None  # query rows per indexer call; None = automatic, 0 = one call
     cache_device: str = "cpu"
     device_map: str = "auto"
     dtype: str = "auto"
@@ -118,8 +118,8 @@ def check_options(opts: Options) -> None:
     for name in ("seq_len", "num_samples", "batch_size"):
         if getattr(opts, name) < 1:
             raise CalibError(f"--{name.replace('_', '-')} must be at least 1")
-    if opts.indexer_chunk is not None and opts.indexer_chunk < 1:
-        raise CalibError("--indexer-chunk must be at least 1")
+    if opts.indexer_chunk is not None and opts.indexer_chunk < 0:
+        raise CalibError("--indexer-chunk must be 0 (one call) or a number of query rows")
 
 
 def config_fixed_shared(config) -> frozenset[int]:

@@ -106,7 +106,7 @@ def calibrate(
     search: str = typer.Option("fast", help="fast (prefix reuse + lazy re-scoring) or naive (the paper's Algorithm 1)."),
     text_field: str = typer.Option("text", help="Field / column holding the text."),
     overlap: bool = typer.Option(True, "--overlap/--no-overlap", help="Measure top-k overlap of shared layers (runs their own indexers)."),
-    indexer_chunk: Optional[int] = typer.Option(None, help="Score indexer queries this many rows at a time (bounds memory at long seq-len)."),
+    indexer_chunk: Optional[int] = typer.Option(None, help="Indexer query rows per call (bounds memory at long seq-len). Default: automatic, at most 1 GiB of fp32 scores per call; 0: one call."),
     cache_device: str = typer.Option("cpu", help="Where cached layer inputs live: cpu, gpu, disk, or none."),
     cache_budget: Optional[str] = typer.Option(None, help="Most memory the layer-input cache may take (e.g. 64GiB); past it the cache goes to disk."),
     device_map: str = typer.Option("auto", help="auto, balanced, sequential, cpu, cuda:N, or a JSON file."),

@@ -74,7 +74,10 @@ def plan(opts, config) -> dict:
     elem = torch.tensor([], dtype=dtype).element_size()
     b, s = opts.batch_size, opts.seq_len
     heads = getattr(config, "index_n_heads", 1)
-    rows = min(opts.indexer_chunk or s, s)
+    from indexcache_calib.sharing import auto_chunk
+
+    rows = auto_chunk(b, heads, s) if opts.indexer_chunk is None else (opts.indexer_chunk or s)
+    rows = min(rows, s)
     indexer_peak = b * rows * heads * s * 4 + b * rows * s * 4  # fp32 per-head scores + summed scores
     mask = b * s * s * elem  # the model's own [B, 1, S, T] additive mask, kept per batch
     samples = opts.num_samples

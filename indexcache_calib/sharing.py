@@ -21,7 +21,7 @@ class SharingState:
     pattern: str
     index_topk: int
     measure_overlap: bool = True
-    chunk: int | None = None  # query rows per indexer call; None = the library's single call
+    chunk: int | None = None  # query rows per indexer call; None = automatic, 0 = one call
     current: torch.Tensor | None = None  # top-k of the nearest preceding full layer, for the batch in flight
     overlap_hits: dict[int, float] = field(default_factory=dict)
     overlap_total: dict[int, float] = field(default_factory=dict)
@@ -60,13 +60,26 @@ def _cache_kwarg(indexer: nn.Module) -> str:
     return "past_key_values" if "past_key_values" in params else "cache"
 
 
+# Bound on the fp32 per-head score tensor of one indexer call when --indexer-chunk is left automatic.
+AUTO_SCORE_BYTES = 1 << 30
+
+
+def auto_chunk(batch: int, heads: int, seq: int) -> int:
+    """Query rows per indexer call so that its [batch, rows, heads, seq] fp32 scores stay within
+    AUTO_SCORE_BYTES; `seq` or more means one call."""
+    return max(1, AUTO_SCORE_BYTES // (batch * heads * seq * 4))
+
+
 def run_indexer(indexer, hidden_states, q_resid, position_embeddings, attention_mask, position_ids, index_topk, chunk=None):
     """The layer's own top-k, [B, S, index_topk]. With `chunk`, queries are scored `chunk` rows at a time
     so the fp32 score tensor is [B, chunk, H, T] instead of [B, S, H, T]; each row, and so its top-k,
     is the same as in the single call. The first call computes the queries of the whole sequence
-    too (small: [B, S, H, D]) before it is stopped."""
+    too (small: [B, S, H, D]) before it is stopped. `chunk` None picks rows automatically (see
+    `auto_chunk`); 0 always makes one call."""
     seq = hidden_states.shape[1]
-    if chunk is None or chunk >= seq:
+    if chunk is None:
+        chunk = auto_chunk(hidden_states.shape[0], getattr(indexer, "n_heads", 64), seq)
+    if chunk == 0 or chunk >= seq:
         return indexer(hidden_states, q_resid, position_embeddings, attention_mask, position_ids)
     cos, sin = position_embeddings
     keys, kwarg, parts = _KeySource(), _cache_kwarg(indexer), []
