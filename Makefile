@@ -33,6 +33,16 @@ test: setup
 calibrate: setup
 	$(BIN)/indexcache calibrate --model $(MODEL) --data $(DATA) --target $(TARGET) $(ARGS)
 
+# Benchmarks: ratios measured side by side in one run (see README "Search speed" and "Scaling out").
+bench: setup
+	$(BIN)/python -m indexcache_calib.bench search
+	$(BIN)/python -m indexcache_calib.bench indexer
+	$(BIN)/python -m indexcache_calib.bench parallel
+
+# The small-scale counterpart of the paper's Table 2, plus indexer quality and domain sensitivity.
+paper-table: setup
+	$(BIN)/python -m indexcache_calib.paper_table
+
 # One target per calibration domain: recalibrate-code, recalibrate-docs, ...
 $(addprefix recalibrate-,$(DOMAINS)): recalibrate-%: setup
 	$(BIN)/indexcache calibrate --model $(MODEL) --data calibration_data/$*.jsonl --target $(TARGET) --out outputs/$(MODEL)_$* --overwrite $(ARGS)

@@ -155,3 +155,27 @@ def test_pickle_weights_are_refused(glm_dir, text_data, tmp_path):
     torch.save(weights, path / "pytorch_model.bin")
     r = run_cli("--model", str(path), "--data", str(text_data), "--out", str(tmp_path / "o"), *ARGS)
     assert r.exit_code == 2 and "pickle" in r.stderr and "--allow-pickle" in r.stderr
+
+
+def test_out_of_memory_names_the_knobs_and_keeps_the_checkpoint(deep_dir, text_data, tmp_path, monkeypatch):
+    import torch
+
+    from indexcache_calib.runner import PatternRunner
+
+    real, calls = PatternRunner.score, {"n": 0}
+
+    def score_then_run_out(self, pattern):
+        calls["n"] += 1
+        if calls["n"] > 12:  # after the first step (9 candidates) has been checkpointed
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(self, pattern)
+
+    monkeypatch.setattr(PatternRunner, "score", score_then_run_out)
+    out = tmp_path / "run"
+    r = run_cli("--model", str(deep_dir), "--data", str(text_data), "--out", str(out), "--search", "naive", *ARGS)
+    assert r.exit_code == 4
+    lines = [l for l in r.stderr.splitlines() if l.startswith(("Error:", "Hint:"))]
+    assert lines[0] == "Error: out of memory" and "--indexer-chunk" in lines[1] and "--max-memory" in lines[1]
+    assert "Traceback" not in r.stderr
+    assert len(json.loads((out / CHECKPOINT).read_text())["steps"]) == 1
+    assert not (out / LAYER_MAP).exists()
