@@ -134,6 +134,7 @@ class PatternRunner:
         self._base_overlap: tuple[dict, dict] = ({}, {})
         self._last_overlap: tuple[dict, dict] = ({}, {})
         self._best: _Candidate | None = None
+        self._last_scored: tuple | None = None  # without a cache: the step's best candidate
         self._kwargs: dict = {}  # per batch: the mask and rotary tables captured at layer 0
         self._batches = [tokens[i : i + self.batch_size] for i in range(0, len(tokens), self.batch_size)]
 
@@ -245,8 +246,14 @@ class PatternRunner:
     def set_base(self, pattern: str) -> Score:
         """Score the committed pattern and cache what its candidates share with it."""
         if self.store is None:
-            self.base, self.base_score = pattern, self._evaluate(pattern, 0, None)
-            return self.base_score
+            # The committed pattern was scored as a candidate a moment ago: no need to run it again.
+            last, self._last_scored = self._last_scored, None
+            if last is not None and last[0] == pattern:
+                score, self.last_layer_overlap = last[1], last[2]
+            else:
+                score = self._evaluate(pattern, 0, None)
+            self.base, self.base_score = pattern, score
+            return score
         start = self._restart_layer(pattern)
         # Everything from the flipped layer on changes; the input of the flipped layer itself does not,
         # and is the starting point of the refresh.
@@ -273,7 +280,10 @@ class PatternRunner:
     def score(self, pattern: str) -> Score:
         start = self._restart_layer(pattern)
         if start == 0:
-            return self._evaluate(pattern, 0, None)
+            score = self._evaluate(pattern, 0, None)
+            if self.store is None and (self._last_scored is None or score.loss < self._last_scored[1].loss):
+                self._last_scored = (pattern, score, self.last_layer_overlap)
+            return score
         # Keep the layer inputs of the best candidate so far: it is the likely next base.
         scratch = _Store(self.cache_device)
         score = self._evaluate(pattern, start, scratch)

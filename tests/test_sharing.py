@@ -209,3 +209,17 @@ def test_committing_the_best_candidate_reuses_its_layer_inputs(glm_dir):
         for i in [i for i in range(1, 6) if base[i] == "F"]:
             p = base[:i] + "S" + base[i + 1 :]
             assert cached.score(p).loss == plain.score(p).loss
+
+
+def test_without_a_cache_committing_the_best_candidate_runs_nothing_again(glm_dir):
+    model, layout = load(glm_dir)
+    runner = PatternRunner(model, layout, ids_for(model), cache_device="none")
+    runner.set_base("FFFFFF")
+    scores = {p: runner.score(p) for p in ["FSFFFF", "FFSFFF", "FFFSFF"]}
+    best = min(scores, key=lambda p: scores[p].loss)
+    before = runner.counters.layer_forwards
+    assert runner.set_base(best).loss == scores[best].loss
+    assert runner.counters.layer_forwards == before
+    assert sorted(runner.last_layer_overlap) == [best.index("S")]
+    runner.set_base("FSSFFF")  # not a scored candidate: evaluated
+    assert runner.counters.layer_forwards == before + 6 * 3
