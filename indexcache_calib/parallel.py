@@ -35,7 +35,9 @@ def init_world() -> World:
     if size <= 1:
         return World()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # Only small Python objects (scores) cross processes: gloo carries them without tying a rank
+        # to a GPU, which NCCL's object collectives would.
+        dist.init_process_group("gloo")
     return World(
         dist.get_rank(), dist.get_world_size(),
         int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", str(size))),
