@@ -56,7 +56,8 @@ def _paired_se(a: list[float], b: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / len(d))
 
 
-def compare_searches(model, layout, ids, heldout_ids, batch_size: int = 4, ratios=(2, 4, 8), label: str = "") -> dict:
+def compare_searches(model, layout, ids, heldout_ids, batch_size: int = 4, ratios=(2, 4, 8), label: str = "",
+                     cache_device: str = "cpu") -> dict:
     """Run both searches down to the smallest ratio on the same tokens and compare what they chose."""
     import torch
 
@@ -70,7 +71,7 @@ def compare_searches(model, layout, ids, heldout_ids, batch_size: int = 4, ratio
     runs = {}
     for strategy in ("naive", "fast"):
         runner = PatternRunner(model, layout, ids, batch_size=batch_size, measure_overlap=False,
-                               cache_device="none" if strategy == "naive" else "cpu")
+                               cache_device="none" if strategy == "naive" else cache_device)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -124,26 +125,31 @@ def compare_searches(model, layout, ids, heldout_ids, batch_size: int = 4, ratio
     return summary
 
 
+SEARCH_CASES = {"tiny-dsa": (8, 512), "tiny-dsa-deep": (4, 256)}  # model: (sequences, tokens each)
+
+
 def bench_search(args) -> None:
-    cases = [("tiny-dsa", 8, 512), ("tiny-dsa-deep", 4, 256)]
-    results = {}
-    for spec, samples, seq in cases:
-        model, layout = _load(spec)
+    device = "cuda:0" if args.device == "cuda" else "cpu"
+    for spec in args.models:
+        samples, seq = SEARCH_CASES[spec]
+        model, layout = _load(spec, device_map=device)
         ids = _tokens(spec, args.data, seq, samples)
         held = _tokens(spec, args.heldout, seq, samples)
-        results[spec] = compare_searches(model, layout, ids, held, label=spec)
+        result = compare_searches(model, layout, ids, held, label=spec, cache_device="gpu" if args.device == "cuda" else "cpu")
+        result["device"] = device
+        _save(f"search_{spec}", result)  # one file per model: a long run keeps what it finished
         del model
-    _save("search", results)
-    print_search(results)
+    print_search({spec: json.loads((OUT / f"search_{spec}.json").read_text())
+                  for spec in SEARCH_CASES if (OUT / f"search_{spec}.json").exists()})
 
 
 def print_search(results: dict) -> None:
-    print("\n| model | layers | tokens | layer-forwards naive | fast | ratio | wall naive | fast | ratio | fast cache peak | same F-set 1/2, 1/4, 1/8 | fast vs naive loss, calib / held-out (1/2, 1/4, 1/8) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | device | layers | tokens | layer-forwards naive | fast | ratio | wall naive | fast | ratio | fast cache peak | same F-set 1/2, 1/4, 1/8 | fast vs naive loss, calib / held-out (1/2, 1/4, 1/8) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for spec, r in results.items():
         same = ", ".join("yes" if row["identical"] else "no" for row in r["ratios"].values())
         diffs = "; ".join(f"{row['calib_rel_diff']:+.4%} / {row['heldout_rel_diff']:+.4%}" for row in r["ratios"].values())
-        print(f"| {spec} | {r['layers']} | {r['sequences']}x{r['seq_len']} | {r['naive']['layer_forwards']:,} | "
+        print(f"| {spec} | {r.get('device', 'cpu')} | {r['layers']} | {r['sequences']}x{r['seq_len']} | {r['naive']['layer_forwards']:,} | "
               f"{r['fast']['layer_forwards']:,} | {r['forwards_ratio']:.3f} | {r['naive']['wall_s']:.0f}s | "
               f"{r['fast']['wall_s']:.0f}s | {r['wall_ratio']:.3f} | {r['fast']['peak_cache_bytes'] / 2**20:.1f} MiB | {same} | {diffs} |")
     for spec, r in results.items():
@@ -284,6 +290,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("search")
+    s.add_argument("--models", nargs="+", default=list(SEARCH_CASES), choices=list(SEARCH_CASES))
+    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     s.add_argument("--data", default="calibration_data/code.jsonl")
     s.add_argument("--heldout", default="calibration_data/code.heldout.jsonl")
     i = sub.add_parser("indexer")
