@@ -95,6 +95,8 @@ def sum_counters(counters: dict) -> dict:
         return counters
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, counters)
-    total = {k: sum(p[k] for p in parts) for k in counters if k != "peak_cache_bytes"}
+    # Work adds up; time and cache are per process, so the slowest and the largest count.
+    total = {k: sum(p[k] for p in parts) for k in counters if k not in ("peak_cache_bytes", "seconds")}
     total["peak_cache_bytes"] = max(p["peak_cache_bytes"] for p in parts)
+    total["seconds"] = max(p["seconds"] for p in parts)
     return total
