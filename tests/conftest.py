@@ -16,6 +16,15 @@ TOPK = 8
 torch.set_num_threads(1)
 
 
+def one_error_line(result):
+    """The CLI's contract for bad input: `Error:` first, only `Error:`/`Hint:` lines, no traceback."""
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert lines and lines[0].startswith("Error: "), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert all(l.startswith(("Error: ", "Hint: ")) for l in lines), lines
+    return lines[0]
+
+
 @pytest.fixture(scope="session")
 def glm_dir(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("glm"), "glm", layers=6)

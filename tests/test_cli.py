@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import one_error_line
 from typer.testing import CliRunner
 
 from indexcache_calib.artifact import LAYER_MAP, REQUIRED_KEYS, SCHEMA, TOKENS, TRACE, load_tokens
@@ -18,14 +19,6 @@ BASE = ["--seq-len", "48", "--num-samples", "3", "--batch-size", "3", "--no-plot
 
 def calibrate(*args):
     return runner.invoke(app, ["calibrate", *args])
-
-
-def one_error_line(result):
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
-    assert lines and lines[0].startswith("Error: "), result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    assert all(l.startswith(("Error: ", "Hint: ")) for l in lines), lines
-    return lines[0]
 
 
 @pytest.mark.parametrize("arch", ["glm", "dsv32"])

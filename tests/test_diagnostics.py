@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import one_error_line
 from typer.testing import CliRunner
 
 from indexcache_calib.artifact import LAYER_MAP, SCHEMA, TOKENS
@@ -19,14 +20,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def one_error_line(result):
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
-    assert lines and lines[0].startswith("Error: "), result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    assert all(l.startswith(("Error: ", "Hint: ")) for l in lines), lines
-    return lines[0]
 
 
 def assert_png(path):
