@@ -46,16 +46,6 @@ def _load(model_spec: str, device_map: str = "cpu"):
     return model, find_dsa(model)
 
 
-def _paired_se(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean and standard error of a - b over calibration sequences."""
-    d = [x - y for x, y in zip(a, b)]
-    mean = sum(d) / len(d)
-    if len(d) < 2:
-        return mean, float("nan")
-    var = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
-    return mean, math.sqrt(var / len(d))
-
-
 def compare_searches(model, layout, ids, heldout_ids, batch_size: int = 4, ratios=(2, 4, 8), label: str = "",
                      cache_device: str = "cpu") -> dict:
     """Run both searches down to the smallest ratio on the same tokens and compare what they chose."""
@@ -63,7 +53,7 @@ def compare_searches(model, layout, ids, heldout_ids, batch_size: int = 4, ratio
 
     from indexcache_calib.pattern import uniform_pattern
     from indexcache_calib.runner import PatternRunner
-    from indexcache_calib.search import greedy_search, path
+    from indexcache_calib.search import greedy_search, paired, path
 
     n = layout.num_layers
     start = "F" * n
@@ -109,9 +99,9 @@ def compare_searches(model, layout, ids, heldout_ids, batch_size: int = 4, ratio
         if fs.base != ns.base:
             break
         if fs.chosen != ns.chosen:
-            mean, se = _paired_se(ns.scores[fs.chosen].seq_losses, ns.scores[ns.chosen].seq_losses)
+            mean, se = paired(ns.scores[fs.chosen], ns.scores[ns.chosen])
             misses.append({"step": fs.step, "fast": fs.chosen, "naive": ns.chosen, "loss_gap": mean, "paired_se": se,
-                           "within_one_se": mean <= se})
+                           "within_one_se": se is not None and mean <= se})
     summary = {
         "layers": n, "sequences": int(ids.shape[0]), "seq_len": int(ids.shape[1]),
         "heldout_sequences": int(heldout_ids.shape[0]),

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -111,8 +110,10 @@ def check_seq_len(opts: Options, config) -> None:
 
 
 def check_options(opts: Options) -> None:
-    if opts.cache_device not in ("cpu", "gpu", "disk", "none"):
-        raise CalibError(f"unknown --cache-device {opts.cache_device!r}", hint="use cpu, gpu, disk or none")
+    from indexcache_calib.runner import CACHE_DEVICES
+
+    if opts.cache_device not in CACHE_DEVICES:
+        raise CalibError(f"unknown --cache-device {opts.cache_device!r}", hint=f"use one of {', '.join(CACHE_DEVICES)}")
     if opts.search not in SEARCHES:
         raise CalibError(f"unknown --search {opts.search!r}", hint=f"use one of {', '.join(SEARCHES)}")
     for name in ("seq_len", "num_samples", "batch_size"):
@@ -461,12 +462,3 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
     art.write_json(run_dir / art.LAYER_MAP, layer_map)
     return layer_map, run_dir
 
-
-def layer_map_digest(layer_map: dict) -> str:
-    """Hash of everything but the environment section: equal for runs on equal inputs."""
-    body = {k: v for k, v in layer_map.items() if k != "environment"}
-    return hashlib.sha256(art.dumps(body).encode()).hexdigest()
-
-
-def options_dict(opts: Options) -> dict:
-    return asdict(opts)

@@ -13,6 +13,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from indexcache_calib.cli_options import (
+    AllowPickle, BatchSize, DeviceMap, Dtype, IndexerChunk, MaxMemory, Model, OffloadDir, Seed, TextField, TrustRemoteCode,
+)
 from indexcache_calib.errors import CalibError
 
 app = typer.Typer(
@@ -94,27 +97,27 @@ def _resume_command(argv: list[str]) -> str:
 
 @app.command()
 def calibrate(
-    model: str = typer.Option("tiny-dsa", "--model", "-m", help="Local checkpoint dir, hub id (from the local HF cache) or alias."),
+    model: Model = "tiny-dsa",
     data: str = typer.Option(..., "--data", "-d", help="JSONL (text or messages), .txt, .parquet/.csv, or a saved datasets dir."),
     target: Optional[str] = typer.Option(None, "--target", "-t", help="Share of layers kept full: 1/4, 0.25, 25%."),
     num_full: Optional[int] = typer.Option(None, "--num-full", help="Number of layers kept full (instead of --target)."),
     out_dir: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (default: outputs/<model>_<data>_<target>)."),
     seq_len: int = typer.Option(512, help="Tokens per calibration sequence; must exceed the model's index_topk."),
     num_samples: int = typer.Option(8, help="Calibration sequences."),
-    seed: int = typer.Option(0, help="Picks which packed sequences are used."),
-    batch_size: int = typer.Option(1, help="Sequences per forward."),
+    seed: Seed = 0,
+    batch_size: BatchSize = 1,
     search: str = typer.Option("fast", help="fast (prefix reuse + lazy re-scoring) or naive (the paper's Algorithm 1)."),
-    text_field: str = typer.Option("text", help="Field / column holding the text."),
+    text_field: TextField = "text",
     overlap: bool = typer.Option(True, "--overlap/--no-overlap", help="Measure top-k overlap of shared layers (runs their own indexers)."),
-    indexer_chunk: Optional[int] = typer.Option(None, help="Indexer query rows per call (bounds memory at long seq-len). Default: automatic, at most 1 GiB of fp32 scores per call; 0: one call."),
+    indexer_chunk: IndexerChunk = None,
     cache_device: str = typer.Option("cpu", help="Where cached layer inputs live: cpu, gpu, disk, or none."),
     cache_budget: Optional[str] = typer.Option(None, help="Most memory the layer-input cache may take (e.g. 64GiB); past it the cache goes to disk."),
-    device_map: str = typer.Option("auto", help="auto, balanced, sequential, cpu, cuda:N, or a JSON file."),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
-    max_memory: Optional[str] = typer.Option(None, help="Per-device limits, e.g. 0=70GiB,1=70GiB,cpu=400GiB."),
-    offload_dir: Optional[str] = typer.Option(None, help="Directory for weights offloaded to disk."),
-    trust_remote_code: bool = typer.Option(False, help="Allow model code shipped inside the checkpoint to run."),
-    allow_pickle: bool = typer.Option(False, help="Allow .bin/.pt weights (pickle can run code)."),
+    device_map: DeviceMap = "auto",
+    dtype: Dtype = "auto",
+    max_memory: MaxMemory = None,
+    offload_dir: OffloadDir = None,
+    trust_remote_code: TrustRemoteCode = False,
+    allow_pickle: AllowPickle = False,
     resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint."),
     overwrite: bool = typer.Option(False, help="Replace the results already in --out."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots next to the layer map."),

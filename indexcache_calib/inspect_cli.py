@@ -8,28 +8,31 @@ from typing import Optional
 
 import typer
 
-MODEL_HELP = "Local checkpoint dir, hub id (from the local HF cache) or alias."
+from indexcache_calib.cli_options import (
+    AllowPickle, BatchSize, DeviceMap, Dtype, IndexerChunk, MaxMemory, Model, OffloadDir, Seed, TextField, TrustRemoteCode,
+)
+
 DATA_HELP = "JSONL (text or messages), .txt, .parquet/.csv, or a saved datasets dir."
 TOKENS_HELP = "A run's tokens.safetensors (or its run directory): score exactly those token ids instead of --data."
 
 
 def overlap(
-    model: str = typer.Option("tiny-dsa", "--model", "-m", help=MODEL_HELP),
+    model: Model = "tiny-dsa",
     data: Optional[str] = typer.Option(None, "--data", "-d", help=DATA_HELP),
     tokens: Optional[str] = typer.Option(None, "--tokens", help=TOKENS_HELP),
     out_dir: Optional[str] = typer.Option(None, "--out", "-o", help="Directory for overlap.csv and overlap.png (default: outputs/<model>_<data>_overlap)."),
     seq_len: int = typer.Option(512, help="Tokens per sequence; must exceed the model's index_topk (ignored with --tokens)."),
     num_samples: int = typer.Option(8, help="Sequences (ignored with --tokens)."),
-    seed: int = typer.Option(0, help="Picks which packed sequences are used."),
-    batch_size: int = typer.Option(1, help="Sequences per forward."),
-    text_field: str = typer.Option("text", help="Field / column holding the text."),
-    indexer_chunk: Optional[int] = typer.Option(None, help="Indexer query rows per call (bounds memory at long seq-len). Default: automatic, at most 1 GiB of fp32 scores per call; 0: one call."),
-    device_map: str = typer.Option("auto", help="auto, balanced, sequential, cpu, cuda:N, or a JSON file."),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
-    max_memory: Optional[str] = typer.Option(None, help="Per-device limits, e.g. 0=70GiB,1=70GiB,cpu=400GiB."),
-    offload_dir: Optional[str] = typer.Option(None, help="Directory for weights offloaded to disk."),
-    trust_remote_code: bool = typer.Option(False, help="Allow model code shipped inside the checkpoint to run."),
-    allow_pickle: bool = typer.Option(False, help="Allow .bin/.pt weights (pickle can run code)."),
+    seed: Seed = 0,
+    batch_size: BatchSize = 1,
+    text_field: TextField = "text",
+    indexer_chunk: IndexerChunk = None,
+    device_map: DeviceMap = "auto",
+    dtype: Dtype = "auto",
+    max_memory: MaxMemory = None,
+    offload_dir: OffloadDir = None,
+    trust_remote_code: TrustRemoteCode = False,
+    allow_pickle: AllowPickle = False,
     as_json: bool = typer.Option(False, "--json", help="Print the matrix and its summary as JSON on stdout."),
 ) -> None:
     """Top-k overlap |T_i ∩ T_j| / k between every pair of layers' own indexers (a diagnostic, not an objective)."""
@@ -65,7 +68,7 @@ def overlap(
 
 
 def evaluate(
-    model: str = typer.Option("tiny-dsa", "--model", "-m", help=MODEL_HELP),
+    model: Model = "tiny-dsa",
     data: Optional[str] = typer.Option(None, "--data", "-d", help=DATA_HELP + " Use held-out data, not the calibration set."),
     tokens: Optional[str] = typer.Option(None, "--tokens", help=TOKENS_HELP),
     uniform: str = typer.Option("2,4,8", help="Uniform interleaving baselines: 2,4,8 scores 1/2, 1/4 and 1/8 Full; 'none' for none."),
@@ -74,17 +77,17 @@ def evaluate(
     out_csv: Optional[str] = typer.Option(None, "--out", "-o", help="Also write the rows to this CSV file."),
     seq_len: int = typer.Option(512, help="Tokens per sequence; must exceed the model's index_topk (ignored with --tokens)."),
     num_samples: int = typer.Option(8, help="Sequences (ignored with --tokens)."),
-    seed: int = typer.Option(0, help="Picks which packed sequences are used."),
-    batch_size: int = typer.Option(1, help="Sequences per forward."),
-    text_field: str = typer.Option("text", help="Field / column holding the text."),
+    seed: Seed = 0,
+    batch_size: BatchSize = 1,
+    text_field: TextField = "text",
     overlap: bool = typer.Option(True, "--overlap/--no-overlap", help="Measure top-k overlap of shared layers (runs their own indexers)."),
-    indexer_chunk: Optional[int] = typer.Option(None, help="Indexer query rows per call (bounds memory at long seq-len). Default: automatic, at most 1 GiB of fp32 scores per call; 0: one call."),
-    device_map: str = typer.Option("auto", help="auto, balanced, sequential, cpu, cuda:N, or a JSON file."),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
-    max_memory: Optional[str] = typer.Option(None, help="Per-device limits, e.g. 0=70GiB,1=70GiB,cpu=400GiB."),
-    offload_dir: Optional[str] = typer.Option(None, help="Directory for weights offloaded to disk."),
-    trust_remote_code: bool = typer.Option(False, help="Allow model code shipped inside the checkpoint to run."),
-    allow_pickle: bool = typer.Option(False, help="Allow .bin/.pt weights (pickle can run code)."),
+    indexer_chunk: IndexerChunk = None,
+    device_map: DeviceMap = "auto",
+    dtype: Dtype = "auto",
+    max_memory: MaxMemory = None,
+    offload_dir: OffloadDir = None,
+    trust_remote_code: TrustRemoteCode = False,
+    allow_pickle: AllowPickle = False,
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON on stdout."),
 ) -> None:
     """Score all-F, uniform interleaving, layer maps and patterns on the same tokens, with one model load."""

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from indexcache_calib.search import paired  # noqa: F401 - part of this module's interface
+
 RATIOS = (2, 4, 8)  # 1/2, 1/4 and 1/8 of the layers Full, as in the paper
 TABLE_MD, TABLE_JSON = "paper_table.md", "paper_table.json"
 
@@ -77,15 +79,6 @@ def attention_mass(model, ids: torch.Tensor, batch_size: int = 1) -> dict:
         for i in range(n)
     ]
     return {"index_topk": k, "queries_per_layer": queries, "sequences": len(ids), "seq_len": ids.shape[1], "layers": layers}
-
-
-def paired(a, b) -> tuple[float, float | None]:
-    """Mean over held-out sequences of a − b (two Scores on the same tokens) and its standard error."""
-    d = [x - y for x, y in zip(a.seq_losses, b.seq_losses)]
-    mean = math.fsum(d) / len(d)
-    if len(d) < 2:
-        return mean, None
-    return mean, math.sqrt(math.fsum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
 
 
 def table_rows(num_layers: int, searched: dict, scores: dict) -> list[dict]:

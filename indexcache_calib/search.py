@@ -7,6 +7,7 @@ same result as an uninterrupted run, because every decision depends only on the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Protocol
 
@@ -156,6 +157,16 @@ def greedy_search(
         if pattern.count(FULL) > num_full:
             base_score = evaluator.set_base(pattern)
     return start_score, steps
+
+
+def paired(a: Score, b: Score) -> tuple[float, float | None]:
+    """Mean over sequences of a - b (two Scores on the same tokens) and its standard error
+    (None with fewer than two sequences)."""
+    d = [x - y for x, y in zip(a.seq_losses, b.seq_losses)]
+    mean = math.fsum(d) / len(d)
+    if len(d) < 2:
+        return mean, None
+    return mean, math.sqrt(math.fsum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
 
 
 def path(start: str, start_loss: float, steps: list[Step]) -> list[dict]:
