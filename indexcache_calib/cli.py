@@ -106,7 +106,7 @@ def calibrate(
     num_samples: int = typer.Option(8, help="Calibration sequences."),
     seed: Seed = 0,
     batch_size: BatchSize = 1,
-    search: str = typer.Option("fast", help="fast (prefix reuse + lazy re-scoring) or naive (the paper's Algorithm 1)."),
+    search: str = typer.Option("fast", help="fast (prefix reuse + lazy re-scoring), exact (Algorithm 1's answer bit for bit, prefix reuse only) or naive (Algorithm 1, full forwards)."),
     text_field: TextField = "text",
     overlap: bool = typer.Option(True, "--overlap/--no-overlap", help="Measure top-k overlap of shared layers (runs their own indexers)."),
     indexer_chunk: IndexerChunk = None,

@@ -16,9 +16,9 @@ def size_str(n: float) -> str:
 
 
 def search_work(num_layers: int, fixed: frozenset[int], num_full: int, search: str, samples: int) -> dict:
-    """Patterns scored and decoder-layer forwards (per sequence x samples). Exact for naive; for fast an
-    upper bound (its first step is a full sweep; later steps re-score a few candidates and fall back to
-    more only when the ranking is in doubt) and a typical count of 4 candidates per later step."""
+    """Patterns scored and decoder-layer forwards (per sequence x samples). Exact for naive. For exact and
+    fast, an upper bound and a typical count, since how far each candidate runs depends on the picks; fast
+    sweeps once, then typically re-scores 4 candidates per step (more only when the ranking is in doubt)."""
     cands = [i for i in range(1, num_layers) if i not in fixed]
     steps = len(cands) + 1 - num_full
     naive_patterns = sum(len(cands) - s for s in range(steps))
@@ -29,6 +29,10 @@ def search_work(num_layers: int, fixed: frozenset[int], num_full: int, search: s
     sweep = sum(num_layers - l for l in cands)
     mean_tail = sweep / max(1, len(cands))
     upper = num_layers + sweep * steps + mean_tail * steps
+    if search == "exact":  # every candidate every step, each from its own layer
+        typical = num_layers + mean_tail * (naive_patterns + steps)
+        return {"patterns": 1 + naive_patterns, "layer_forwards_at_most": int(upper * samples),
+                "layer_forwards_typical": int(typical * samples)}
     typical = num_layers + sweep + (min(4, len(cands)) * mean_tail + mean_tail) * max(0, steps - 1)
     return {
         "patterns_at_most": 1 + naive_patterns,
@@ -121,9 +125,9 @@ def describe(p: dict) -> list[tuple[str, str]]:
         ("activation cache", f"{size_str(p['activation_cache'])} on {p['activation_cache_device']}"),
     ]
     w = p["work"]
-    if "patterns" in w:
+    if "layer_forwards" in w:
         rows.append(("search (naive)", f"{w['patterns']} patterns, {w['layer_forwards']:,} layer-forwards"))
     else:
-        rows.append(("search (fast)", f"typically {w['layer_forwards_typical']:,} layer-forwards, at most {w['layer_forwards_at_most']:,}"))
+        rows.append((f"search ({p['search']})", f"typically {w['layer_forwards_typical']:,} layer-forwards, at most {w['layer_forwards_at_most']:,}"))
     rows += [("warning", w) for w in p["warnings"]]
     return rows

@@ -13,7 +13,7 @@ from typing import Callable, Protocol
 
 from indexcache_calib.pattern import FULL, flip, full_layers
 
-SEARCHES = ("fast", "naive")
+SEARCHES = ("fast", "exact", "naive")
 
 
 @dataclass
@@ -87,6 +87,7 @@ def greedy_search(
     """Flip one layer per step to S until `num_full` layers are full. Returns (score of `start`, steps).
 
     search="naive": every candidate is scored at every step (Algorithm 1).
+    search="exact": the same decisions as naive; only the evaluator differs (it reuses prefixes).
     search="fast": after the first full sweep, each step re-scores the `rescore_best` candidates with
     the lowest last-known delta plus the two full neighbours of the layer just committed, then keeps
     re-scoring in order of last-known delta while any unscored candidate's last delta is below the
@@ -119,7 +120,7 @@ def greedy_search(
                 return evaluator.score_many(patterns)
             return [evaluator.score(p) for p in patterns]
 
-        if search == "naive" or not steps or any(c not in last_delta for c in cands):
+        if search != "fast" or not steps or any(c not in last_delta for c in cands):
             scores.update(zip(cands, score(cands)))
         else:
             ranked = sorted(cands, key=lambda c: (last_delta[c], c))

@@ -52,14 +52,18 @@ def test_calibrate_end_to_end(arch, glm_dir, dsv32_dir, text_data, tmp_path):
     assert set(trace.columns) >= {"step", "candidate", "loss", "delta_vs_all_full", "mean_overlap", "chosen"}
 
 
-def test_naive_and_fast_agree_on_the_tiny_model(glm_dir, text_data, tmp_path):
-    maps = {}
-    for search in ("naive", "fast"):
+def test_naive_exact_and_fast_agree_on_the_tiny_model(glm_dir, text_data, tmp_path):
+    maps, traces = {}, {}
+    for search in ("naive", "exact", "fast"):
         r = calibrate("--model", str(glm_dir), "--data", str(text_data), "--num-full", "2", "--search", search,
                       "--out", str(tmp_path / search), *BASE)
         assert r.exit_code == 0, r.stderr
         maps[search] = json.loads((tmp_path / search / LAYER_MAP).read_text())
-    assert maps["naive"]["environment"]["work"]["layer_forwards"] > maps["fast"]["environment"]["work"]["layer_forwards"]
+        traces[search] = (tmp_path / search / TRACE).read_text()
+    # exact is Algorithm 1 with prefix reuse: every candidate's loss bit for bit, for less work.
+    assert traces["exact"] == traces["naive"] and maps["exact"]["path"] == maps["naive"]["path"]
+    work = {s: m["environment"]["work"]["layer_forwards"] for s, m in maps.items()}
+    assert work["naive"] > work["exact"] > work["fast"]
 
 
 def test_summary_goes_to_stdout_and_progress_to_stderr(glm_dir, text_data, tmp_path):

@@ -94,6 +94,10 @@ def test_dry_run_loads_no_weights_and_counts_the_naive_work(glm_dir, tmp_path):
     # Algorithm 1 from 6 layers to 2: 1 baseline + 5 + 4 + 3 + 2 candidates, each a 6-layer forward of 4 sequences.
     assert plan["work"] == {"patterns": 15, "layer_forwards": 15 * 6 * 4}
     assert plan["num_full_target"] == 2 and plan["weights_total"] > 0
+    exact = runner.invoke(app, ["calibrate", "--model", str(cfg_only), "--data", "x", "--seq-len", "48",
+                                "--num-samples", "4", "--num-full", "2", "--search", "exact", "--dry-run", "--json"])
+    work = json.loads(exact.stdout)["work"]
+    assert work["patterns"] == 15 and work["layer_forwards_typical"] < plan["work"]["layer_forwards"]
     chunked = runner.invoke(app, ["calibrate", "--model", str(cfg_only), "--data", "x", "--seq-len", "48",
                                   "--num-full", "2", "--indexer-chunk", "12", "--dry-run", "--json"])
     assert json.loads(chunked.stdout)["indexer_peak_per_layer"] * 4 == plan["indexer_peak_per_layer"]

@@ -93,6 +93,14 @@ def test_fast_search_rescans_when_the_ranking_is_in_doubt():
     assert [s.pattern for s in s_fast] == [s.pattern for s in s_naive]
 
 
+def test_exact_search_scores_every_candidate_like_naive():
+    costs = [0, 0.30, 0.31, 0.32, 0.33, 0.34, 0.35, 0.36]
+    runs = {s: Additive(costs, pair_bonus=0.2) for s in ("naive", "exact")}
+    steps = {s: greedy_search("F" * 8, 1, ev, search=s)[1] for s, ev in runs.items()}
+    assert [s.to_json() for s in steps["exact"]] == [s.to_json() for s in steps["naive"]]
+    assert runs["exact"].scored == runs["naive"].scored
+
+
 def test_ties_go_to_the_lower_layer():
     _, steps = greedy_search("FFFF", 3, Additive([0, 0.2, 0.2, 0.2]), search="naive")
     assert steps[0].chosen == 1
