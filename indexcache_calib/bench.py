@@ -1,6 +1,7 @@
 """Benchmarks (`make bench`): every number is a ratio measured side by side in one run.
 
   python -m indexcache_calib.bench search      naive vs fast search on the trained models
+  python -m indexcache_calib.bench draws       fast vs exact (Algorithm 1's answer) over calibration draws
   python -m indexcache_calib.bench indexer     indexer peak memory, chunked vs unchunked, long sequence
   python -m indexcache_calib.bench parallel    candidate-parallel speedup, 2 processes vs 1
   python -m indexcache_calib.bench gpu         both searches on random DSA models on a GPU
@@ -47,8 +48,9 @@ def _load(model_spec: str, device_map: str = "cpu"):
 
 
 def compare_searches(model, layout, ids, heldout_ids, batch_size: int = 4, ratios=(2, 4, 8), label: str = "",
-                     cache_device: str = "cpu") -> dict:
-    """Run both searches down to the smallest ratio on the same tokens and compare what they chose."""
+                     cache_device: str = "cpu", reference: str = "naive") -> dict:
+    """Run `reference` and the fast search down to the smallest ratio on the same tokens and compare
+    what they chose."""
     import torch
 
     from indexcache_calib.pattern import uniform_pattern
@@ -59,7 +61,7 @@ def compare_searches(model, layout, ids, heldout_ids, batch_size: int = 4, ratio
     start = "F" * n
     floor = math.ceil(n / max(ratios))
     runs = {}
-    for strategy in ("naive", "fast"):
+    for strategy in (reference, "fast"):
         runner = PatternRunner(model, layout, ids, batch_size=batch_size, measure_overlap=False,
                                cache_device="none" if strategy == "naive" else cache_device)
         if torch.cuda.is_available():
@@ -82,32 +84,33 @@ def compare_searches(model, layout, ids, heldout_ids, batch_size: int = 4, ratio
         k = math.ceil(n / r)
         pick = {s: next(p for p in runs[s]["path"] if p["num_full"] == k) for s in runs}
         uni = uniform_pattern(n, r, layout.fixed_shared)
-        row = {"num_full": k, "identical": pick["naive"]["pattern"] == pick["fast"]["pattern"]}
+        row = {"num_full": k, "identical": pick[reference]["pattern"] == pick["fast"]["pattern"]}
         for s in runs:
             row[f"{s}_pattern"] = pick[s]["pattern"]
             row[f"{s}_calib_loss"] = pick[s]["loss"]
             row[f"{s}_heldout_loss"] = held.score(pick[s]["pattern"]).loss
         row["uniform_pattern"] = uni
         row["uniform_heldout_loss"] = held.score(uni).loss
-        row["calib_rel_diff"] = (row["fast_calib_loss"] - row["naive_calib_loss"]) / row["naive_calib_loss"]
-        row["heldout_rel_diff"] = (row["fast_heldout_loss"] - row["naive_heldout_loss"]) / row["naive_heldout_loss"]
+        for split in ("calib", "heldout"):
+            ref = row[f"{reference}_{split}_loss"]
+            row[f"{split}_rel_diff"] = (row[f"fast_{split}_loss"] - ref) / ref
         by_ratio[f"1/{r}"] = row
     # Where the fast search picked another layer from the same base, was the pick within one paired
     # standard error (over calibration sequences) of the best? Bases diverge after the first miss.
     misses = []
-    for fs, ns in zip(runs["fast"]["steps"], runs["naive"]["steps"]):
+    for fs, ns in zip(runs["fast"]["steps"], runs[reference]["steps"]):
         if fs.base != ns.base:
             break
         if fs.chosen != ns.chosen:
             mean, se = paired(ns.scores[fs.chosen], ns.scores[ns.chosen])
-            misses.append({"step": fs.step, "fast": fs.chosen, "naive": ns.chosen, "loss_gap": mean, "paired_se": se,
+            misses.append({"step": fs.step, "fast": fs.chosen, reference: ns.chosen, "loss_gap": mean, "paired_se": se,
                            "within_one_se": se is not None and mean <= se})
     summary = {
         "layers": n, "sequences": int(ids.shape[0]), "seq_len": int(ids.shape[1]),
         "heldout_sequences": int(heldout_ids.shape[0]),
-        "forwards_ratio": runs["fast"]["layer_forwards"] / runs["naive"]["layer_forwards"],
-        "wall_ratio": runs["fast"]["wall_s"] / runs["naive"]["wall_s"],
-        "ratios": by_ratio, "misses_before_divergence": misses,
+        "forwards_ratio": runs["fast"]["layer_forwards"] / runs[reference]["layer_forwards"],
+        "wall_ratio": runs["fast"]["wall_s"] / runs[reference]["wall_s"],
+        "ratios": by_ratio, "misses_before_divergence": misses, "reference": reference,
     }
     for s in runs:
         summary[s] = {k: v for k, v in runs[s].items() if k not in ("steps", "path")}
@@ -146,6 +149,53 @@ def print_search(results: dict) -> None:
         for m in r["misses_before_divergence"]:
             print(f"{spec}: step {m['step']} fast chose layer {m['fast']}, naive {m['naive']}: gap {m['loss_gap']:.6f} nats, "
                   f"paired SE {m['paired_se']:.6f} -> {'within' if m['within_one_se'] else 'OUTSIDE'} one SE")
+
+
+# -- calibration draws ---------------------------------------------------------------------
+
+def bench_draws(args) -> None:
+    """The fast search against Algorithm 1's answer on several random draws of calibration sequences.
+
+    One draw is one greedy path, and near-ties make paths fork, so a single comparison says little about
+    how far the fast search's patterns fall from the full sweep's. The reference here is `exact`, which
+    is Algorithm 1 bit for bit (tested) at about half of naive's cost; naive's layer-forwards are counted
+    from the config, since they do not depend on the picks.
+    """
+    from indexcache_calib.dryrun import search_work
+
+    spec = args.model
+    samples, seq = SEARCH_CASES[spec]
+    model, layout = _load(spec)
+    held = _tokens(spec, args.heldout, seq, samples)
+    for seed in args.seeds:
+        ids = _tokens(spec, args.data, seq, samples, seed=seed)
+        r = compare_searches(model, layout, ids, held, label=f"{spec} draw {seed}", reference="exact")
+        floor = math.ceil(layout.num_layers / 8)
+        naive = search_work(layout.num_layers, layout.fixed_shared, floor, "naive", samples)["layer_forwards"]
+        r.update({"seed": seed, "naive_layer_forwards": naive, "fast_vs_naive_forwards": r["fast"]["layer_forwards"] / naive})
+        _save(f"draws_{spec}_seed{seed}", r)
+    print_draws(spec)
+
+
+def print_draws(spec: str) -> None:
+    files = sorted(OUT.glob(f"draws_{spec}_seed*.json"), key=lambda f: int(f.stem.rsplit("seed", 1)[1]))
+    rows = [json.loads(f.read_text()) for f in files]
+    print(f"\n{spec}: fast search vs Algorithm 1 (exact) on {len(rows)} calibration draws, relative loss difference "
+          "fast − exact, calibration / held-out")
+    print("| draw | layer-forwards fast / naive | same F-set 1/2, 1/4, 1/8 | 1/2 | 1/4 | 1/8 | first fork (gap in paired SE) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        same = ", ".join("yes" if row["identical"] else "no" for row in r["ratios"].values())
+        cells = " | ".join(f"{row['calib_rel_diff']:+.3%} / {row['heldout_rel_diff']:+.3%}" for row in r["ratios"].values())
+        m = r["misses_before_divergence"]
+        fork = f"step {m[0]['step']} ({m[0]['loss_gap'] / m[0]['paired_se']:.2f} SE)" if m and m[0]["paired_se"] else "none"
+        print(f"| {r['seed']} | {r['fast_vs_naive_forwards']:.3f} | {same} | {cells} | {fork} |")
+    for ratio in ("1/2", "1/4", "1/8"):
+        calib = [r["ratios"][ratio]["calib_rel_diff"] for r in rows]
+        held = [r["ratios"][ratio]["heldout_rel_diff"] for r in rows]
+        if calib:
+            print(f"{ratio}: calibration mean {sum(calib) / len(calib):+.3%}, worst {max(calib):+.3%}; "
+                  f"held-out mean {sum(held) / len(held):+.3%}, worst {max(held):+.3%}")
 
 
 # -- indexer memory --------------------------------------------------------------------------
@@ -284,6 +334,11 @@ def main() -> None:
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     s.add_argument("--data", default="calibration_data/code.jsonl")
     s.add_argument("--heldout", default="calibration_data/code.heldout.jsonl")
+    d = sub.add_parser("draws")
+    d.add_argument("--model", default="tiny-dsa-deep", choices=list(SEARCH_CASES))
+    d.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    d.add_argument("--data", default="calibration_data/code.jsonl")
+    d.add_argument("--heldout", default="calibration_data/code.heldout.jsonl")
     i = sub.add_parser("indexer")
     i.add_argument("--seq", type=int, default=8192)
     i.add_argument("--heads", type=int, default=8)
@@ -307,7 +362,7 @@ def main() -> None:
     if args.cmd == "_indexer-child":
         _indexer_child(args.seq, args.chunk, args.heads)
     else:
-        {"search": bench_search, "indexer": bench_indexer, "parallel": bench_parallel, "gpu": bench_gpu}[args.cmd](args)
+        {"search": bench_search, "draws": bench_draws, "indexer": bench_indexer, "parallel": bench_parallel, "gpu": bench_gpu}[args.cmd](args)
 
 
 if __name__ == "__main__":
