@@ -85,15 +85,21 @@ def compare_searches(model, layout, ids, heldout_ids, batch_size: int = 4, ratio
         pick = {s: next(p for p in runs[s]["path"] if p["num_full"] == k) for s in runs}
         uni = uniform_pattern(n, r, layout.fixed_shared)
         row = {"num_full": k, "identical": pick[reference]["pattern"] == pick["fast"]["pattern"]}
+        scores = {}
         for s in runs:
+            step = next(st for st in runs[s]["steps"] if st.pattern.count("F") == k)
+            scores[s] = {"calib": step.scores[step.chosen], "heldout": held.score(pick[s]["pattern"])}
             row[f"{s}_pattern"] = pick[s]["pattern"]
             row[f"{s}_calib_loss"] = pick[s]["loss"]
-            row[f"{s}_heldout_loss"] = held.score(pick[s]["pattern"]).loss
+            row[f"{s}_heldout_loss"] = scores[s]["heldout"].loss
         row["uniform_pattern"] = uni
         row["uniform_heldout_loss"] = held.score(uni).loss
         for split in ("calib", "heldout"):
             ref = row[f"{reference}_{split}_loss"]
             row[f"{split}_rel_diff"] = (row[f"fast_{split}_loss"] - ref) / ref
+            # The paired standard error over sequences says whether such a difference is resolvable at all.
+            se = paired(scores["fast"][split], scores[reference][split])[1]
+            row[f"{split}_rel_se"] = se / ref if se is not None else None
         by_ratio[f"1/{r}"] = row
     # Where the fast search picked another layer from the same base, was the pick within one paired
     # standard error (over calibration sequences) of the best? Bases diverge after the first miss.
@@ -166,7 +172,7 @@ def bench_draws(args) -> None:
     spec = args.model
     samples, seq = SEARCH_CASES[spec]
     model, layout = _load(spec)
-    held = _tokens(spec, args.heldout, seq, samples)
+    held = _tokens(spec, args.heldout, seq, args.heldout_samples)
     for seed in args.seeds:
         ids = _tokens(spec, args.data, seq, samples, seed=seed)
         r = compare_searches(model, layout, ids, held, label=f"{spec} draw {seed}", reference="exact")
@@ -181,12 +187,13 @@ def print_draws(spec: str) -> None:
     files = sorted(OUT.glob(f"draws_{spec}_seed*.json"), key=lambda f: int(f.stem.rsplit("seed", 1)[1]))
     rows = [json.loads(f.read_text()) for f in files]
     print(f"\n{spec}: fast search vs Algorithm 1 (exact) on {len(rows)} calibration draws, relative loss difference "
-          "fast − exact, calibration / held-out")
+          "fast − exact ± its paired standard error, calibration / held-out")
     print("| draw | layer-forwards fast / naive | same F-set 1/2, 1/4, 1/8 | 1/2 | 1/4 | 1/8 | first fork (gap in paired SE) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         same = ", ".join("yes" if row["identical"] else "no" for row in r["ratios"].values())
-        cells = " | ".join(f"{row['calib_rel_diff']:+.3%} / {row['heldout_rel_diff']:+.3%}" for row in r["ratios"].values())
+        cells = " | ".join(f"{row['calib_rel_diff']:+.3%} ± {row['calib_rel_se']:.3%} / {row['heldout_rel_diff']:+.3%} ± "
+                           f"{row['heldout_rel_se']:.3%}" for row in r["ratios"].values())
         m = r["misses_before_divergence"]
         fork = f"step {m[0]['step']} ({m[0]['loss_gap'] / m[0]['paired_se']:.2f} SE)" if m and m[0]["paired_se"] else "none"
         print(f"| {r['seed']} | {r['fast_vs_naive_forwards']:.3f} | {same} | {cells} | {fork} |")
@@ -339,6 +346,7 @@ def main() -> None:
     d.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     d.add_argument("--data", default="calibration_data/code.jsonl")
     d.add_argument("--heldout", default="calibration_data/code.heldout.jsonl")
+    d.add_argument("--heldout-samples", type=int, default=16, help="held-out sequences (same length as calibration)")
     i = sub.add_parser("indexer")
     i.add_argument("--seq", type=int, default=8192)
     i.add_argument("--heads", type=int, default=8)
