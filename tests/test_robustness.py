@@ -82,7 +82,9 @@ def test_sigkill_then_resume_gives_the_uninterrupted_artifact(deep_dir, text_dat
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signals_keep_the_checkpoint_and_say_how_to_resume(sig, code, deep_dir, text_data, tmp_path):
     out = tmp_path / "run"
-    proc = start_process(deep_dir, text_data, out)
+    # Slow steps (many one-sequence batches), so the signal lands while the run is still going even on a
+    # loaded machine; at the default size the remaining steps can all finish before it arrives.
+    proc = start_process(deep_dir, text_data, out, "--num-samples", "16", "--batch-size", "1")
     wait_for_steps(proc, out, 1)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
