@@ -38,7 +38,10 @@ def start_process(model, data, out, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "indexcache_calib", "calibrate", "--model", str(model), "--data", str(data),
            "--out", str(out), "--search", "naive", *ARGS, *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # A suite started as a background job inherits SIGINT ignored, and Python then installs no Ctrl-C
+    # handler in the child; give the child the disposition a terminal user's process has.
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_steps(proc, out, n, timeout=120):
@@ -82,9 +85,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_artifact(deep_dir, text_dat
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signals_keep_the_checkpoint_and_say_how_to_resume(sig, code, deep_dir, text_data, tmp_path):
     out = tmp_path / "run"
-    # Slow steps (many one-sequence batches), so the signal lands while the run is still going even on a
-    # loaded machine; at the default size the remaining steps can all finish before it arrives.
-    proc = start_process(deep_dir, text_data, out, "--num-samples", "16", "--batch-size", "1")
+    proc = start_process(deep_dir, text_data, out)
     wait_for_steps(proc, out, 1)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
