@@ -176,7 +176,7 @@ def bench_draws(args) -> None:
     for seed in args.seeds:
         ids = _tokens(spec, args.data, seq, samples, seed=seed)
         r = compare_searches(model, layout, ids, held, label=f"{spec} draw {seed}", reference="exact")
-        floor = math.ceil(layout.num_layers / 8)
+        floor = r["ratios"]["1/8"]["num_full"]  # where both searches stopped
         naive = search_work(layout.num_layers, layout.fixed_shared, floor, "naive", samples)["layer_forwards"]
         r.update({"seed": seed, "naive_layer_forwards": naive, "fast_vs_naive_forwards": r["fast"]["layer_forwards"] / naive})
         _save(f"draws_{spec}_seed{seed}", r)
