@@ -196,8 +196,12 @@ class PatternRunner:
 
     # -- Evaluator API ------------------------------------------------------------------------
 
+    @property
+    def num_batches(self) -> int:
+        return len(self._batches)
+
     @torch.no_grad()
-    def _evaluate(self, pattern: str, start: int, into: "_Store | None") -> Score:
+    def _evaluate(self, pattern: str, start: int, into: "_Store | None", batches=None) -> Score:
         t0 = time.perf_counter()
         self.state.pattern = pattern
         self.state.reset_overlap()
@@ -208,7 +212,8 @@ class PatternRunner:
         sources = source_layers(pattern)
         seq_sums: list[float] = []
         with install_sharing(self.layout, self.state):
-            for b, ids in enumerate(self._batches):
+            for b in range(len(self._batches)) if batches is None else batches:
+                ids = self._batches[b]
                 if start == 0:
                     hidden, kwargs = self._layer0_inputs(ids)
                     self.state.current = None
@@ -277,7 +282,12 @@ class PatternRunner:
             self.store.drop(key)  # no longer a candidate
         return self.base_score
 
-    def score(self, pattern: str) -> Score:
+    def score(self, pattern: str, batches: list[int] | None = None) -> Score:
+        """Score `pattern` on every calibration batch, or only on `batches` (indices into the batches of
+        `batch_size` sequences): its `seq_losses` are then those batches' sequences, in that order."""
+        if batches is not None and list(batches) != list(range(self.num_batches)):
+            # A partial score is never the step's best candidate: committing needs every batch's inputs.
+            return self._evaluate(pattern, self._restart_layer(pattern), None, list(batches))
         start = self._restart_layer(pattern)
         if start == 0:
             score = self._evaluate(pattern, 0, None)

@@ -223,3 +223,20 @@ def test_without_a_cache_committing_the_best_candidate_runs_nothing_again(glm_di
     assert sorted(runner.last_layer_overlap) == [best.index("S")]
     runner.set_base("FSSFFF")  # not a scored candidate: evaluated
     assert runner.counters.layer_forwards == before + 6 * 3
+
+
+@pytest.mark.parametrize("cache_device", ["cpu", "none"])
+def test_scoring_a_subset_of_batches_gives_those_sequences_losses(glm_dir, cache_device):
+    model, layout = load(glm_dir)
+    ids = ids_for(model, n=4)
+    runner = PatternRunner(model, layout, ids, batch_size=2, cache_device=cache_device)
+    assert runner.num_batches == 2
+    runner.set_base("FFFFFF")
+    whole = runner.score("FFSFFF")
+    part = runner.score("FFSFFF", batches=[1])
+    assert part.seq_losses == whole.seq_losses[2:]
+    assert part.loss == pytest.approx(sum(whole.seq_losses[2:]) / 2, rel=1e-12)
+    before = runner.counters.layer_forwards
+    runner.score("FFFFSF", batches=[0])
+    assert runner.counters.layer_forwards - before == (2 if cache_device == "cpu" else 6) * 2
+    runner.close()
