@@ -14,7 +14,9 @@ import torch
 from indexcache_calib.errors import CalibError
 from indexcache_calib.search import Step
 
-SCHEMA = "indexcache.layer_map/1"
+SCHEMA = "indexcache.layer_map/2"
+# /1 maps had one character per decoder layer and no family: every model then had an indexer in every layer.
+READ_SCHEMAS = ("indexcache.layer_map/1", SCHEMA)
 LAYER_MAP = "layer_map.json"
 TRACE = "search_trace.csv"
 TOKENS = "tokens.safetensors"
@@ -140,7 +142,7 @@ def read_layer_map(path: str | Path) -> dict:
         raise CalibError(f"cannot read layer map {path}: {e.strerror or e}")
     except ValueError as e:
         raise CalibError(f"{path} is not valid JSON: {e}")
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+    if not isinstance(data, dict) or data.get("schema") not in READ_SCHEMAS:
         raise CalibError(f"{path} is not an indexcache layer map (schema {SCHEMA})")
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:

@@ -13,7 +13,7 @@ from indexcache_calib import __version__
 from indexcache_calib import artifact as art
 from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, EXIT_RESUME_MISMATCH, CalibError
 from indexcache_calib.pattern import (
-    FULL, engine_args, full_layers, indexer_types, resolve_num_full, source_layers, uniform_pattern, validate_pattern,
+    FULL, SHARED, full_layers, indexer_types, resolve_num_full, source_layers, uniform_pattern, validate_pattern,
 )
 from indexcache_calib.search import SEARCHES, Score, Step, greedy_search, path
 
@@ -77,6 +77,8 @@ class Prepared:
     available: int
     data_sha256: str | None
     skipped: list[str] = field(default_factory=list)
+    checkpoint: object = None  # model.Checkpoint
+    self_check: dict = field(default_factory=dict)
 
 
 def target_label(opts: Options) -> str:
@@ -91,20 +93,21 @@ def dry_run(opts: Options) -> dict:
     from indexcache_calib.dryrun import plan
 
     check_options(opts)
-    config = mdl.load_config(mdl.resolve(opts.model), opts.trust_remote_code)
-    check_seq_len(opts, config)
-    return plan(opts, config)
+    ckpt = mdl.inspect_checkpoint(mdl.resolve(opts.model), opts.trust_remote_code)
+    check_seq_len(opts, ckpt)
+    num_full, _ = search_plan(opts, ckpt)
+    return plan(opts, ckpt, num_full)
 
 
-def check_seq_len(opts: Options, config) -> None:
-    topk = int(config.index_topk)
-    if opts.seq_len <= topk:
+def check_seq_len(opts: Options, ckpt) -> None:
+    floor = ckpt.family.seq_len_floor(ckpt.text)
+    if opts.seq_len <= floor:
         raise CalibError(
-            f"--seq-len {opts.seq_len} is not above the model's index_topk {topk}: every token would be selected, "
+            f"--seq-len {opts.seq_len} is not above the model's index_topk {floor}: every token would be selected, "
             "so sharing changes nothing and the search could learn nothing",
-            hint=f"use --seq-len of at least {2 * topk}",
+            hint=f"use --seq-len of at least {2 * floor}",
         )
-    max_pos = getattr(config, "max_position_embeddings", None)
+    max_pos = getattr(ckpt.text, "max_position_embeddings", None)
     if max_pos and opts.seq_len > max_pos:
         raise CalibError(f"--seq-len {opts.seq_len} exceeds the model's max_position_embeddings {max_pos}")
 
@@ -123,24 +126,20 @@ def check_options(opts: Options) -> None:
         raise CalibError("--indexer-chunk must be 0 (one call) or a number of query rows")
 
 
-def config_fixed_shared(config) -> frozenset[int]:
-    """Layers a config already marks shared (GLM-5.2 style checkpoints ship no indexer weights there)."""
-    types = getattr(config, "indexer_types", None) or []
-    return frozenset(i for i, t in enumerate(types) if t == "shared")
-
-
 def prepare(opts: Options, hooks: Hooks, ids=None, check_config=None) -> Prepared:
-    """Resolve and check everything cheap first (config, data, lengths), then load the weights."""
+    """Resolve and check everything cheap first (config, weight names, data, lengths), then load the
+    weights, then check that this tool's all-Full loss is the model's own."""
     from transformers import AutoTokenizer
 
     from indexcache_calib import data as dat
     from indexcache_calib import model as mdl
+    from indexcache_calib.runner import self_check
 
     source = mdl.resolve(opts.model)
-    config = mdl.load_config(source, opts.trust_remote_code)
-    check_seq_len(opts, config)
+    ckpt = mdl.inspect_checkpoint(source, opts.trust_remote_code)
+    check_seq_len(opts, ckpt)
     if check_config is not None:
-        check_config(config)
+        check_config(ckpt)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, local_files_only=True, trust_remote_code=opts.trust_remote_code)
     except (OSError, ValueError) as e:
@@ -156,15 +155,44 @@ def prepare(opts: Options, hooks: Hooks, ids=None, check_config=None) -> Prepare
         ids, available = dat.pack(docs.texts, tokenizer, opts.seq_len, opts.num_samples, opts.seed)
         if available < opts.num_samples:
             hooks.warn(f"the data fills only {available} sequences of {opts.seq_len} tokens; calibrating on {available}, not {opts.num_samples}")
+    if ckpt.config_shared:
+        hooks.message(
+            f"note: the config of {opts.model} carries a pattern ({len(ckpt.config_shared)} layers marked shared); their "
+            "indexer weights are in the checkpoint, so they are restored and all-Full is measured with every indexer")
     from indexcache_calib.parallel import init_world, replica_max_memory
 
     hooks.message(f"loading {source.location}")
     max_memory = replica_max_memory(init_world(), mdl.parse_max_memory(opts.max_memory))
     model = mdl.load_model(
-        source, opts.device_map, opts.dtype, max_memory, opts.offload_dir, opts.trust_remote_code, opts.allow_pickle
+        source, opts.device_map, opts.dtype, max_memory, opts.offload_dir, opts.trust_remote_code, opts.allow_pickle, ckpt
     )
-    layout = mdl.find_dsa(model, opts.model)
-    return Prepared(source, model, layout, tokenizer, ids, available, data_sha, skipped)
+    layout = mdl.find_dsa(model, ckpt, opts.model)
+    check = self_check(model, layout, ids, opts.model, opts.indexer_chunk)
+    return Prepared(source, model, layout, tokenizer, ids, available, data_sha, skipped, ckpt, check)
+
+
+def all_full_pattern(ckpt) -> str:
+    """Every position F, except those whose checkpoint has no indexer weights."""
+    return "".join(SHARED if p in ckpt.fixed_shared else FULL for p in range(len(ckpt.positions)))
+
+
+def search_plan(opts: Options, ckpt) -> tuple[int, str]:
+    """(number of full positions to stop at, pattern to start from), checked before any weights load.
+    Targets count pattern positions only: layers with no indexer by architecture are not layers to keep."""
+    positions, fixed, family = ckpt.positions, ckpt.fixed_shared, ckpt.family
+    num_full = resolve_num_full(len(positions), opts.target, opts.num_full, fixed, family.fewest_full(positions, fixed))
+    start = all_full_pattern(ckpt)
+    if opts.start_pattern:
+        start = validate_pattern(opts.start_pattern, len(positions), fixed)
+        why = family.runs(start, positions)
+        if why:
+            raise CalibError(f"the start pattern cannot run on {family.name}: {why}")
+    if start.count(FULL) <= num_full:
+        raise CalibError(
+            f"the start pattern has {start.count(FULL)} full layers; nothing to share for a target of {num_full}",
+            hint="choose a target below the number of full layers you start from",
+        )
+    return num_full, start
 
 
 def make_runner(prep: Prepared, opts: Options):
@@ -190,7 +218,10 @@ def choose_cache_device(opts: Options, prep: Prepared, hooks: Hooks) -> str:
     if opts.search == "naive" or opts.cache_device == "none":
         return opts.cache_device
     elem = next(prep.model.parameters()).element_size()
-    need = cache_bytes_estimate(prep.layout, len(prep.ids), prep.ids.shape[1], prep.model.config.hidden_size, elem)
+    from indexcache_calib.dryrun import _streams
+
+    text = prep.checkpoint.text
+    need = cache_bytes_estimate(prep.layout, len(prep.ids), prep.ids.shape[1], text.hidden_size * _streams(text), elem)
     device = opts.cache_device
     if opts.cache_budget:
         try:
@@ -304,15 +335,10 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
     from indexcache_calib import model as mdl
     from indexcache_calib.data import tokens_sha256
 
-    def early(config):  # before any weights are loaded
-        resolve_num_full(config.num_hidden_layers, opts.target, opts.num_full, config_fixed_shared(config))
-        if opts.start_pattern:
-            validate_pattern(opts.start_pattern, config.num_hidden_layers, config_fixed_shared(config))
-
-    prep = prepare(opts, hooks, check_config=early)
+    prep = prepare(opts, hooks, check_config=lambda ckpt: search_plan(opts, ckpt))
     layout = prep.layout
-    n = layout.num_layers
-    num_full = resolve_num_full(n, opts.target, opts.num_full, layout.fixed_shared)
+    n = layout.num_positions
+    num_full, start = search_plan(opts, prep.checkpoint)
     config_sha = mdl.config_sha256(prep.source)
     fp = fingerprint(opts, prep, config_sha)
     done: list[Step] = []
@@ -321,13 +347,7 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
         # F-sets are nested, so a run resumed with a larger target just reads its answer off the path.
         done = [s for s in saved["steps"] if s.pattern.count(FULL) >= num_full]
         hooks.message(f"resuming after step {len(done)}")
-    all_full = "".join("S" if i in layout.fixed_shared else FULL for i in range(n))
-    start = validate_pattern(opts.start_pattern, n, layout.fixed_shared) if opts.start_pattern else all_full
-    if start.count(FULL) <= num_full:
-        raise CalibError(
-            f"the start pattern has {start.count(FULL)} full layers; nothing to share for a target of {num_full}",
-            hint="choose a target below the number of full layers you start from",
-        )
+    all_full = all_full_pattern(prep.checkpoint)
 
     opts.cache_device = choose_cache_device(opts, prep, hooks)
     runner = make_runner(prep, opts)
@@ -369,12 +389,16 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
 
     remaining = max(0, start.count(FULL) - num_full - len(done))
     hooks.search_started(remaining, len(start) - len(layout.fixed_shared) - 1)
+    family, positions = layout.family, layout.positions
     try:
         base_score, steps = greedy_search(
             start, num_full, _Observed(), layout.fixed_shared, opts.search, done=done,
-            on_step=on_step, on_candidate=hooks.candidate,
+            on_step=on_step, on_candidate=hooks.candidate, allowed=lambda p: family.runs(p, positions) is None,
         )
         final = steps[-1].pattern if steps else start
+        if final.count(FULL) > num_full:
+            hooks.warn(f"no layer can be shared below {final.count(FULL)} full layers on {family.name} "
+                       f"({family.note or 'the library cannot run such patterns'}); the layer map stops there")
         all_full_loss = base_score.loss if start == all_full else runner.score(all_full).loss
         final_score = runner.set_base(final)
         layer_overlap = runner.last_layer_overlap
@@ -383,7 +407,7 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
         uniform = {}
         for every in (2, 4, 8):
             pattern = uniform_pattern(n, every, layout.fixed_shared)
-            if n >= every and pattern.count(FULL) >= num_full:
+            if n >= every and pattern.count(FULL) >= num_full and family.runs(pattern, positions) is None:
                 uniform[f"1/{every}"] = {"pattern": pattern, "num_full": pattern.count(FULL), "loss": runner.score(pattern).loss}
     finally:
         runner.close()
@@ -394,15 +418,20 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
     art.save_tokens(run_dir / art.TOKENS, prep.ids, {"tokens_sha256": tokens_sha256(prep.ids), "seq_len": opts.seq_len})
 
     seconds = counters.pop("seconds")
+    from indexcache_calib.deploy import engine_args
+
     layer_map = {
         "schema": art.SCHEMA,
+        "family": family.name,
+        "selection": family.selection.kind,
         "pattern": final,
-        "num_layers": n,
+        "positions": positions,
+        "num_layers": layout.num_layers,
         "num_full": final.count(FULL),
-        "full_layers": full_layers(final),
-        "fixed_shared_layers": sorted(layout.fixed_shared),
-        "indexer_types": indexer_types(final),
-        "source_layers": source_layers(final),
+        "full_layers": full_layers(final, positions),
+        "fixed_shared_layers": sorted(positions[p] for p in layout.fixed_shared),
+        "indexer_types": indexer_types(final, positions, layout.num_layers),
+        "source_layers": source_layers(final, positions),
         "layer_overlap": {str(k): v for k, v in layer_overlap.items()},
         "target": {"spec": opts.target, "num_full": num_full},
         "loss": {
@@ -413,7 +442,7 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
         },
         "path": path(start, base_score.loss, steps),
         "uniform": uniform,
-        "engines": engine_args(final),
+        "engines": engine_args(family, final, positions, layout.num_layers),
         "search": {
             "strategy": opts.search,
             "start_pattern": start,
@@ -429,6 +458,7 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
             "revision": mdl.revision(prep.source),
             "config_sha256": config_sha,
             "index_topk": layout.index_topk,
+            "self_check": prep.self_check,
             "data": opts.data,
             "data_sha256": prep.data_sha256,
             "text_field": opts.text_field,

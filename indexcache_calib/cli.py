@@ -211,8 +211,14 @@ def _print_summary(layer_map: dict, run_dir) -> None:
     out.print(table)
     # Plain lines, never wrapped or cut, so they can be copied.
     out.print(f"layer map: {run_dir / 'layer_map.json'}", markup=False)
-    out.print(f"vLLM:   vllm serve MODEL {layer_map['engines']['vllm']['args']}", markup=False)
-    out.print(f"SGLang: python -m sglang.launch_server --model-path MODEL {layer_map['engines']['sglang']['args']}", markup=False)
+    from indexcache_calib.deploy import consumers_note, export, lm_family
+
+    family = lm_family(layer_map)
+    for engine, label in (("vllm", "vLLM:  "), ("sglang", "SGLang:")):
+        if engine in family.engines:
+            out.print(f"{label} {export(layer_map, engine)['text']}", markup=False)
+    if not {"vllm", "sglang"} & set(family.engines):
+        out.print(f"{consumers_note(family)} (indexcache export --engine ...)", markup=False)
 
 
 def _register_commands() -> None:

@@ -15,15 +15,14 @@ from pathlib import Path
 from indexcache_calib import artifact as art
 from indexcache_calib import model as mdl
 from indexcache_calib.errors import CalibError
-from indexcache_calib.pattern import check_pattern, engine_overrides, full_layers, indexer_types, source_layers
+from indexcache_calib.families import BY_MODEL_TYPE
+from indexcache_calib.pattern import check_pattern, full_layers, indexer_types, source_layers
 
 ENGINES = ("vllm", "sglang", "transformers", "trtllm")
-# Architectures whose engines read the pattern keys, with their model_type.
-SUPPORTED = {"GlmMoeDsaForCausalLM": "glm_moe_dsa", "DeepseekV32ForCausalLM": "deepseek_v32"}
-# transformers builds shared layers natively only for GLM; DeepseekV32 has no sharing there.
-TRANSFORMERS_SHARING = {"GlmMoeDsaForCausalLM", "glm_moe_dsa"}
+# vLLM's IndexCache docs list it as required; vllm-ascend, ROCm ATOM and prime-rl read a pattern only
+# when it is set; engines that do not know it ignore it.
+INDEX_CACHE_FLAG = {"use_index_cache": True}
 EXIT_INVALID = 1  # the pattern is wrong; 2 stays "could not read the input"
-_INDEXER_WEIGHT = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.indexer\.")
 
 
 class InvalidPattern(CalibError):
@@ -34,8 +33,47 @@ class InvalidPattern(CalibError):
         self.problems = problems
 
 
-def overrides_json(pattern: str) -> str:
-    return json.dumps(engine_overrides(pattern), separators=(",", ":"))
+# -- the keys each engine reads ---------------------------------------------------------------------
+
+
+def lm_family(lm: dict):
+    """The adapter a layer map was calibrated with (older maps name only the model_type)."""
+    name = lm.get("family") or (lm.get("provenance") or {}).get("model_type")
+    return BY_MODEL_TYPE.get(name)
+
+
+def lm_positions(lm: dict) -> list[int]:
+    pattern = lm["pattern"] if isinstance(lm.get("pattern"), str) else ""
+    positions = lm.get("positions")
+    return list(positions) if isinstance(positions, list) else list(range(len(pattern)))
+
+
+def engine_keys(family, pattern: str, positions: list[int], num_layers: int, engine: str) -> dict:
+    """The config keys `engine` reads, set to `pattern`. Both keys are set because SGLang and
+    transformers read `indexer_types` before `index_topk_pattern`, and checkpoints saved by transformers
+    already carry `indexer_types`: a bare pattern would be silently ignored there."""
+    types = indexer_types(pattern, positions, num_layers)
+    keys = {"index_topk_pattern": "".join("F" if t == "full" else "S" for t in types), "indexer_types": types}
+    if engine in ("vllm", "sglang"):
+        keys.update(INDEX_CACHE_FLAG)
+    return keys
+
+
+def engine_args(family, pattern: str, positions: list[int], num_layers: int) -> dict:
+    """Launch arguments for every serving engine that reads this family's pattern (for the layer map)."""
+    out = {}
+    for engine, flag in (("vllm", "--hf-overrides"), ("sglang", "--json-model-override-args")):
+        if engine in family.engines:
+            value = json.dumps(engine_keys(family, pattern, positions, num_layers, engine), separators=(",", ":"))
+            out[engine] = {"flag": flag, "value": value, "args": f"{flag} '{value}'"}
+    return out
+
+
+def consumers_note(family) -> str:
+    readers = [e for e in ENGINES if e in family.engines]
+    if not readers:
+        return f"no serving engine or library reads an IndexCache pattern for {family.name} yet; the layer map is the artifact"
+    return f"engines that read a pattern for {family.name}: {', '.join(readers)}"
 
 
 # -- reading what the user gave ------------------------------------------------------------------
@@ -73,12 +111,15 @@ def read_target(arg: str) -> Target:
 class ModelInfo:
     spec: str
     directory: Path
-    config: dict
-    indexer_layers: set[int] | None  # layers with indexer weights; None: no weight files to tell from
+    config: dict  # config.json as written
+    checkpoint: object | None  # model.Checkpoint; None where the config is not a DSA model this tool knows
+    problem: str | None = None  # why there is no checkpoint view
 
     @property
     def num_layers(self) -> int | None:
-        n = self.config.get("num_hidden_layers")
+        if self.checkpoint is not None:
+            return self.checkpoint.num_layers
+        n = self.config.get("num_hidden_layers", (self.config.get("text_config") or {}).get("num_hidden_layers"))
         return n if isinstance(n, int) else None
 
     @property
@@ -88,7 +129,7 @@ class ModelInfo:
 
 
 def read_model(spec: str) -> ModelInfo:
-    """The model's config.json and its weight names; no weights are loaded."""
+    """The model's config and its weight names; no weights are loaded."""
     source = mdl.resolve(spec)
     path = mdl.config_path(source)
     if path is None:
@@ -102,30 +143,10 @@ def read_model(spec: str) -> ModelInfo:
         raise CalibError(f"cannot read {path}: {e}")
     if not isinstance(config, dict):
         raise CalibError(f"{path} is not a JSON object")
-    return ModelInfo(spec, path.parent, config, indexer_weight_layers(path.parent))
-
-
-def indexer_weight_layers(directory: Path) -> set[int] | None:
-    """Layer ids with any `layers.{i}.self_attn.indexer.*` tensor, from the safetensors index or the
-    file headers."""
-    names: list[str] = []
-    indexes = sorted(directory.glob("*.safetensors.index.json"))
     try:
-        if indexes:
-            for index in indexes:
-                names += list(json.loads(index.read_text())["weight_map"])
-        else:
-            from safetensors import safe_open
-
-            files = sorted(directory.glob("*.safetensors"))
-            if not files:
-                return None
-            for f in files:
-                with safe_open(str(f), framework="numpy") as handle:
-                    names += list(handle.keys())
-    except Exception as e:  # noqa: BLE001 - any unreadable file means the same thing to the user
-        raise CalibError(f"cannot list the weights in {directory}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    return {int(m.group(1)) for n in names if (m := _INDEXER_WEIGHT.search(n))}
+        return ModelInfo(spec, path.parent, config, mdl.inspect_checkpoint(source))
+    except CalibError as e:
+        return ModelInfo(spec, path.parent, config, None, e.message)
 
 
 # -- validate --------------------------------------------------------------------------------------
@@ -148,40 +169,37 @@ class Report:
                 "num_layers": self.num_layers, "architecture": self.architecture}
 
 
-def architecture_problem(architectures: list, model_type: str | None, has_topk: bool = True) -> str | None:
-    ok_arch = not architectures or any(a in SUPPORTED for a in architectures)
-    if ok_arch and model_type in SUPPORTED.values():
-        return None
-    name = f"architecture {', '.join(architectures) or '?'} (model_type {model_type or '?'})"
-    if model_type == "glm4_moe_lite" or not has_topk:
-        return f"{name} is not a DSA model: it has no lightning indexer, so there is nothing to share"
-    supported = ", ".join(f"{a} ({t})" for a, t in SUPPORTED.items())
-    return f"{name} is not one the engines share indexers for: they support {supported}"
-
-
 def layer_map_problems(lm: dict) -> list[str]:
     """Whether a layer map agrees with itself: everything derived from `pattern` must match it."""
     pattern = lm["pattern"]
     if not isinstance(pattern, str):
         return ["the layer map's pattern is not a string"]
+    family = lm_family(lm)
+    if family is None:
+        return [f"the layer map names no model family indexcache knows ({lm.get('family') or (lm.get('provenance') or {}).get('model_type')})"]
+    positions = lm_positions(lm)
     problems = []
-    if lm.get("num_layers") != len(pattern):
-        problems.append(f"the layer map records num_layers {lm.get('num_layers')} but its pattern has {len(pattern)} layers")
+    num_layers = lm.get("num_layers")
+    if len(positions) != len(pattern) or (isinstance(num_layers, int) and positions and max(positions) >= num_layers):
+        problems.append(f"the layer map's pattern has {len(pattern)} characters for {len(positions)} positions of {num_layers} layers")
+        return problems
+    n = num_layers if isinstance(num_layers, int) else len(pattern)
     types = lm.get("indexer_types")
-    if types != indexer_types(pattern):
-        differ = [i for i, (a, b) in enumerate(zip(types or [], indexer_types(pattern))) if a != b]
-        where = f"at layers {differ}" if differ and len(types) == len(pattern) else f"({len(types or [])} entries for {len(pattern)} layers)"
+    expected = indexer_types(pattern, positions, n)
+    if types != expected:
+        differ = [i for i, (a, b) in enumerate(zip(types or [], expected)) if a != b]
+        where = f"at layers {differ}" if differ and len(types) == len(expected) else f"({len(types or [])} entries for {len(expected)} layers)"
         problems.append(f"the layer map's indexer_types disagree with its pattern {where}")
-    if lm.get("full_layers") != full_layers(pattern) or lm.get("num_full") != pattern.count("F"):
+    if lm.get("full_layers") != full_layers(pattern, positions) or lm.get("num_full") != pattern.count("F"):
         problems.append("the layer map's full_layers / num_full disagree with its pattern")
-    expected = engine_overrides(pattern)
     for engine, entry in sorted((lm.get("engines") or {}).items()):
         try:
             value = json.loads(entry["value"])
         except (TypeError, KeyError, ValueError):
             problems.append(f"the layer map's {engine} overrides are not a JSON object")
             continue
-        if not isinstance(value, dict) or any(value.get(k) != v for k, v in expected.items()):
+        keys = engine_keys(family, pattern, positions, n, engine)
+        if not isinstance(value, dict) or any(value.get(k) != v for k, v in keys.items() if k != "use_index_cache"):
             problems.append(f"the layer map's {engine} overrides disagree with its pattern (they must set index_topk_pattern and indexer_types to it)")
         elif entry.get("args") is not None and entry["value"] not in entry["args"]:
             problems.append(f"the layer map's {engine} launch arguments do not carry its overrides")
@@ -192,52 +210,69 @@ def validate(target: Target, model: ModelInfo | None) -> Report:
     """Every problem with the pattern, for the model if one is given (else for what the layer map records)."""
     pattern, lm = target.pattern, target.layer_map
     report = Report(pattern)
-    fixed: set[int] = set(lm.get("fixed_shared_layers") or []) if lm else set()
+    family = lm_family(lm) if lm else None
+    positions = lm_positions(lm) if lm else None
+    fixed: set[int] = set()
+    if lm:
+        index = {l: p for p, l in enumerate(positions)}
+        fixed = {index[l] for l in lm.get("fixed_shared_layers") or [] if l in index}
     if model is not None:
         report.num_layers = model.num_layers
         report.architecture = model.architecture
-        cfg = model.config
-        arch = architecture_problem(cfg.get("architectures") or [], cfg.get("model_type"), "index_topk" in cfg)
-        if model.num_layers is None:
-            report.problems.append(f"{model.directory / 'config.json'} has no num_hidden_layers")
-        if model.indexer_layers is None:
-            report.notes.append(f"no safetensors weights in {model.directory}: which layers ship indexer weights was not checked")
-        elif not model.indexer_layers:
-            # Most likely weights named another way; flagging every layer would bury the real problems.
-            report.notes.append(f"no tensor in {model.directory} is named like layers.N.self_attn.indexer.*: indexer weights not checked")
-        elif model.num_layers:
-            fixed |= {i for i in range(model.num_layers) if i not in model.indexer_layers}
+        ckpt = model.checkpoint
+        if ckpt is None:
+            report.problems.append(model.problem)
+        else:
+            family, positions = ckpt.family, ckpt.positions
+            fixed = set(ckpt.fixed_shared)
+            if ckpt.indexer_layers is None:
+                report.notes.append(f"no safetensors weights in {model.directory}: which layers ship indexer weights was not checked")
+            elif not ckpt.indexer_layers:
+                report.notes.append(f"no tensor in {model.directory} is named like layers.N.{family.indexer_at}.*: indexer weights not checked")
+            if ckpt.config_shared:
+                report.notes.append(f"the checkpoint's config already carries a pattern ({len(ckpt.config_shared)} layers marked shared); "
+                                    "engines would read this one instead once it is applied")
     elif lm is not None:
         prov = lm.get("provenance") or {}
         report.num_layers = lm.get("num_layers")
         report.architecture = prov.get("architecture")
-        arch = architecture_problem([prov["architecture"]] if prov.get("architecture") else [], prov.get("model_type"))
+        if family is None:
+            report.problems.append(f"the layer map's model_type {prov.get('model_type')} is not a family indexcache knows")
         report.notes.append("checked against what the layer map records; pass --model to check a checkpoint")
     else:
-        arch = None
         report.notes.append("length, architecture and indexer weights not checked: pass --model")
 
     # layer 0 without indexer weights gets its own message: "must be S" would contradict "must be F"
     report.problems += check_pattern(pattern, None, frozenset(fixed - {0}))
     if 0 in fixed:
-        report.problems.append("layer 0 has no indexer weights in the checkpoint: no layer can produce top-k indices for shared layers to reuse")
-    if model is not None and model.num_layers is not None and len(pattern) != model.num_layers:
-        n, got = model.num_layers, len(pattern)
-        nextn = model.config.get("num_nextn_predict_layers") or 0
-        if nextn and got == n + nextn:
-            report.problems.append(
-                f"pattern has {got} layers: it counts the model's {nextn} MTP/NextN layer(s) (num_nextn_predict_layers), "
-                f"which keep their own indexer and are not part of the pattern; the pattern covers the {n} decoder layers, "
-                f"so drop its last {nextn} character(s)")
-        elif nextn and got > n:
-            report.problems.append(f"pattern has {got} layers, the model has {n} decoder layers (its {nextn} MTP/NextN layer(s) are not part of the pattern)")
-        else:
-            report.problems.append(f"pattern has {got} layers, the model has {n}")
-    if arch:
-        report.problems.append(arch)
+        report.problems.append("the first indexer layer has no indexer weights in the checkpoint: no layer can produce top-k indices for shared layers to reuse")
+    if model is not None and model.checkpoint is not None and len(pattern) != len(positions):
+        report.problems.append(_length_problem(pattern, model))
+    elif family is not None and positions is not None and len(pattern) == len(positions) and not check_pattern(pattern):
+        why = family.runs(pattern, positions)
+        if why:
+            report.problems.append(f"{family.name} cannot run this pattern: {why}")
     if lm is not None:
         report.problems += layer_map_problems(lm)
+    if family is not None and model is not None:
+        report.notes.append(consumers_note(family))
     return report
+
+
+def _length_problem(pattern: str, model: ModelInfo) -> str:
+    ckpt = model.checkpoint
+    n, got, want = ckpt.num_layers, len(pattern), len(ckpt.positions)
+    nextn = getattr(ckpt.text, "num_nextn_predict_layers", None) or 0
+    if want != n:
+        return (f"pattern has {got} characters, the model has {want} layers with an indexer ({n} decoder layers; "
+                f"{ckpt.family.note or 'the others have none'}): one character per indexer layer")
+    if nextn and got == n + nextn:
+        return (f"pattern has {got} layers: it counts the model's {nextn} MTP/NextN layer(s) (num_nextn_predict_layers), "
+                f"which keep their own indexer and are not part of the pattern; the pattern covers the {n} decoder layers, "
+                f"so drop its last {nextn} character(s)")
+    if nextn and got > n:
+        return f"pattern has {got} layers, the model has {n} decoder layers (its {nextn} MTP/NextN layer(s) are not part of the pattern)"
+    return f"pattern has {got} layers, the model has {n}"
 
 
 # -- export ----------------------------------------------------------------------------------------
@@ -256,6 +291,31 @@ def default_model(lm: dict) -> str:
     return spec
 
 
+def _transformers_snippet(family, lm: dict, model: str, types: list[str]) -> str:
+    arch = (lm.get("provenance") or {}).get("architecture") or "AutoModelForCausalLM"
+    pattern = lm["pattern"]
+    head = (
+        f"# IndexCache: {pattern.count('F')} of {len(pattern)} indexer layers keep their indexer (transformers >= 5.6).\n"
+        "# indexer_types, not index_topk_pattern: from_pretrained rejects that keyword, and a config.json\n"
+        "# that already carries indexer_types would win over a pattern anyway.\n"
+    )
+    if family.name in ("glm_moe_dsa", "hy_v4"):
+        return (
+            "from transformers import AutoModelForCausalLM\n\n" + head +
+            "model = AutoModelForCausalLM.from_pretrained(\n"
+            f"    {json.dumps(model)},\n"
+            f"    {family.native_key}={json.dumps(types)},\n"
+            ")"
+        )
+    # Composite models keep the key in their text config, which a keyword would not reach.
+    return (
+        f"from transformers import AutoConfig, {arch}\n\n" + head +
+        f"config = AutoConfig.from_pretrained({json.dumps(model)})\n"
+        f"config.get_text_config().{family.native_key} = {json.dumps(types)}\n"
+        f"model = {arch}.from_pretrained({json.dumps(model)}, config=config)"
+    )
+
+
 def export(lm: dict, engine: str, model: str | None = None) -> dict:
     """Launch arguments for one engine: {'engine', 'model', 'overrides', 'text', 'argv'?}."""
     if engine not in ENGINES:
@@ -263,10 +323,19 @@ def export(lm: dict, engine: str, model: str | None = None) -> dict:
     problems = layer_map_problems(lm) + check_pattern(lm["pattern"] if isinstance(lm["pattern"], str) else "")
     if problems:
         raise CalibError(f"the layer map is not consistent: {'; '.join(problems)}", hint="calibrate again, or check it with indexcache validate")
-    pattern = lm["pattern"]
+    family, pattern, positions = lm_family(lm), lm["pattern"], lm_positions(lm)
+    if engine not in family.engines:
+        what = "has no indexer sharing" if engine == "transformers" else "does not read an IndexCache pattern"
+        raise CalibError(f"{engine} {what} for {family.name} ({(lm.get('provenance') or {}).get('architecture', '?')})",
+                         hint=consumers_note(family))
+    why = family.runs(pattern, positions)
+    if why:
+        raise CalibError(f"{family.name} cannot run this pattern: {why}", hint="calibrate again with this version of indexcache")
     model = model or default_model(lm)
-    overrides = overrides_json(pattern)
-    result = {"engine": engine, "model": model, "overrides": engine_overrides(pattern)}
+    num_layers = lm.get("num_layers") if isinstance(lm.get("num_layers"), int) else len(pattern)
+    keys = engine_keys(family, pattern, positions, num_layers, engine)
+    overrides = json.dumps(keys, separators=(",", ":"))
+    result = {"engine": engine, "model": model, "overrides": keys}
     if engine == "vllm":
         result["argv"] = ["vllm", "serve", model, "--hf-overrides", overrides]
     elif engine == "sglang":
@@ -276,22 +345,7 @@ def export(lm: dict, engine: str, model: str | None = None) -> dict:
     elif engine == "trtllm":
         result["text"] = overrides
     else:
-        prov = lm.get("provenance") or {}
-        if not ({prov.get("architecture"), prov.get("model_type")} & TRANSFORMERS_SHARING):
-            raise CalibError(
-                f"transformers has no indexer sharing for {prov.get('architecture', 'this architecture')}: its from_pretrained rejects indexer_types",
-                hint="serve it with --engine vllm or --engine sglang",
-            )
-        result["text"] = (
-            "from transformers import AutoModelForCausalLM\n\n"
-            f"# IndexCache: {pattern.count('F')} of {len(pattern)} layers keep their indexer (transformers >= 5.6).\n"
-            "# indexer_types, not index_topk_pattern: from_pretrained rejects that keyword, and a config.json\n"
-            "# that already carries indexer_types would win over a pattern anyway.\n"
-            "model = AutoModelForCausalLM.from_pretrained(\n"
-            f"    {json.dumps(model)},\n"
-            f"    indexer_types={json.dumps(indexer_types(pattern))},\n"
-            ")"
-        )
+        result["text"] = _transformers_snippet(family, lm, model, keys["indexer_types"])
     return result
 
 
@@ -355,9 +409,14 @@ def apply(lm: dict, model: ModelInfo, out: Path, overwrite: bool = False) -> App
     out = Path(out).expanduser().absolute()
     source = model.directory.absolute()
     check_out_dir(out, source, overwrite)
-    pattern = lm["pattern"]
-    config = dict(model.config)
-    config.update(engine_overrides(pattern))
+    pattern, family, positions = lm["pattern"], model.checkpoint.family, model.checkpoint.positions
+    config = json.loads(json.dumps(model.config))
+    keys = engine_keys(family, pattern, positions, model.checkpoint.num_layers, "vllm")
+    if not ({"vllm", "sglang"} & set(family.engines)):
+        keys.pop("use_index_cache")
+    config.update(keys)
+    if isinstance(config.get("text_config"), dict):  # composite models: transformers reads the text config
+        config["text_config"].update(keys)
     entries = sorted(p for p in source.iterdir() if p.name != "config.json" and not p.name.startswith("."))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -391,31 +450,31 @@ def apply(lm: dict, model: ModelInfo, out: Path, overwrite: bool = False) -> App
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)  # the replaced --out; rmtree removes links, not their targets
-    cfg = model.config
-    ignores = not ({model.architecture, cfg.get("model_type")} & TRANSFORMERS_SHARING)
-    return Applied(out, source, linked, method[1], ignores, report.notes)
+    return Applied(out, source, linked, method[1], "transformers" not in family.engines, report.notes)
 
 
 # -- show ------------------------------------------------------------------------------------------
 
 
 def summary(lm: dict, path: Path | None = None) -> dict:
-    """What `show` draws, as data."""
+    """What `show` draws, as data. Rows are pattern positions, named by their decoder layer."""
     pattern = lm["pattern"]
     if not isinstance(pattern, str) or check_pattern(pattern):
         raise CalibError(f"the layer map's pattern {pattern!r} is not a pattern of 'F' and 'S' starting with 'F'")
-    sources = source_layers(pattern)
+    positions = lm_positions(lm)
+    sources = source_layers(pattern, positions)
     overlap = lm.get("layer_overlap") or {}
     fixed = set(lm.get("fixed_shared_layers") or [])
     all_full = lm["loss"]["all_full"]
     layers = [
-        {"layer": i, "type": c, "reads_from": sources[i], "overlap": overlap.get(str(i)), "no_indexer_weights": i in fixed}
-        for i, c in enumerate(pattern)
+        {"layer": positions[p], "type": c, "reads_from": sources[p], "overlap": overlap.get(str(positions[p])),
+         "no_indexer_weights": positions[p] in fixed}
+        for p, c in enumerate(pattern)
     ]
     steps, previous = [], None
     for entry in lm.get("path") or []:
         p = entry["pattern"]
-        flipped = [i for i, (a, b) in enumerate(zip(previous, p)) if a != b] if previous else []
+        flipped = [positions[i] for i, (a, b) in enumerate(zip(previous, p)) if a != b] if previous else []
         steps.append({
             "step": entry.get("step"), "num_full": entry["num_full"], "flipped": flipped,
             "loss": entry["loss"], "delta": entry["loss"] - all_full, "pattern": p,
@@ -431,10 +490,12 @@ def summary(lm: dict, path: Path | None = None) -> dict:
     ]
     return {
         "layer_map": str(path) if path else None,
+        "family": lm.get("family"),
         "pattern": pattern,
-        "num_layers": len(pattern),
+        "positions": positions,
+        "num_layers": lm.get("num_layers", len(pattern)),
         "num_full": pattern.count("F"),
-        "full_layers": full_layers(pattern),
+        "full_layers": full_layers(pattern, positions),
         "loss": lm["loss"],
         "layers": layers,
         "path": steps,

@@ -112,14 +112,20 @@ def apply(
         if done.link_error:
             made = ", ".join(f"{v} {k.replace('hardlink', 'hard link')}{'s' if v != 1 else ''}" for k, v in done.linked.items() if v)
             _note(f"symlinks are not possible here ({done.link_error}); made {made} instead")
+        family = info.checkpoint.family
         if done.transformers_ignores:
-            _note(f"transformers has no indexer sharing for {info.architecture} and ignores these keys there; vLLM and SGLang read them")
+            _note(f"transformers has no indexer sharing for {info.architecture} and ignores these keys there")
         pattern = lm["pattern"]
         count = sum(done.linked.values())
         _print(f"wrote {done.out}: config.json sets index_topk_pattern and indexer_types "
-               f"({pattern.count('F')} of {len(pattern)} layers full); {count} other entries linked from {done.source}")
+               f"({pattern.count('F')} of {len(pattern)} indexer layers full); {count} other entries linked from {done.source}")
         q = shlex.quote(str(done.out))
-        _print(f"serve it without overrides: vllm serve {q}  |  python -m sglang.launch_server --model-path {q}")
+        serve = {"vllm": f"vllm serve {q}", "sglang": f"python -m sglang.launch_server --model-path {q}"}
+        lines = [serve[e] for e in ("vllm", "sglang") if e in family.engines]
+        if lines:
+            _print(f"serve it without overrides: {'  |  '.join(lines)}")
+        else:
+            _note(deploy.consumers_note(family))
 
 
 def show(
@@ -146,12 +152,16 @@ def _draw(data: dict) -> None:
     from rich.text import Text
 
     out = _cli().out
-    pattern, n = data["pattern"], data["num_layers"]
-    out.print(Text(f"{data['layer_map'] or 'layer map'}: {data['num_full']} of {n} layers full", style="bold"))
+    pattern, n = data["pattern"], len(data["pattern"])
+    every_layer = data["positions"] == list(range(n))
+    of = f"{n} layers" if every_layer else f"{n} indexer layers ({data['num_layers']} decoder layers)"
+    out.print(Text(f"{data['layer_map'] or 'layer map'}: {data['num_full']} of {of} full", style="bold"))
+    if not every_layer:
+        out.print(Text(f"one character per indexer layer: layers {data['positions']}"))
     ruler = [" "] * (n + 4)
     for i in range(0, n, 10):
         ruler[i : i + len(str(i))] = str(i)
-    out.print(Text("layer ") + Text("".join(ruler).rstrip()))
+    out.print(Text("layer " if every_layer else "index ") + Text("".join(ruler).rstrip()))
     strip = Text("      ")
     for c in pattern:
         strip.append(c, style=F_STYLE if c == "F" else S_STYLE)

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from indexcache_calib import artifact as art
-from indexcache_calib.calibrate import OOM_HINT, Hooks, Options, Prepared, check_options, config_fixed_shared, make_runner, prepare
+from indexcache_calib.calibrate import OOM_HINT, Hooks, Options, Prepared, all_full_pattern, check_options, make_runner, prepare
 from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, CalibError
 from indexcache_calib.pattern import FULL, SHARED, check_pattern, uniform_pattern
-from indexcache_calib.sharing import SharingState, install_sharing, topk_overlap
+from indexcache_calib.sharing import install_sharing, sharing_state
 
 OVERLAP_CSV = "overlap.csv"
 
@@ -61,14 +61,15 @@ def load_inputs(opts: Options, hooks: Hooks, tokens: str | None, check_config=No
         ids, path = read_tokens(tokens)
         opts.data, opts.seq_len, opts.num_samples = str(path), ids.shape[1], ids.shape[0]
 
-    def check(config):
-        if ids is not None and (int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size):
+    def check(ckpt):
+        vocab = ckpt.text.vocab_size
+        if ids is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
             raise CalibError(
-                f"{opts.data}: token ids run from {int(ids.min())} to {int(ids.max())}, outside the model's vocabulary of {config.vocab_size}",
+                f"{opts.data}: token ids run from {int(ids.min())} to {int(ids.max())}, outside the model's vocabulary of {vocab}",
                 hint="these tokens were made with another tokenizer; pass the model they were calibrated on",
             )
         if check_config is not None:
-            check_config(config)
+            check_config(ckpt)
 
     return prepare(opts, hooks, ids=ids, check_config=check)
 
@@ -84,39 +85,42 @@ def data_label(data: str) -> str:
 
 @torch.no_grad()
 def overlap_matrix(model, layout, ids: torch.Tensor, batch_size: int = 1, chunk: int | None = None) -> np.ndarray:
-    """N×N mean |T_i ∩ T_j| / k of the layers' own top-k, on the unmodified (all-F) forward, over query
-    positions that see more than k keys. Layers without an indexer get NaN rows and columns.
+    """P×P mean |T_i ∩ T_j| / |T_i| of the pattern positions' own selections, on the unmodified (all-F)
+    forward, over query positions that see more than k keys. Positions without indexer weights get NaN
+    rows and columns.
 
     Pairs are compared as each layer's top-k appears, and only the current batch's top-k are kept:
     memory is one batch's indices for every layer, never the whole data set's."""
-    n, k = layout.num_layers, layout.index_topk
+    n, k = layout.num_positions, layout.index_topk
+    overlap = layout.family.selection.overlap
     hits, totals = np.zeros((n, n)), np.zeros((n, n))
     seen: dict[int, torch.Tensor] = {}
 
     def compare(j, module, args, output):
         for i, earlier in seen.items():
-            h, t = topk_overlap(output, earlier.to(output.device), k)
+            h, t = overlap(output, earlier.to(output.device), k)
             hits[i, j] += h
             totals[i, j] += t
         # The diagonal is measured rather than set: it is below 1 only if a top-k held invalid indices.
-        h, t = topk_overlap(output, output, k)
+        h, t = overlap(output, output, k)
         hits[j, j] += h
         totals[j, j] += t
         seen[j] = output
 
     # Proxies in an all-F state run each layer's own indexer exactly as the model would, and honour
     # --indexer-chunk; hooking them (not the originals) sees each layer's top-k once, whole.
-    state = SharingState(FULL * n, k, measure_overlap=False, chunk=chunk)
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    state = sharing_state(layout, FULL * n, measure_overlap=False, chunk=chunk)
+    device = model.get_input_embeddings().weight.device
     with install_sharing(layout, state):
         handles = [
-            attn.indexer.register_forward_hook(partial(compare, i))
-            for i, attn in enumerate(layout.attentions) if layout.indexers[i] is not None
+            getattr(parent, layout.attr).register_forward_hook(partial(compare, p))
+            for p, parent in enumerate(layout.parents) if layout.indexers[p] is not None
         ]
         try:
             for b0 in range(0, len(ids), batch_size):
                 seen.clear()
-                base(input_ids=ids[b0 : b0 + batch_size], use_cache=False)
+                batch = ids[b0 : b0 + batch_size]
+                layout.decoder(input_ids=batch.to(device) if device.type != "meta" else batch, use_cache=False)
         finally:
             for h in handles:
                 h.remove()
@@ -169,7 +173,7 @@ def overlap(opts: Options, hooks: Hooks | None = None, tokens: str | None = None
         name = Path(opts.model.rstrip("/")).name or opts.model
         title = (f"{name}: top-k overlap |T_i ∩ T_j| / k\n"
                  f"k={prep.layout.index_topk}, {prep.ids.shape[0]} × {prep.ids.shape[1]} tokens of {Path(label).name}")
-        png = overlap_plot(matrix, list(range(n)), title, out_dir / OVERLAP_PLOT)
+        png = overlap_plot(matrix, prep.layout.positions, title, out_dir / OVERLAP_PLOT)
     finally:
         art.remove_partial(out_dir)
         if not existed:
@@ -180,7 +184,7 @@ def overlap(opts: Options, hooks: Hooks | None = None, tokens: str | None = None
         "index_topk": prep.layout.index_topk,
         "num_samples": int(prep.ids.shape[0]),
         "seq_len": int(prep.ids.shape[1]),
-        "layers": list(range(n)),
+        "layers": prep.layout.positions,
         # JSON has no NaN: layers without an indexer are null.
         "matrix": [[None if math.isnan(v) else float(v) for v in row] for row in matrix],
         **overlap_summary(matrix),
@@ -226,21 +230,29 @@ def read_layer_maps(paths: list[str]) -> list[tuple[str, dict]]:
     return maps
 
 
-def entries(num_layers: int, fixed: frozenset[int], uniform: list[int], maps: list[tuple[str, dict]], patterns: list[str]) -> list[Entry]:
-    """What to score, all checked against the model: all-F first (the reference), then the baselines."""
-    out = [Entry("all-F", "all-F", "".join(SHARED if i in fixed else FULL for i in range(num_layers)))]
-    out += [Entry("uniform", f"uniform 1/{every}", uniform_pattern(num_layers, every, fixed)) for every in uniform]
+def entries(ckpt, uniform: list[int], maps: list[tuple[str, dict]], patterns: list[str]) -> list[Entry]:
+    """What to score, all checked against the model: all-F first (the reference), then the baselines.
+    Patterns have one character per position (decoder layer with an indexer)."""
+    n, fixed, family, positions = len(ckpt.positions), ckpt.fixed_shared, ckpt.family, ckpt.positions
+    out = [Entry("all-F", "all-F", all_full_pattern(ckpt))]
+    out += [Entry("uniform", f"uniform 1/{every}", uniform_pattern(n, every, fixed)) for every in uniform]
     for name, lm in maps:
-        problems = check_pattern(lm["pattern"], num_layers, fixed)
+        problems = check_pattern(lm["pattern"], n, fixed)
+        if lm.get("positions") is not None and list(lm["positions"]) != positions:
+            problems.append(f"it was calibrated on indexer layers {lm['positions']}, this model has them at {positions}")
         if problems:
             raise CalibError(f"layer map {name} does not fit this model: {'; '.join(problems)}")
         out.append(Entry("layer map", name, lm["pattern"]))
     for i, pattern in enumerate(patterns, 1):
-        problems = check_pattern(pattern, num_layers, fixed)
+        problems = check_pattern(pattern, n, fixed)
         if problems:
             raise CalibError(f"--pattern {pattern!r} is invalid: {'; '.join(problems)}")
         out.append(Entry("pattern", f"pattern {i}", pattern))
-    return out
+    for e in out[1:]:
+        why = family.runs(e.pattern, positions)
+        if why and e.kind != "uniform":
+            raise CalibError(f"{e.name}: {family.name} cannot run this pattern: {why}")
+    return [e for e in out if e.kind != "uniform" or family.runs(e.pattern, positions) is None]
 
 
 def evaluate(
@@ -266,12 +278,12 @@ def evaluate(
         if csv_path.is_dir() or not csv_path.resolve().parent.is_dir():
             raise CalibError(f"cannot write --out {csv_path}: " + ("it is a directory" if csv_path.is_dir() else "its directory does not exist"))
 
-    def early(config):  # a bad pattern is refused before any weights load
-        entries(config.num_hidden_layers, config_fixed_shared(config), every, maps, patterns)
+    def early(ckpt):  # a bad pattern is refused before any weights load
+        entries(ckpt, every, maps, patterns)
 
     with _memory_errors():
         prep = load_inputs(opts, hooks, tokens, early)
-        todo = entries(prep.layout.num_layers, prep.layout.fixed_shared, every, maps, patterns)
+        todo = entries(prep.checkpoint, every, maps, patterns)
         config_sha, ids_sha = mdl.config_sha256(prep.source), tokens_sha256(prep.ids)
         for name, lm in maps:
             prov = lm.get("provenance", {})

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 from indexcache_calib.errors import CalibError
-from indexcache_calib.pattern import resolve_num_full
 
 
 def size_str(n: float) -> str:
@@ -15,11 +14,14 @@ def size_str(n: float) -> str:
     return f"{int(n)} B"
 
 
-def search_work(num_layers: int, fixed: frozenset[int], num_full: int, search: str, samples: int) -> dict:
+def search_work(num_layers: int, fixed: frozenset[int], num_full: int, search: str, samples: int,
+                positions: list[int] | None = None) -> dict:
     """Patterns scored and decoder-layer forwards (per sequence x samples). Exact for naive. For exact and
     fast, an upper bound and a typical count, since how far each candidate runs depends on the picks; fast
-    sweeps once, then typically re-scores 4 candidates per step (more only when the ranking is in doubt)."""
-    cands = [i for i in range(1, num_layers) if i not in fixed]
+    sweeps once, then typically re-scores 4 candidates per step (more only when the ranking is in doubt).
+    `positions`: the decoder layer of each pattern position (default: every layer); `fixed` are positions."""
+    positions = list(range(num_layers)) if positions is None else positions
+    cands = [positions[p] for p in range(1, len(positions)) if p not in fixed]
     steps = len(cands) + 1 - num_full
     naive_patterns = sum(len(cands) - s for s in range(steps))
     if search == "naive":
@@ -41,26 +43,28 @@ def search_work(num_layers: int, fixed: frozenset[int], num_full: int, search: s
     }
 
 
-def plan(opts, config) -> dict:
-    """Memory and work estimates for `opts` on a model with `config`."""
+def _streams(text) -> int:
+    """Hyper-connection models carry several copies of the hidden state between layers."""
+    return int(getattr(text, "hc_mult", None) or getattr(text, "hc_count", None) or 1)
+
+
+def plan(opts, ckpt, num_full: int) -> dict:
+    """Memory and work estimates for `opts` on the checkpoint `ckpt` (a `model.Checkpoint`)."""
     import torch
     from accelerate import init_empty_weights
     from accelerate.utils import compute_module_sizes, get_balanced_memory, infer_auto_device_map
-    from transformers import AutoModelForCausalLM
 
-    from indexcache_calib.calibrate import config_fixed_shared
-    from indexcache_calib.model import parse_max_memory
+    from indexcache_calib.model import _auto_class, loading_config, parse_max_memory
 
-    n = config.num_hidden_layers
-    fixed = config_fixed_shared(config)
-    num_full = resolve_num_full(n, opts.target, opts.num_full, fixed)
+    config, text = loading_config(ckpt), ckpt.text
+    n, fixed = ckpt.num_layers, ckpt.fixed_shared
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
         opts.dtype, getattr(config, "dtype", None) or torch.float32
     )
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = _auto_class(config).from_config(config, dtype=dtype)
     sizes = compute_module_sizes(model, dtype=dtype)
     total = sizes[""]
     max_memory = parse_max_memory(opts.max_memory)
@@ -77,7 +81,7 @@ def plan(opts, config) -> dict:
         per_device[str(device)] = per_device.get(str(device), 0) + sizes[name]
     elem = torch.tensor([], dtype=dtype).element_size()
     b, s = opts.batch_size, opts.seq_len
-    heads = getattr(config, "index_n_heads", 1)
+    heads = getattr(text, "index_n_heads", 1)
     from indexcache_calib.sharing import auto_chunk
 
     rows = auto_chunk(b, heads, s) if opts.indexer_chunk is None else (opts.indexer_chunk or s)
@@ -85,18 +89,21 @@ def plan(opts, config) -> dict:
     indexer_peak = b * rows * heads * s * 4 + b * rows * s * 4  # fp32 per-head scores + summed scores
     mask = b * s * s * elem  # the model's own [B, 1, S, T] additive mask, kept per batch
     samples = opts.num_samples
-    hidden = config.hidden_size
+    hidden = text.hidden_size * _streams(text)
     cache = 0
     if opts.search != "naive" and opts.cache_device != "none":
-        cache = (n - 1) * samples * s * hidden * elem + n * samples * s * config.index_topk * 4
-    work = search_work(n, fixed, num_full, opts.search, samples)
+        p = len(ckpt.positions)
+        cache = (p - 1) * samples * s * hidden * elem + 2 * p * samples * s * ckpt.index_topk * 4
+    work = search_work(n, fixed, num_full, opts.search, samples, ckpt.positions)
     warnings = []
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if cache and opts.cache_device == "cpu" and cache > host // 2:
         warnings.append(f"the activation cache ({size_str(cache)}) exceeds half of this host's memory ({size_str(host)}): use --cache-device disk")
     return {
         "warnings": warnings,
-        "model_type": config.model_type,
+        "model_type": ckpt.config.model_type,
+        "family": ckpt.family.name,
+        "pattern_positions": len(ckpt.positions),
         "num_layers": n,
         "num_full_target": num_full,
         "weights_total": total,

@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from indexcache_calib.errors import CalibError
 
 PACKAGE_DIR = Path(__file__).parent
-PLAIN_MLA_TYPES = {"glm4_moe_lite", "deepseek_v3", "deepseek_v2"}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -68,6 +68,8 @@ def _not_found(source: ModelSource) -> CalibError:
 def load_config(source: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
+    from indexcache_calib.families import family_of
+
     raw = _raw_config(source)
     if raw is not None and raw.get("auto_map") and not trust_remote_code:
         raise CalibError(
@@ -80,7 +82,7 @@ def load_config(source: ModelSource, trust_remote_code: bool = False):
         raise _not_found(source) from None
     except ValueError as e:
         raise CalibError(f"cannot read the config of {source.spec}: {str(e).splitlines()[0]}") from None
-    check_dsa_config(config, source.spec)
+    family_of(config, source.spec)
     return config
 
 
@@ -120,22 +122,6 @@ def revision(source: ModelSource) -> str | None:
     return p.parent.name if p.parent.parent.name == "snapshots" else None
 
 
-def check_dsa_config(config, name: str) -> None:
-    model_type = getattr(config, "model_type", "?")
-    if model_type == "glm4_moe_lite":
-        raise CalibError(
-            f"{name} is not a DSA model: model_type glm4_moe_lite (the published GLM-4.7-Flash) is plain MLA "
-            "attention with no lightning indexer, so there are no top-k indices to share",
-            hint="IndexCache applies to DSA models such as GLM-5 (glm_moe_dsa) and DeepSeek-V3.2 (deepseek_v32)",
-        )
-    if getattr(config, "index_topk", None) is None:
-        why = " (plain MLA attention)" if model_type in PLAIN_MLA_TYPES else ""
-        raise CalibError(
-            f"{name} is not a DSA model: model_type {model_type}{why} has no lightning indexer (no index_topk in its config)",
-            hint="IndexCache applies to DSA models such as GLM-5 (glm_moe_dsa) and DeepSeek-V3.2 (deepseek_v32)",
-        )
-
-
 def _weights_format(location: str) -> str:
     files = [p.name for p in Path(location).iterdir()]
     if any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in files):
@@ -171,6 +157,120 @@ def parse_device_map(spec: str):
     raise CalibError(f"unknown --device-map {spec!r}", hint="use auto, balanced, sequential, cpu, cuda:N or a JSON file")
 
 
+@dataclass
+class Checkpoint:
+    """What a checkpoint's config and weight names say, before any weights load."""
+
+    source: ModelSource
+    config: object  # the whole config (composite models: text settings in config.get_text_config())
+    family: object  # its `families.Family` adapter
+    positions: list[int]  # decoder layers with an indexer by architecture: one pattern character each
+    indexer_layers: set[int] | None  # layers with indexer weights in the checkpoint; None: no weights to list
+    fixed_shared: frozenset[int]  # pattern positions without indexer weights: always S, never candidates
+    config_shared: list[int]  # layers the config marks shared although their indexer weights are there
+
+    @property
+    def text(self):
+        return self.config.get_text_config()
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.text.num_hidden_layers)
+
+    @property
+    def index_topk(self) -> int:
+        return int(self.text.index_topk)
+
+
+def indexer_weight_layers(directory: Path, indexer_at: str = "self_attn.indexer") -> set[int] | None:
+    """Layer ids with any `layers.{i}.<indexer_at>.*` tensor, from the safetensors index or the file
+    headers; None when the directory has no safetensors weights to list."""
+    pattern = re.compile(r"(?:^|\.)layers\.(\d+)\." + re.escape(indexer_at) + r"\.")
+    names: list[str] = []
+    indexes = sorted(directory.glob("*.safetensors.index.json"))
+    try:
+        if indexes:
+            for index in indexes:
+                names += list(json.loads(index.read_text())["weight_map"])
+        else:
+            from safetensors import safe_open
+
+            files = sorted(directory.glob("*.safetensors"))
+            if not files:
+                return None
+            for f in files:
+                with safe_open(str(f), framework="numpy") as handle:
+                    names += list(handle.keys())
+    except Exception as e:  # noqa: BLE001 - any unreadable file means the same thing to the user
+        raise CalibError(f"cannot list the weights in {directory}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return {int(m.group(1)) for n in names if (m := pattern.search(n))}
+
+
+def inspect_checkpoint(source: ModelSource, trust_remote_code: bool = False) -> Checkpoint:
+    """The family, pattern positions and fixed-Shared layers of a checkpoint. A layer is fixed Shared only
+    when the checkpoint has no indexer weights for it; a config that marks layers shared whose weights
+    are there (a directory written by `apply`, say) is noted, and those indexers are restored on load."""
+    from indexcache_calib.families import family_of
+
+    config = load_config(source, trust_remote_code)
+    family = family_of(config, source.spec)
+    text = config.get_text_config()
+    positions = family.positions(text)
+    name = source.spec
+    if not positions:
+        raise CalibError(f"{name}: no decoder layer of this {family.name} config has a lightning indexer, so there is nothing to share",
+                         hint="check layer_types in its config")
+    path = config_path(source)
+    weights = indexer_weight_layers(path.parent, family.indexer_at) if path is not None else None
+    marked = getattr(text, family.native_key, None) if family.native_key else None
+    marked = list(marked) if marked else None
+    if weights is not None and weights:
+        missing = [l for l in positions if l not in weights]
+    elif marked is not None:  # no weight names to go by: trust what the config builds
+        missing = [l for l in positions if l < len(marked) and marked[l] == "shared"]
+    else:
+        missing = []
+    if missing and family.native_key is None:
+        raise CalibError(
+            f"{name}: the checkpoint has no indexer weights for layers {missing}, and {type(config).__name__} "
+            f"({family.name}) cannot build a layer without its indexer, so the model itself would run untrained indexers there",
+            hint="use a checkpoint with every indexer, or a family whose library shares natively",
+        )
+    if positions[0] in missing:
+        raise CalibError(f"{name}: layer {positions[0]}, the first with an indexer, has no indexer weights, so no layer can produce top-k indices to share")
+    restored = [l for l in positions if marked is not None and l < len(marked) and marked[l] == "shared" and l not in missing]
+    index = {l: p for p, l in enumerate(positions)}
+    fixed = frozenset(index[l] for l in missing)
+    return Checkpoint(source, config, family, positions, weights, fixed, restored)
+
+
+def _auto_class(config):
+    """The transformers class that loads this config's language model: a CausalLM where transformers has
+    one, else the vision-language class (its text decoder is what is calibrated)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return AutoModelForCausalLM if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModelForImageTextToText
+
+
+def loading_config(ckpt: Checkpoint):
+    """The config to load with: every pattern position that has indexer weights builds its indexer, so
+    the model loads all-Full whatever pattern its config carries."""
+    import copy
+
+    config = copy.deepcopy(ckpt.config)
+    key = ckpt.family.native_key
+    text = config.get_text_config()
+    if key and getattr(text, key, None) is not None:
+        types = list(getattr(text, key))
+        missing = {ckpt.positions[p] for p in ckpt.fixed_shared}
+        for layer in ckpt.positions:
+            if layer < len(types):
+                types[layer] = "shared" if layer in missing else "full"
+        setattr(text, key, types)
+    return config
+
+
 def load_model(
     source: ModelSource,
     device_map: str = "auto",
@@ -179,11 +279,11 @@ def load_model(
     offload_dir: str | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    checkpoint: Checkpoint | None = None,
 ):
     import torch
-    from transformers import AutoModelForCausalLM
 
-    load_config(source, trust_remote_code)
+    ckpt = checkpoint or inspect_checkpoint(source, trust_remote_code)
     if source.is_local:
         fmt = _weights_format(source.location)
         if fmt == "pickle" and not allow_pickle:
@@ -196,6 +296,7 @@ def load_model(
     if dtype not in DTYPES:
         raise CalibError(f"unknown --dtype {dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
     kwargs = dict(
+        config=loading_config(ckpt),
         dtype="auto" if dtype == "auto" else getattr(torch, dtype),
         device_map=parse_device_map(device_map),
         local_files_only=True,
@@ -208,7 +309,7 @@ def load_model(
     if offload_dir:
         kwargs["offload_folder"] = offload_dir
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+        model = _auto_class(ckpt.config).from_pretrained(source.location, **kwargs)
     except OSError as e:
         raise CalibError(f"cannot load weights of {source.spec}: {str(e).splitlines()[0]}") from None
     except ValueError as e:
@@ -222,37 +323,58 @@ def load_model(
 
 @dataclass
 class DsaLayout:
-    """Where the DSA parts of a loaded model are."""
+    """Where the DSA parts of a loaded model are. Patterns have one character per position."""
 
+    family: object  # `families.Family`
+    decoder: object  # the text decoder (its `layers` are run by the model's own forward)
     layers: list  # decoder layers, in order
-    attentions: list  # each layer's attention module (the indexer's parent)
-    indexers: list  # each layer's indexer, or None where the checkpoint has none (fixed shared)
+    positions: list[int]  # decoder layer of each pattern position
+    parents: list  # per position: the module holding the indexer attribute
+    indexers: list  # per position: the indexer, or None where the checkpoint has none (fixed shared)
     index_topk: int
-    fixed_shared: frozenset[int] = field(default_factory=frozenset)
+    fixed_shared: frozenset[int] = field(default_factory=frozenset)  # positions, not layer ids
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def num_positions(self) -> int:
+        return len(self.positions)
 
-def find_dsa(model, name: str = "model") -> DsaLayout:
-    """Find indexers structurally (`<layer>.<attention>.indexer`), so close relatives of the two
-    supported classes work too."""
-    config = model.config
-    check_dsa_config(config, name)
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    layers = list(getattr(base, "layers", []))[: config.num_hidden_layers]
-    attentions, indexers = [], []
-    for layer in layers:
-        attn = next((m for m in layer.children() if hasattr(m, "indexer")), None)
-        attentions.append(attn)
-        indexers.append(getattr(attn, "indexer", None) if attn is not None else None)
-    if not layers or all(a is None for a in attentions):
-        raise CalibError(f"{name} has index_topk in its config but no layer with a lightning indexer module")
-    if indexers[0] is None:
-        raise CalibError(f"{name}: layer 0 has no indexer, so no layer can produce top-k indices to share")
-    fixed = frozenset(i for i, ix in enumerate(indexers) if ix is None)
-    return DsaLayout(layers, attentions, indexers, int(config.index_topk), fixed)
+    @property
+    def attr(self) -> str:
+        return self.family.indexer_at.rsplit(".", 1)[-1]
+
+
+def find_dsa(model, ckpt: Checkpoint, name: str = "model") -> DsaLayout:
+    """Find each position's indexer where the family's adapter says it is, and check that the loaded
+    model agrees with the adapter: an indexer at every position with weights, none elsewhere."""
+    from indexcache_calib.families import resolve_attr
+
+    family = ckpt.family
+    decoder = model.get_decoder()
+    layers = list(getattr(decoder, "layers", []))[: ckpt.num_layers]
+    if len(layers) != ckpt.num_layers:
+        raise CalibError(f"{name}: found {len(layers)} decoder layers, its config says {ckpt.num_layers}")
+    index = {l: p for p, l in enumerate(ckpt.positions)}
+    parents, indexers = [], []
+    for i, layer in enumerate(layers):
+        parent, attr = resolve_attr(layer, family.indexer_at)
+        module = getattr(parent, attr, None) if parent is not None else None
+        p = index.get(i)
+        if p is None:
+            if module is not None:
+                raise CalibError(f"{name}: layer {i} has an indexer but the {family.name} adapter says it has none")
+            continue
+        if parent is None:
+            raise CalibError(f"{name}: layer {i} has no {family.indexer_at.rsplit('.', 1)[0]} where the {family.name} adapter expects its indexer")
+        if (module is None) != (p in ckpt.fixed_shared):
+            state = "has no indexer" if module is None else "has an indexer but no indexer weights in the checkpoint"
+            raise CalibError(f"{name}: layer {i} {state}; the {family.name} adapter does not match this model")
+        parents.append(parent)
+        indexers.append(module)
+    return DsaLayout(family, decoder, layers, list(ckpt.positions), parents, indexers, ckpt.index_topk, ckpt.fixed_shared)
 
 
 def device_map_of(model) -> dict:
@@ -260,3 +382,11 @@ def device_map_of(model) -> dict:
     if dm:
         return {k: str(v) for k, v in sorted(dm.items())}
     return {"": str(next(model.parameters()).device)}
+
+
+def load_with_layout(spec: str, device_map: str = "cpu", dtype: str = "auto", **kwargs):
+    """(model, layout) for a model spec, as `calibrate` loads it (for benchmarks and scripts)."""
+    source = resolve(spec)
+    ckpt = inspect_checkpoint(source, kwargs.get("trust_remote_code", False))
+    model = load_model(source, device_map, dtype, checkpoint=ckpt, **kwargs)
+    return model, find_dsa(model, ckpt, spec)

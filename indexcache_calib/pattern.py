@@ -3,7 +3,6 @@ or 'S' (shared: reuses the top-k of the nearest preceding full layer). Pure func
 
 from __future__ import annotations
 
-import json
 import math
 from fractions import Fraction
 
@@ -37,22 +36,33 @@ def validate_pattern(pattern: str, num_layers: int | None = None, fixed_shared: 
     return pattern
 
 
-def full_layers(pattern: str) -> list[int]:
-    return [i for i, c in enumerate(pattern) if c == FULL]
+def full_layers(pattern: str, positions: list[int] | None = None) -> list[int]:
+    """The full positions, as decoder layer ids when `positions` (the layer of each character) is given."""
+    layer = positions or range(len(pattern))
+    return [layer[i] for i, c in enumerate(pattern) if c == FULL]
 
 
-def source_layers(pattern: str) -> list[int]:
-    """For each layer, the layer whose top-k it attends with: itself if full, else the nearest preceding full."""
+def source_layers(pattern: str, positions: list[int] | None = None) -> list[int]:
+    """For each position, the one whose selection it attends with: itself if full, else the nearest
+    preceding full one; as decoder layer ids when `positions` is given."""
+    layer = positions or range(len(pattern))
     sources, last = [], 0
     for i, c in enumerate(pattern):
         if c == FULL:
             last = i
-        sources.append(last)
+        sources.append(layer[last])
     return sources
 
 
-def indexer_types(pattern: str) -> list[str]:
-    return ["full" if c == FULL else "shared" for c in pattern]
+def indexer_types(pattern: str, positions: list[int] | None = None, num_layers: int | None = None) -> list[str]:
+    """The per-decoder-layer list transformers and SGLang read. Layers that are not pattern positions
+    (no indexer by architecture) read "full", the library's default for them: they never share."""
+    if positions is None:
+        return ["full" if c == FULL else "shared" for c in pattern]
+    types = ["full"] * (num_layers if num_layers is not None else max(positions) + 1)
+    for c, layer in zip(pattern, positions):
+        types[layer] = "full" if c == FULL else "shared"
+    return types
 
 
 def flip(pattern: str, layer: int) -> str:
@@ -81,8 +91,10 @@ def parse_ratio(spec: str) -> Fraction:
     return value
 
 
-def resolve_num_full(num_layers: int, target: str | None, num_full: int | None, fixed_shared: frozenset[int] = frozenset()) -> int:
-    """Number of full layers the search stops at. A ratio rounds up (1/4 of 47 layers -> 12, as in the paper)."""
+def resolve_num_full(num_layers: int, target: str | None, num_full: int | None, fixed_shared: frozenset[int] = frozenset(),
+                     fewest: int = 1) -> int:
+    """Number of full layers the search stops at, of `num_layers` pattern positions. A ratio rounds up
+    (1/4 of 47 layers -> 12, as in the paper). `fewest`: the least the model's library can run."""
     searchable = num_layers - len(fixed_shared)
     if (target is None) == (num_full is None):
         raise CalibError("give exactly one of --target and --num-full", hint="e.g. --target 1/4 or --num-full 12")
@@ -90,6 +102,11 @@ def resolve_num_full(num_layers: int, target: str | None, num_full: int | None, 
         num_full = math.ceil(parse_ratio(target) * num_layers)
     if num_full < 1:
         raise CalibError(f"--num-full {num_full} is impossible: layer 0 always keeps its indexer, so at least 1 layer is full")
+    if num_full < fewest:
+        raise CalibError(
+            f"target of {num_full} full layers is impossible: the model's library runs no pattern with fewer than {fewest}",
+            hint=f"choose at least {fewest} full layers",
+        )
     if num_full > searchable:
         raise CalibError(
             f"target of {num_full} full layers is impossible: the model has {num_layers} layers"
@@ -97,18 +114,3 @@ def resolve_num_full(num_layers: int, target: str | None, num_full: int | None, 
             hint=f"choose at most {searchable} full layers",
         )
     return num_full
-
-
-def engine_overrides(pattern: str) -> dict:
-    """Config overrides that every engine honours. Both keys are set because SGLang and transformers read
-    `indexer_types` before `index_topk_pattern`, and checkpoints saved by transformers already carry
-    `indexer_types`: a bare pattern would be silently ignored there."""
-    return {"index_topk_pattern": pattern, "indexer_types": indexer_types(pattern)}
-
-
-def engine_args(pattern: str) -> dict:
-    overrides = json.dumps(engine_overrides(pattern), separators=(",", ":"))
-    return {
-        "vllm": {"flag": "--hf-overrides", "value": overrides, "args": f"--hf-overrides '{overrides}'"},
-        "sglang": {"flag": "--json-model-override-args", "value": overrides, "args": f"--json-model-override-args '{overrides}'"},
-    }

@@ -1,33 +1,33 @@
-"""Scores patterns on fixed calibration tokens by running the model's own decoder layers one by one.
+"""Scores patterns on fixed calibration tokens by driving the model's own forward.
 
-Running layer by layer (rather than `model(...)`) is what lets a candidate that flips layer l start
-from the cached input of layer l: every layer before l sees exactly what the committed pattern saw.
-The embedding, rotary tables and attention mask come from the model's own forward, captured at the
-input of layer 0, so nothing of the model is re-implemented here.
+Every evaluation is `model(input_ids, logits_to_keep=...)`: each decoder layer gets the arguments the
+model itself gives it (its mask type, sliding window, RoPE or none, hyper-connection streams, whatever
+the loop threads between layers), and the logits come from the model's own tail (hyper-connection head,
+norm, soft-capping, head). Prefix reuse works by standing each decoder layer in a `_Slot` for the
+length of a forward: a candidate that flips the layer at position p starts at that layer, and the slots
+before it replay the output the committed pattern's layer p-1 gave, without running anything.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import nn
 
+from indexcache_calib.errors import CalibError
 from indexcache_calib.pattern import FULL, source_layers
 from indexcache_calib.search import Score
-from indexcache_calib.sharing import SharingState, install_sharing
+from indexcache_calib.sharing import install_sharing, sharing_state
 
 CACHE_DEVICES = ("cpu", "gpu", "disk", "none")
-
-
-class _Stop(Exception):
-    pass
 
 
 @dataclass
@@ -42,8 +42,31 @@ class Counters:
         return dict(self.__dict__)
 
 
+def _flatten(obj, out: list):
+    """Tensors of a nested tuple/list/dict (what decoder layers return and thread) and how to rebuild it."""
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+        return ("t", len(out) - 1)
+    if isinstance(obj, (tuple, list)):
+        return (type(obj), [_flatten(v, out) for v in obj])
+    if isinstance(obj, dict):
+        return ("d", [(k, _flatten(v, out)) for k, v in obj.items()])
+    return ("v", obj)
+
+
+def _rebuild(spec, tensors: list):
+    tag, body = spec
+    if tag == "t":
+        return tensors[body]
+    if tag == "d":
+        return {k: _rebuild(v, tensors) for k, v in body}
+    if tag == "v":
+        return body
+    return tag(_rebuild(v, tensors) for v in body)
+
+
 class _Store:
-    """Prefix cache: tensors keyed by (kind, layer, batch), on cpu, on the layer's device, or on disk."""
+    """Prefix cache: nested tensors keyed by (kind, layer, batch), on cpu, on their device, or on disk."""
 
     def __init__(self, where: str):
         self.where = where
@@ -52,25 +75,29 @@ class _Store:
         self._dir = tempfile.TemporaryDirectory(prefix="indexcache-cache-") if where == "disk" else None
         self._adopted: list = []
 
-    def put(self, key, tensor: torch.Tensor) -> None:
+    def put(self, key, obj) -> None:
         self.drop(key)
-        size = tensor.numel() * tensor.element_size()
+        tensors: list = []
+        spec = _flatten(obj, tensors)
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        devices = [t.device for t in tensors]
         if self.where == "cpu":
-            value = (tensor.to("cpu", copy=True), tensor.device)
+            held = [t.to("cpu", copy=True) for t in tensors]
         elif self.where == "disk":
             path = Path(self._dir.name) / ("_".join(map(str, key)) + ".safetensors")
-            save_file({"t": tensor.detach().cpu().contiguous()}, str(path))
-            value = (path, tensor.device)
+            save_file({str(i): t.detach().cpu().contiguous() for i, t in enumerate(tensors)}, str(path))
+            held = path
         else:
-            value = (tensor.clone(), tensor.device)
-        self.items[key] = (value, size)
+            held = [t.clone() for t in tensors]
+        self.items[key] = ((spec, held, devices), size)
         self.bytes += size
 
-    def get(self, key) -> torch.Tensor:
-        (obj, device), _ = self.items[key]
+    def get(self, key):
+        (spec, held, devices), _ = self.items[key]
         if self.where == "disk":
-            return load_file(str(obj))["t"].to(device)
-        return obj.to(device)
+            loaded = load_file(str(held))
+            held = [loaded[str(i)] for i in range(len(devices))]
+        return _rebuild(spec, [t.to(d) for t, d in zip(held, devices)])
 
     def drop(self, key) -> None:
         if key in self.items:
@@ -94,6 +121,78 @@ class _Store:
         self._adopted, self._dir = [], None
 
 
+class _Slot(nn.Module):
+    """Stands where a decoder layer is, for one forward: runs it, or replays a recorded output. Every
+    other attribute the model's forward asks of a layer is the layer's own."""
+
+    def __init__(self, layer: nn.Module, index: int, driver: "_Driver"):
+        super().__init__()
+        object.__setattr__(self, "wrapped", layer)
+        object.__setattr__(self, "driver", driver)
+        object.__setattr__(self, "index", index)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "wrapped"), name)
+
+    def forward(self, *args, **kwargs):
+        return self.driver.call(self.index, self.wrapped, args, kwargs)
+
+
+class _Driver:
+    """What the slots do during one forward: replay layers before `start`, run the rest, and record the
+    outputs and selections a later candidate can start from."""
+
+    def __init__(self, runner: "PatternRunner"):
+        self.runner = runner
+        self.start = 0
+        self.replay = None  # (output of layer start-1, carried kwargs after it)
+        self.into = None
+        self.batch = 0
+        self.record_at: set[int] = set()  # layers whose input (the previous layer's output) is kept
+        self.full_at: set[int] = set()  # layers whose selection is kept
+        self.last_output = None
+
+    def call(self, i: int, layer, args, kwargs):
+        runner = self.runner
+        if i < self.start:
+            output, carried = self.replay
+            if i == self.start - 1:
+                for name, value in carried.items():
+                    kwargs[name].clear()
+                    kwargs[name].update(value)
+            return output
+        out = layer(*args, **kwargs)
+        hidden = out[0] if isinstance(out, (tuple, list)) else out
+        runner.counters.layer_forwards += hidden.shape[0]
+        runner.counters.tokens += hidden.shape[0] * hidden.shape[1]
+        if self.into is not None:
+            if i + 1 in self.record_at:
+                carried = {name: dict(kwargs[name]) for name in runner.layout.family.carried}
+                self.into.put(("hidden", i + 1, self.batch), (out, carried))
+            if i in self.full_at:
+                self.into.put(("topk", i, self.batch), runner.state.current)
+            runner.note_cache(self.into)
+        if i == runner.layout.num_layers - 1:
+            self.last_output = out
+        return out
+
+
+@contextmanager
+def _slots(layout, driver: _Driver):
+    layers = layout.decoder.layers
+    originals = [layers[i] for i in range(layout.num_layers)]
+    for i, layer in enumerate(originals):
+        layers[i] = _Slot(layer, i, driver)
+    try:
+        yield
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+
+
 @dataclass
 class _Candidate:
     rank: tuple
@@ -104,7 +203,8 @@ class _Candidate:
 
 
 class PatternRunner:
-    """An `Evaluator` for the search: `score(pattern)` and `set_base(pattern)`."""
+    """An `Evaluator` for the search: `score(pattern)` and `set_base(pattern)`. Patterns have one
+    character per position of `layout`."""
 
     def __init__(
         self,
@@ -120,132 +220,105 @@ class PatternRunner:
         self.model, self.layout, self.tokens = model, layout, tokens
         self.batch_size = max(1, batch_size)
         self.logits_chunk = logits_chunk
-        self.state = SharingState("F" * layout.num_layers, layout.index_topk, measure_overlap, indexer_chunk)
+        self.state = sharing_state(layout, FULL * layout.num_positions, measure_overlap, indexer_chunk)
         self.counters = Counters()
         self.cache_device = cache_device
         self.store = _Store(cache_device) if cache_device != "none" else None
         self.base: str | None = None
         self.base_score: Score | None = None
-        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        self._base_model, self._norm, self._head = base, base.norm, model.get_output_embeddings()
-        self._takes_prev = [
-            "prev_topk_indices" in inspect.signature(type(layer).forward).parameters for layer in layout.layers
-        ]
+        self._driver = _Driver(self)
         self._base_overlap: tuple[dict, dict] = ({}, {})
         self._last_overlap: tuple[dict, dict] = ({}, {})
         self._best: _Candidate | None = None
         self._last_scored: tuple | None = None  # without a cache: the step's best candidate
-        self._kwargs: dict = {}  # per batch: the mask and rotary tables captured at layer 0
         self._batches = [tokens[i : i + self.batch_size] for i in range(0, len(tokens), self.batch_size)]
-
-    # -- the pieces of one forward -------------------------------------------------------------
-
-    def _layer0_inputs(self, ids: torch.Tensor):
-        captured = {}
-
-        def grab(module, args, kwargs):
-            captured["hidden"] = args[0] if args else kwargs["hidden_states"]
-            captured["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "prev_topk_indices")}
-            raise _Stop
-
-        handle = self.layout.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-        device = self.model.get_input_embeddings().weight.device
-        if device.type != "meta":  # offloaded embeddings: accelerate's hook moves the input itself
-            ids = ids.to(device)
-        try:
-            self._base_model(input_ids=ids, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        return captured["hidden"], captured["kwargs"]
-
-    def _run_layers(self, hidden, kwargs, start: int, batch_no: int, into):
-        for i in range(start, self.layout.num_layers):
-            if into is not None:
-                self._record(into, i, batch_no, hidden)
-            layer = self.layout.layers[i]
-            extra = {"prev_topk_indices": self.state.current} if self._takes_prev[i] else {}
-            out = layer(hidden, **kwargs, **extra)
-            hidden = out[0] if isinstance(out, tuple) else out
-            self.counters.layer_forwards += hidden.shape[0]
-            self.counters.tokens += hidden.shape[0] * hidden.shape[1]
-            if into is not None and self.state.pattern[i] == FULL and self.layout.indexers[i] is not None:
-                into.put(("topk", i, batch_no), self.state.current)
-        return hidden
-
-    def _record(self, into, i: int, batch_no: int, hidden) -> None:
-        # Only inputs a candidate can start from are kept: full layers other than 0.
-        if i > 0 and self.state.pattern[i] == FULL and i not in self.layout.fixed_shared:
-            into.put(("hidden", i, batch_no), hidden)
-        held = self.store.bytes + (into.bytes if into is not self.store else 0) + (self._best.store.bytes if self._best else 0)
-        self.counters.peak_cache_bytes = max(self.counters.peak_cache_bytes, held)
-
-    def _seq_losses(self, hidden, ids) -> list[float]:
-        """Summed next-token cross-entropy per sequence, with the head applied in chunks so the
-        logits never exceed [batch, logits_chunk, vocab]."""
-        hidden = self._norm(hidden)
-        sums = torch.zeros(ids.shape[0], dtype=torch.float64)
-        for p0 in range(0, ids.shape[1] - 1, self.logits_chunk):
-            p1 = min(p0 + self.logits_chunk, ids.shape[1] - 1)
-            logits = self._head(hidden[:, p0:p1]).float()
-            labels = ids[:, p0 + 1 : p1 + 1].to(logits.device)
-            ce = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
-            sums += ce.double().sum(dim=1).cpu()
-        return sums.tolist()
-
-    # -- Evaluator API ------------------------------------------------------------------------
+        self.last_layer_overlap: dict[int, float] = {}
 
     @property
     def num_batches(self) -> int:
         return len(self._batches)
 
+    def note_cache(self, into: _Store) -> None:
+        held = self.store.bytes + (into.bytes if into is not self.store else 0) + (self._best.store.bytes if self._best else 0)
+        self.counters.peak_cache_bytes = max(self.counters.peak_cache_bytes, held)
+
+    # -- one forward -------------------------------------------------------------------------------
+
+    def _forward(self, ids: torch.Tensor) -> list[float]:
+        """Summed next-token cross-entropy per sequence. The logits come `logits_chunk` positions at a
+        time: the first call runs the layers, later calls replay the last layer's output, so the logits
+        never exceed [batch, logits_chunk, vocab]."""
+        device = self.model.get_input_embeddings().weight.device
+        if device.type != "meta":  # offloaded embeddings: accelerate's hook moves the input itself
+            ids = ids.to(device)
+        driver = self._driver
+        sums = torch.zeros(ids.shape[0], dtype=torch.float64)
+        for p0 in range(0, ids.shape[1] - 1, self.logits_chunk):
+            p1 = min(p0 + self.logits_chunk, ids.shape[1] - 1)
+            if p0 > 0:
+                driver.start, driver.replay, driver.into = self.layout.num_layers, (driver.last_output, {}), None
+            keep = torch.arange(p0, p1, device=ids.device)
+            logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits.float()
+            labels = ids[:, p0 + 1 : p1 + 1].to(logits.device)
+            ce = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+            sums += ce.double().sum(dim=1).cpu()
+        driver.last_output = None
+        return sums.tolist()
+
+    # -- Evaluator API ------------------------------------------------------------------------------
+
     @torch.no_grad()
     def _evaluate(self, pattern: str, start: int, into: "_Store | None", batches=None) -> Score:
+        """Score `pattern`, starting at decoder layer `start` (0, or the layer of the one position it
+        flips relative to the cached base)."""
         t0 = time.perf_counter()
-        self.state.pattern = pattern
-        self.state.reset_overlap()
+        layout, state, driver = self.layout, self.state, self._driver
+        state.pattern = pattern
+        state.reset_overlap()
         if start > 0:  # layers before `start` are not rerun: their overlap is the base's
             hits, total = self._base_overlap
-            self.state.overlap_hits.update({i: v for i, v in hits.items() if i < start})
-            self.state.overlap_total.update({i: v for i, v in total.items() if i < start})
+            state.overlap_hits.update({i: v for i, v in hits.items() if i < start})
+            state.overlap_total.update({i: v for i, v in total.items() if i < start})
+        positions = layout.positions
         sources = source_layers(pattern)
+        flipped = positions.index(start) if start > 0 else 0
+        keep_from = [positions[p] for p, c in enumerate(pattern) if c == FULL and p > 0 and p not in layout.fixed_shared]
+        driver.record_at = set(keep_from)
+        driver.full_at = {positions[p] for p, c in enumerate(pattern) if c == FULL and layout.indexers[p] is not None}
         seq_sums: list[float] = []
-        with install_sharing(self.layout, self.state):
+        with install_sharing(layout, state), _slots(layout, driver):
             for b in range(len(self._batches)) if batches is None else batches:
-                ids = self._batches[b]
+                driver.start, driver.into, driver.batch = start, into, b
                 if start == 0:
-                    hidden, kwargs = self._layer0_inputs(ids)
-                    self.state.current = None
+                    state.current, driver.replay = None, None
                 else:
-                    hidden = self.store.get(("hidden", start, b))
-                    kwargs = self._kwargs[b]
-                    self.state.current = self.store.get(("topk", sources[start - 1], b))
-                if start == 0 and self.store is not None:
-                    self._kwargs[b] = kwargs
-                hidden = self._run_layers(hidden, kwargs, start, b, into)
-                seq_sums += self._seq_losses(hidden, ids)
-        self.state.current = None
+                    driver.replay = self.store.get(("hidden", start, b))
+                    state.current = self.store.get(("topk", positions[sources[flipped - 1]], b))
+                seq_sums += self._forward(self._batches[b])
+        state.current, driver.replay, driver.into = None, None, None
         per_token = self.tokens.shape[1] - 1
-        overlaps = self.state.layer_overlap()
+        overlaps = state.layer_overlap()
         score = Score(
             loss=math.fsum(seq_sums) / (per_token * len(seq_sums)),
             seq_losses=[s / per_token for s in seq_sums],
             overlap=(math.fsum(overlaps.values()) / len(overlaps)) if overlaps else None,
         )
         self.last_layer_overlap = overlaps
-        self._last_overlap = (dict(self.state.overlap_hits), dict(self.state.overlap_total))
+        self._last_overlap = (dict(state.overlap_hits), dict(state.overlap_total))
         self.counters.patterns_scored += 1
         self.counters.seconds += time.perf_counter() - t0
         return score
 
     def _restart_layer(self, pattern: str) -> int:
-        """The layer a pattern that flips one cached full layer of the base can restart from, else 0."""
+        """The decoder layer a pattern that flips one cached full position of the base can restart
+        from, else 0."""
         if self.store is None or self.base is None or len(self.base) != len(pattern):
             return 0
-        diff = [i for i, (a, b) in enumerate(zip(self.base, pattern)) if a != b]
-        if len(diff) == 1 and self.base[diff[0]] == FULL and ("hidden", diff[0], 0) in self.store.items:
-            return diff[0]
+        diff = [p for p, (a, b) in enumerate(zip(self.base, pattern)) if a != b]
+        if len(diff) == 1 and self.base[diff[0]] == FULL:
+            layer = self.layout.positions[diff[0]]
+            if ("hidden", layer, 0) in self.store.items:
+                return layer
         return 0
 
     def set_base(self, pattern: str) -> Score:
@@ -314,8 +387,48 @@ class PatternRunner:
             self.store.close()
 
 
+# Relative difference past which the self-check refuses. Both numbers come from the same logits, so
+# only the reduction order differs; a wrong mask, RoPE or head moves the loss by far more.
+SELF_CHECK_TOLERANCE = 1e-4
+SELF_CHECK_LOGITS_BYTES = 1 << 30
+
+
+@torch.no_grad()
+def self_check(model, layout, ids: torch.Tensor, name: str, indexer_chunk: int | None = None) -> dict:
+    """The all-Full loss of the first calibration sequence as this tool computes it, against the model's
+    own `forward(input_ids, labels=...)`. A difference means the tool would report wrong numbers for
+    this model: refuse. The sequence is cut where the model's own full logits would pass 1 GiB."""
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    seq = ids.shape[1]
+    cut = max(layout.index_topk + 2, SELF_CHECK_LOGITS_BYTES // (4 * vocab))
+    row = ids[:1, : min(seq, cut)]
+    all_full = "".join("S" if p in layout.fixed_shared else FULL for p in range(layout.num_positions))
+    what = f"self-check failed for {name} ({type(model).__name__}, {layout.family.name})"
+    try:
+        ours = PatternRunner(model, layout, row, measure_overlap=False, indexer_chunk=indexer_chunk, cache_device="none").score(all_full).loss
+    except (RuntimeError, TypeError, ValueError, AttributeError, IndexError, KeyError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CalibError(
+            f"{what}: the model's forward does not run as its adapter describes it ({type(e).__name__}: {first})",
+            hint="report the model_type and transformers version; this model is not supported as it is",
+        ) from None
+    device = model.get_input_embeddings().weight.device
+    row = row.to(device) if device.type != "meta" else row
+    theirs = float(model(input_ids=row, labels=row, use_cache=False).loss)
+    diff = abs(ours - theirs)
+    if not math.isfinite(theirs) or diff > SELF_CHECK_TOLERANCE * max(1.0, abs(theirs)):
+        raise CalibError(
+            f"{what}: the all-Full loss of the first "
+            f"calibration sequence is {ours:.6f} as indexcache computes it but {theirs:.6f} from the model's own forward "
+            f"(difference {diff:.2e}), so its numbers for this model would be wrong",
+            hint="report the model_type and transformers version; this model is not supported as it is",
+        )
+    return {"tokens": int(row.shape[1]), "tool_loss": ours, "model_loss": theirs, "difference": diff}
+
+
 def cache_bytes_estimate(layout, num_samples: int, seq_len: int, hidden_size: int, dtype_bytes: int) -> int:
-    """Prefix cache upper bound: one hidden input per candidate layer plus one top-k per full layer."""
-    hidden = (layout.num_layers - 1) * num_samples * seq_len * hidden_size * dtype_bytes
-    topk = layout.num_layers * num_samples * seq_len * layout.index_topk * 4
+    """Prefix cache upper bound: one layer output per candidate position plus one selection per full
+    position. `hidden_size` counts every hyper-connection stream."""
+    hidden = (layout.num_positions - 1) * num_samples * seq_len * hidden_size * dtype_bytes
+    topk = 2 * layout.num_positions * num_samples * seq_len * layout.index_topk * 4
     return hidden + topk

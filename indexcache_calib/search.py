@@ -83,6 +83,7 @@ def greedy_search(
     on_step: Callable[[Step], None] | None = None,
     on_candidate: Callable[[int, int, int], None] | None = None,
     rescore_best: int = 2,
+    allowed: Callable[[str], bool] | None = None,
 ) -> tuple[Score, list[Step]]:
     """Flip one layer per step to S until `num_full` layers are full. Returns (score of `start`, steps).
 
@@ -92,6 +93,8 @@ def greedy_search(
     the lowest last-known delta plus the two full neighbours of the layer just committed, then keeps
     re-scoring in order of last-known delta while any unscored candidate's last delta is below the
     best fresh delta (its ranking is in doubt). Deltas are loss minus the step's base loss.
+    `allowed`: patterns the target can run; a candidate whose flip it rejects is never scored, and the
+    search stops early if no candidate is left.
     """
     if search not in SEARCHES:
         raise ValueError(f"unknown search {search!r}")
@@ -107,6 +110,8 @@ def greedy_search(
             last_delta[layer] = sc.loss - s.base_loss
     while pattern.count(FULL) > num_full:
         cands = candidates(pattern, fixed_shared)
+        if allowed is not None:
+            cands = [c for c in cands if allowed(flip(pattern, c))]
         if not cands:
             break
         step_no = len(steps) + 1

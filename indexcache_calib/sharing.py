@@ -1,8 +1,8 @@
-"""Index capture and reuse: the only place that changes a model's behaviour.
+"""Index capture and reuse: the only place that changes what a model's indexers return.
 
-`install_sharing(layout, state)` puts an `IndexerProxy` in place of every layer's indexer and returns a
-handle whose `remove()` puts the originals back; nothing else in the package touches model modules.
-The originals, with any accelerate hooks on them, are called as they are, never modified.
+`install_sharing(layout, state)` puts an `IndexerProxy` in place of every position's indexer and returns a
+handle whose `remove()` puts the originals back. The originals, with any accelerate hooks on them, are
+called as they are, with the arguments the model gave them, never modified.
 """
 
 from __future__ import annotations
@@ -13,17 +13,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from indexcache_calib.pattern import FULL
+from indexcache_calib.families import FULL, TOKENS, Selection
 
 
 @dataclass
 class SharingState:
-    pattern: str
+    pattern: str  # one character per pattern position
     index_topk: int
     measure_overlap: bool = True
     chunk: int | None = None  # query rows per indexer call; None = automatic, 0 = one call
-    current: torch.Tensor | None = None  # top-k of the nearest preceding full layer, for the batch in flight
-    overlap_hits: dict[int, float] = field(default_factory=dict)
+    selection: Selection = TOKENS
+    chunks: dict = field(default_factory=dict)  # the family's query-axis arguments; empty: no chunking
+    current: object = None  # selection of the nearest preceding full position, for the batch in flight
+    overlap_hits: dict[int, float] = field(default_factory=dict)  # by decoder layer id
     overlap_total: dict[int, float] = field(default_factory=dict)
     indexer_calls: int = 0
 
@@ -54,9 +56,8 @@ class _KeySource:
         return self.keys
 
 
-def _cache_kwarg(indexer: nn.Module) -> str:
+def _cache_kwarg(params) -> str:
     # transformers renamed the indexer's `past_key_values` argument to `cache` after 5.23.
-    params = inspect.signature(type(indexer).forward).parameters
     return "past_key_values" if "past_key_values" in params else "cache"
 
 
@@ -70,103 +71,91 @@ def auto_chunk(batch: int, heads: int, seq: int) -> int:
     return max(1, AUTO_SCORE_BYTES // (batch * heads * seq * 4))
 
 
-def run_indexer(indexer, hidden_states, q_resid, position_embeddings, attention_mask, position_ids, index_topk, chunk=None):
-    """The layer's own top-k, [B, S, index_topk]. With `chunk`, queries are scored `chunk` rows at a time
-    so the fp32 score tensor is [B, chunk, H, T] instead of [B, S, H, T]; each row, and so its top-k,
-    is the same as in the single call. The first call computes the queries of the whole sequence
-    too (small: [B, S, H, D]) before it is stopped. `chunk` None picks rows automatically (see
-    `auto_chunk`); 0 always makes one call."""
-    seq = hidden_states.shape[1]
+def _rows(value, axis: int, q0: int, q1: int):
+    if isinstance(value, torch.Tensor):
+        index = [slice(None)] * value.dim()
+        index[axis] = slice(q0, q1)
+        return value[tuple(index)]
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows(v, axis, q0, q1) for v in value)
+    return value  # None, or a value with no query axis
+
+
+def run_indexer(indexer, args: tuple, kwargs: dict, chunks: dict, chunk: int | None = None):
+    """The layer's own selection, called with the arguments the model gave it. With `chunk` rows and a
+    family whose query-axis arguments are known (`chunks`), queries are scored `chunk` rows at a time so
+    the fp32 score tensor is [B, chunk, H, T] instead of [B, S, H, T]; each row, and so its top-k, is the
+    one of the single call. `chunk` None picks rows automatically (see `auto_chunk`); 0 makes one call."""
+    if not chunks or chunk == 0:
+        return indexer(*args, **kwargs)
+    signature = inspect.signature(type(indexer).forward)
+    named = signature.bind(None, *args, **kwargs).arguments
+    named.pop(next(iter(signature.parameters)))  # self
+    hidden = named["hidden_states"]
+    seq = hidden.shape[1]
     if chunk is None:
-        chunk = auto_chunk(hidden_states.shape[0], getattr(indexer, "n_heads", 64), seq)
-    if chunk == 0 or chunk >= seq:
-        return indexer(hidden_states, q_resid, position_embeddings, attention_mask, position_ids)
-    cos, sin = position_embeddings
-    keys, kwarg, parts = _KeySource(), _cache_kwarg(indexer), []
+        chunk = auto_chunk(hidden.shape[0], getattr(indexer, "n_heads", 64), seq)
+    if chunk >= seq:
+        return indexer(*args, **kwargs)
+    keys, kwarg = _KeySource(), _cache_kwarg(signature.parameters)
     try:
-        indexer(hidden_states, q_resid, position_embeddings, attention_mask, position_ids, **{kwarg: keys})
+        indexer(**{**named, kwarg: keys})
     except _Captured:
         pass
+    parts = []
     for q0 in range(0, seq, chunk):
         q1 = min(q0 + chunk, seq)
-        pos = position_ids[..., q0:q1] if isinstance(position_ids, torch.Tensor) else position_ids
-        parts.append(indexer(
-            hidden_states[:, q0:q1],
-            q_resid[:, q0:q1],
-            (cos[:, q0:q1], sin[:, q0:q1]),
-            attention_mask[:, q0:q1],
-            pos,
-            **{kwarg: keys},
-        ))
+        sliced = {k: (_rows(v, chunks[k], q0, q1) if k in chunks else v) for k, v in named.items()}
+        parts.append(indexer(**{**sliced, kwarg: keys}))
     return torch.cat(parts, dim=1)
 
 
-def topk_overlap(own: torch.Tensor, reused: torch.Tensor, index_topk: int, chunk: int = 1024) -> tuple[float, float]:
-    """(hits, total) for |T_own ∩ T_reused| / k over query positions that see more than k keys.
-    Earlier positions select every visible key whatever the indexer, so they say nothing. Indices past
-    the query position (padding of the top-k for early rows) are never counted."""
-    batch, seq, k = own.shape
-    hits = 0.0
-    rows_total = 0
-    for q0 in range(index_topk, seq, chunk):
-        q1 = min(q0 + chunk, seq)
-        pos = torch.arange(q0, q1, device=own.device).view(1, -1, 1)
-        o = own[:, q0:q1].long()
-        r = reused[:, q0:q1].long()
-        # Invalid indices go to a spare column `q1` that is cleared before reading, so they never count.
-        o = torch.where(o <= pos, o, q1)
-        r = torch.where(r <= pos, r, q1)
-        chosen = torch.zeros(batch, q1 - q0, q1 + 1, dtype=torch.bool, device=own.device)
-        chosen.scatter_(-1, o, True)
-        chosen[..., q1] = False
-        hit = chosen.gather(-1, r)
-        hits += hit.sum().item()
-        rows_total += batch * (q1 - q0)
-    return hits, float(rows_total * k)
+def _device(args: tuple, kwargs: dict):
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return None
 
 
 class IndexerProxy(nn.Module):
-    """Sits where the layer's indexer was. Full layer: run the real indexer and publish its top-k.
-    Shared layer: return the published top-k (on this layer's device) and, only when overlap is
+    """Sits where a position's indexer was. Full: run the real indexer and publish its selection.
+    Shared: return the published selection (on this layer's device) and, only when overlap is
     measured, also run the real indexer to compare."""
 
-    def __init__(self, indexer: nn.Module, layer_id: int, state: SharingState):
+    def __init__(self, indexer: nn.Module, position: int, layer: int, state: SharingState):
         super().__init__()
         # Plain attribute, not a submodule: state_dict and named_modules of the model stay unchanged.
         object.__setattr__(self, "original", indexer)
-        self.layer_id = layer_id
+        self.position, self.layer = position, layer
         self.state = state
 
-    def forward(self, hidden_states, q_resid, position_embeddings, attention_mask, position_ids=None, **_):
+    def forward(self, *args, **kwargs):
         state = self.state
 
         def own():
             state.indexer_calls += 1
-            return run_indexer(
-                self.original, hidden_states, q_resid, position_embeddings, attention_mask, position_ids,
-                state.index_topk, state.chunk,
-            )
+            return run_indexer(self.original, args, kwargs, state.chunks, state.chunk)
 
-        if state.pattern[self.layer_id] == FULL:
+        if state.pattern[self.position] == FULL:
             state.current = own()
             return state.current
-        reused = state.current.to(hidden_states.device)
+        reused = state.current.to(_device(args, kwargs))
         if state.measure_overlap:
-            hits, total = topk_overlap(own(), reused, state.index_topk)
-            state.overlap_hits[self.layer_id] = state.overlap_hits.get(self.layer_id, 0.0) + hits
-            state.overlap_total[self.layer_id] = state.overlap_total.get(self.layer_id, 0.0) + total
+            hits, total = state.selection.overlap(own(), reused, state.index_topk)
+            state.overlap_hits[self.layer] = state.overlap_hits.get(self.layer, 0.0) + hits
+            state.overlap_total[self.layer] = state.overlap_total.get(self.layer, 0.0) + total
         return reused
 
 
 class SharingHandle:
-    def __init__(self, attentions: list, originals: list):
-        self._attentions, self._originals = attentions, originals
+    def __init__(self, parents: list, attr: str, originals: list):
+        self._parents, self._attr, self._originals = parents, attr, originals
 
     def remove(self) -> None:
-        for attn, original in zip(self._attentions, self._originals):
-            if attn is not None and original is not None:
-                attn.indexer = original
-        self._attentions, self._originals = [], []
+        for parent, original in zip(self._parents, self._originals):
+            if original is not None:
+                setattr(parent, self._attr, original)
+        self._parents, self._originals = [], []
 
     def __enter__(self):
         return self
@@ -176,9 +165,13 @@ class SharingHandle:
 
 
 def install_sharing(layout, state: SharingState) -> SharingHandle:
-    originals = []
-    for i, (attn, indexer) in enumerate(zip(layout.attentions, layout.indexers)):
-        originals.append(indexer)
+    attr = layout.attr
+    for p, (parent, indexer) in enumerate(zip(layout.parents, layout.indexers)):
         if indexer is not None:
-            attn.indexer = IndexerProxy(indexer, i, state)
-    return SharingHandle(list(layout.attentions), originals)
+            setattr(parent, attr, IndexerProxy(indexer, p, layout.positions[p], state))
+    return SharingHandle(list(layout.parents), attr, list(layout.indexers))
+
+
+def sharing_state(layout, pattern: str, measure_overlap: bool = True, chunk: int | None = None) -> SharingState:
+    family = layout.family
+    return SharingState(pattern, layout.index_topk, measure_overlap, chunk, family.selection, dict(family.chunks))

@@ -7,38 +7,77 @@ import argparse
 
 import torch
 
-ARCHS = ("glm", "dsv32")
+# Every token-selecting indexer family, as a tiny config built from its own config class. "glm" and
+# "dsv32" are the two original architectures; the others are named by model_type.
+ARCHS = ("glm", "dsv32", "axk2", "hy_v4", "dots3_note", "mistral_large4", "glm5_next")
+
+
+def _common(layers: int, hidden: int, index_topk: int) -> dict:
+    return dict(
+        vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=hidden // 2,
+        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+        index_topk=index_topk, index_head_dim=16, index_n_heads=2, n_routed_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=4096, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    )
+
+
+def _mla(hidden: int, rope: int = 8) -> dict:
+    return dict(q_lora_rank=hidden // 2, kv_lora_rank=hidden // 2, qk_rope_head_dim=rope, qk_nope_head_dim=8, v_head_dim=8)
 
 
 def tiny_config(arch: str = "glm", layers: int = 6, hidden: int = 32, index_topk: int = 8, **over):
-    from transformers import DeepseekV32Config, GlmMoeDsaConfig
+    import transformers as tf
 
-    cls = GlmMoeDsaConfig if arch == "glm" else DeepseekV32Config
-    kw = dict(
-        vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=hidden // 2,
-        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
-        q_lora_rank=hidden // 2, kv_lora_rank=hidden // 2, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-        index_topk=index_topk, index_head_dim=16, index_n_heads=2, n_routed_experts=4, n_group=1,
-        topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1, n_shared_experts=1,
-        max_position_embeddings=4096, bos_token_id=0, eos_token_id=1, pad_token_id=2,
-    )
-    kw.update(over)
-    return cls(**kw)
+    common = _common(layers, hidden, index_topk)
+    if arch in ("glm", "dsv32", "axk2"):
+        cls = {"glm": tf.GlmMoeDsaConfig, "dsv32": tf.DeepseekV32Config, "axk2": tf.AXK2Config}[arch]
+        kw = dict(**common, **_mla(hidden), n_group=1, topk_group=1, first_k_dense_replace=1, n_shared_experts=1)
+        kw.update(over)
+        return cls(**kw)
+    if arch == "hy_v4":
+        return tf.HYV4Config(**{**common, **_mla(hidden), "hc_mult": 2, **over})
+    if arch == "dots3_note":
+        # Layers 0, 1 and every 4th from 1 are indexed; the rest are sliding-window MLA without an indexer.
+        kw = dict(**common, **_mla(hidden), head_dim=16, sliding_window=16, swa_num_attention_heads=2, swa_num_key_value_heads=2,
+                  swa_q_lora_rank=hidden // 2, swa_kv_lora_rank=hidden // 2, swa_head_dim=16, swa_qk_nope_head_dim=8, swa_v_head_dim=8,
+                  n_group=1, topk_group=1)
+        kw["num_attention_heads"] = kw["num_key_value_heads"] = 2
+        kw.update(over)
+        return tf.Dots3NoteTextConfig(**kw)
+    if arch == "mistral_large4":
+        text = dict(model_type="mistral_large4_text", **common, kv_lora_rank=hidden // 2, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                    v_head_dim=8, head_dim=8)
+        text.update(over)
+        vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=32, patch_size=8, head_dim=16)
+        return tf.MistralLarge4Config(text_config=text, vision_config=vision)
+    if arch == "glm5_next":
+        # NoPE indexer with k-pools; every third layer is linear attention (KDA), which has no indexer.
+        types = ["linear_attention" if i % 3 == 2 else "indexed_attention" for i in range(layers)]
+        text = dict(model_type="glm5_next_text", **common, q_lora_rank=hidden // 2, kv_lora_rank=hidden // 2, qk_rope_head_dim=0,
+                    qk_nope_head_dim=16, v_head_dim=8, index_kpool=2, layer_types=types, linear_head_dim=16, linear_num_heads=2,
+                    hc_mult=2)
+        text["num_attention_heads"] = text["num_key_value_heads"] = 2
+        text.update(over)
+        vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=hidden,
+                      projection_intermediate_size=64, patch_size=8, image_size=32)
+        return tf.Glm5NextConfig(text_config=text, vision_config=vision)
+    raise ValueError(f"unknown arch {arch!r}; one of {', '.join(ARCHS)}")
 
 
 def save_tiny(path, arch: str = "glm", layers: int = 6, seed: int = 0, weight_std: float = 0.3, **over):
     """Write a random tiny checkpoint (config, safetensors, character tokenizer) to `path`."""
-    from transformers import AutoModelForCausalLM
+    from indexcache_calib.model import _auto_class
 
     torch.manual_seed(seed)
     config = tiny_config(arch, layers, **over)
-    model = AutoModelForCausalLM.from_config(config)
+    model = _auto_class(config).from_config(config)
     with torch.no_grad():  # the default init is near-uniform; larger weights make layers matter
-        for p in model.parameters():
-            if p.dim() == 2:
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "hc_" not in name and ".fn" not in name:
                 p.normal_(0, weight_std)
     model.save_pretrained(path)
-    save_char_tokenizer(path, config.vocab_size)
+    save_char_tokenizer(path, config.get_text_config().vocab_size)
     return path
 
 

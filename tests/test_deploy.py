@@ -75,7 +75,7 @@ def test_export_vllm_and_sglang_lines_set_both_keys(run_dir, layer_map, glm_dir)
         argv = shlex.split(r.stdout)
         assert argv[: len(head)] == head and argv[len(head)] == str(glm_dir)  # the calibrated model by default
         assert argv[len(head) + 1] == flag
-        assert json.loads(argv[-1]) == {"index_topk_pattern": pattern, "indexer_types": indexer_types(pattern)}
+        assert json.loads(argv[-1]) == {"index_topk_pattern": pattern, "indexer_types": indexer_types(pattern), "use_index_cache": True}
         assert len(argv) == len(head) + 3
 
 
@@ -107,7 +107,8 @@ def test_export_transformers_snippet_builds_shared_layers(run_dir, layer_map, gl
 def test_export_refusals(run_dir, layer_map, tmp_path):
     assert "unknown --engine" in error_lines(invoke("export", run_dir, "--engine", "tgi"))[0]
     assert "does not exist" in error_lines(invoke("export", tmp_path / "none.json", "--engine", "vllm"))[0]
-    dsv = {**layer_map, "provenance": {**layer_map["provenance"], "architecture": "DeepseekV32ForCausalLM", "model_type": "deepseek_v32"}}
+    dsv = {**layer_map, "family": "deepseek_v32",
+           "provenance": {**layer_map["provenance"], "architecture": "DeepseekV32ForCausalLM", "model_type": "deepseek_v32"}}
     assert "no indexer sharing" in error_lines(invoke("export", _write_map(tmp_path, dsv), "--engine", "transformers"))[0]
     broken = {**layer_map, "indexer_types": ["full"] * layer_map["num_layers"]}
     assert "indexer_types disagree" in error_lines(invoke("export", _write_map(tmp_path, broken, "b.json"), "--engine", "vllm"))[0]

@@ -48,18 +48,16 @@ def test_overlap_matrix_is_symmetric_with_ones_on_the_diagonal(glm_dir, text_dat
     assert_png(out / "overlap.png")
 
 
-def test_layers_without_an_indexer_get_nan_rows_and_chunking_changes_nothing():
-    from transformers import AutoModelForCausalLM
-
+def test_layers_without_an_indexer_get_nan_rows_and_chunking_changes_nothing(tmp_path):
     from indexcache_calib.diagnostics import overlap_matrix
-    from indexcache_calib.model import find_dsa
-    from indexcache_calib.testing import tiny_config
+    from indexcache_calib.model import load_with_layout
+    from indexcache_calib.testing import save_tiny
 
     torch.manual_seed(0)
-    config = tiny_config("glm", 5, indexer_types=["full", "shared", "full", "full", "shared"])
-    model = AutoModelForCausalLM.from_config(config).eval()
-    layout = find_dsa(model)
-    ids = torch.randint(3, config.vocab_size, (3, 40))
+    save_tiny(tmp_path, "glm", 5, indexer_types=["full", "shared", "full", "full", "shared"])
+    model, layout = load_with_layout(str(tmp_path))
+    assert layout.fixed_shared == frozenset({1, 4})
+    ids = torch.randint(3, model.config.vocab_size, (3, 40))
     m = overlap_matrix(model, layout, ids, batch_size=2)
     assert np.isnan(m[[1, 4]]).all() and np.isnan(m[:, [1, 4]]).all()
     kept = m[np.ix_([0, 2, 3], [0, 2, 3])]

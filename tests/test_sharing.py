@@ -5,10 +5,11 @@ import shutil
 import pytest
 import torch
 
-from indexcache_calib.model import find_dsa, load_model, resolve
+from indexcache_calib.families import token_overlap
+from indexcache_calib.model import load_with_layout
 from indexcache_calib.pattern import indexer_types
 from indexcache_calib.runner import PatternRunner
-from indexcache_calib.sharing import SharingState, install_sharing, run_indexer, topk_overlap
+from indexcache_calib.sharing import install_sharing, run_indexer, sharing_state
 
 SEQ = 48
 
@@ -19,8 +20,7 @@ def ids_for(model, n=3, seed=0):
 
 
 def load(path):
-    model = load_model(resolve(str(path)))
-    return model, find_dsa(model)
+    return load_with_layout(str(path))
 
 
 @pytest.fixture(params=["glm", "dsv32"])
@@ -38,7 +38,7 @@ def test_all_full_reproduces_the_unhooked_model(loaded):
         reference = per_token.double().mean().item()
     runner = PatternRunner(model, layout, ids, batch_size=3, cache_device="none")
     captured = {}
-    handle = runner._norm.register_forward_hook(lambda m, a, o: captured.setdefault("h", o))
+    handle = layout.decoder.norm.register_forward_hook(lambda m, a, o: captured.setdefault("h", o))
     score = runner.set_base("F" * layout.num_layers)
     handle.remove()
     assert torch.equal(captured["h"], hidden_ref)  # layer by layer is bit-identical to model(...)
@@ -56,7 +56,7 @@ def test_removing_the_hooks_leaves_the_model_as_it_was(loaded):
     runner = PatternRunner(model, layout, ids)
     runner.set_base("F" * layout.num_layers)
     runner.score("FSSFSF")
-    assert [a.indexer for a in layout.attentions] == originals
+    assert [p.indexer for p in layout.parents] == originals
     assert model.state_dict().keys() == state_before.keys()
     assert all(torch.equal(v, state_before[k]) for k, v in model.state_dict().items())
     with torch.no_grad():
@@ -139,18 +139,18 @@ def test_chunked_indexer_selects_the_same_keys(arch, glm_dir, dsv32_dir):
     seen = {}
 
     def grab(module, args, kwargs, output):
-        seen["args"] = args
+        seen["args"], seen["kwargs"] = args, kwargs
         return None
 
     handle = layout.indexers[2].register_forward_hook(grab, with_kwargs=True)
     with torch.no_grad():
-        model(input_ids=ids)
+        model(input_ids=ids, use_cache=False)
     handle.remove()
-    hs, q_resid, pos_emb, mask, pos = seen["args"][:5]
+    chunks = layout.family.chunks
     with torch.no_grad():
-        full = run_indexer(layout.indexers[2], hs, q_resid, pos_emb, mask, pos, layout.index_topk)
+        full = run_indexer(layout.indexers[2], seen["args"], seen["kwargs"], chunks, 0)
         for chunk in (5, 16):
-            part = run_indexer(layout.indexers[2], hs, q_resid, pos_emb, mask, pos, layout.index_topk, chunk)
+            part = run_indexer(layout.indexers[2], seen["args"], seen["kwargs"], chunks, chunk)
             assert torch.equal(part, full)  # row for row the same scores, so the same top-k
     whole = PatternRunner(model, layout, ids, cache_device="none").score("FSFSFS")
     chunked = PatternRunner(model, layout, ids, cache_device="none", indexer_chunk=7).score("FSFSFS")
@@ -161,12 +161,14 @@ def test_chunked_indexer_selects_the_same_keys(arch, glm_dir, dsv32_dir):
 def test_topk_overlap_counts_only_valid_positions():
     k, seq = 4, 12
     own = torch.stack([torch.arange(k) + max(0, t - k + 1) for t in range(seq)]).unsqueeze(0)
-    assert topk_overlap(own, own, k) == (float((seq - k) * k), float((seq - k) * k))
+    assert token_overlap(own, own, k) == (float((seq - k) * k), float((seq - k) * k))
     shifted = (own - 1).clamp(min=0)
-    hits, total = topk_overlap(own, shifted, k)
+    hits, total = token_overlap(own, shifted, k)
     assert hits == (seq - k) * (k - 1) and total == (seq - k) * k
     future = own + 100  # indices past the query never count
-    assert topk_overlap(own, future, k)[0] == 0
+    assert token_overlap(own, future, k)[0] == 0
+    padded = torch.cat([own, torch.full_like(own[..., :2], -1)], dim=-1)  # -1 padding counts neither way
+    assert token_overlap(padded, padded, k) == token_overlap(own, own, k)
 
 
 def test_overlap_is_measured_for_shared_layers_only(glm_dir):
@@ -183,11 +185,11 @@ def test_overlap_is_measured_for_shared_layers_only(glm_dir):
 
 def test_install_sharing_is_removed_by_one_call(glm_dir):
     model, layout = load(glm_dir)
-    state = SharingState("FSFSFS", layout.index_topk)
+    state = sharing_state(layout, "FSFSFS")
     handle = install_sharing(layout, state)
-    assert all(type(a.indexer).__name__ == "IndexerProxy" for a in layout.attentions)
+    assert all(type(p.indexer).__name__ == "IndexerProxy" for p in layout.parents)
     handle.remove()
-    assert [a.indexer for a in layout.attentions] == layout.indexers
+    assert [p.indexer for p in layout.parents] == layout.indexers
 
 
 def test_committing_the_best_candidate_reuses_its_layer_inputs(glm_dir):

@@ -1,0 +1,230 @@
+"""Every token-selecting indexer family in transformers, on a tiny random checkpoint built from its own
+config class and saved to disk: the tool's all-Full loss is the model's own, prefix reuse is bit-identical
+to full forwards, the library reproduces the tool's loss for the chosen pattern where it shares natively,
+and calibrate, export and validate run end to end."""
+
+import json
+
+import pytest
+import torch
+from conftest import one_error_line
+from typer.testing import CliRunner
+
+from indexcache_calib.artifact import LAYER_MAP, TOKENS, load_tokens
+from indexcache_calib.cli import app
+from indexcache_calib.errors import CalibError
+from indexcache_calib.families import BY_MODEL_TYPE, FULL
+from indexcache_calib.model import load_with_layout
+from indexcache_calib.runner import PatternRunner, self_check
+from indexcache_calib.testing import save_tiny
+
+runner = CliRunner()
+SEQ = 48
+# model_type -> (testing arch, extra config). Mistral's tiny model shares KV across layers, so prefix
+# reuse has to restore what the skipped layers stored for later ones.
+FAMILIES = {
+    "glm_moe_dsa": ("glm", {}),
+    "deepseek_v32": ("dsv32", {}),
+    "axk2": ("axk2", {}),
+    "hy_v4": ("hy_v4", {}),
+    "dots3_note": ("dots3_note", {}),
+    "mistral_large4": ("mistral_large4", {"kv_source_layers": [0, 0, 2, 3, 4, 4]}),
+    "glm5_next": ("glm5_next", {}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_dir(request, tmp_path_factory):
+    arch, extra = FAMILIES[request.param]
+    path = save_tiny(tmp_path_factory.mktemp(request.param), arch, layers=6, **extra)
+    return request.param, path
+
+
+def _ids(n=3, vocab=96, seed=0):
+    return torch.randint(3, vocab, (n, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def _all_full(layout):
+    return "".join("S" if p in layout.fixed_shared else FULL for p in range(layout.num_positions))
+
+
+def _candidates(layout, base):
+    family = layout.family
+    out = []
+    for p in range(1, layout.num_positions):
+        if base[p] == FULL and p not in layout.fixed_shared:
+            pattern = base[:p] + "S" + base[p + 1 :]
+            if family.runs(pattern, layout.positions) is None:
+                out.append(pattern)
+    return out
+
+
+def test_all_full_loss_is_the_models_own(family_dir):
+    name, path = family_dir
+    model, layout = load_with_layout(str(path))
+    assert layout.family.name == name
+    ids = _ids()
+    with torch.no_grad():
+        own = model(input_ids=ids, labels=ids, use_cache=False).loss.item()
+    ours = PatternRunner(model, layout, ids, batch_size=3, cache_device="none").score(_all_full(layout))
+    assert ours.loss == pytest.approx(own, abs=1e-5)
+    assert self_check(model, layout, ids, name)["difference"] < 1e-5
+
+
+def test_prefix_reuse_is_bit_identical_to_full_forwards(family_dir):
+    name, path = family_dir
+    model, layout = load_with_layout(str(path))
+    ids = _ids(4)
+    cached = PatternRunner(model, layout, ids, batch_size=2, cache_device="cpu")
+    plain = PatternRunner(model, layout, ids, batch_size=2, cache_device="none")
+    base = _all_full(layout)
+    for _ in range(2):  # two committed steps, so candidates restart from a base with shared layers
+        assert cached.set_base(base).loss == plain.set_base(base).loss
+        scores = {}
+        for pattern in _candidates(layout, base):
+            a, b = cached.score(pattern), plain.score(pattern)
+            assert a.seq_losses == b.seq_losses and a.overlap == b.overlap, pattern
+            scores[pattern] = a.loss
+        if not scores:
+            break
+        base = min(scores, key=scores.get)
+    assert cached.counters.layer_forwards < plain.counters.layer_forwards
+    cached.close()
+
+
+def test_shared_layers_change_the_loss(family_dir):
+    name, path = family_dir
+    model, layout = load_with_layout(str(path))
+    r = PatternRunner(model, layout, _ids(), batch_size=3, cache_device="none")
+    base = r.score(_all_full(layout)).loss
+    assert any(r.score(p).loss != base for p in _candidates(layout, _all_full(layout)))
+    assert r.last_layer_overlap and all(0 <= v <= 1 for v in r.last_layer_overlap.values())
+
+
+def _calibrate(path, out, *extra):
+    r = runner.invoke(app, ["calibrate", "--model", str(path), "--data", str(out.parent / "data.jsonl"), "--seq-len", str(SEQ),
+                            "--num-samples", "2", "--target", "1/3", "--out", str(out), "--no-plots", *extra])
+    assert r.exit_code == 0, r.stderr
+    return json.loads((out / LAYER_MAP).read_text())
+
+
+def test_calibrate_export_validate_end_to_end(family_dir, tmp_path):
+    from conftest import write_docs
+
+    name, path = family_dir
+    write_docs(tmp_path / "data.jsonl")
+    out = tmp_path / "run"
+    lm = _calibrate(path, out)
+    family = BY_MODEL_TYPE[name]
+    ckpt_positions = family.positions(__import__("transformers").AutoConfig.from_pretrained(path).get_text_config())
+    assert lm["family"] == name and lm["positions"] == ckpt_positions and len(lm["pattern"]) == len(ckpt_positions)
+    assert family.runs(lm["pattern"], lm["positions"]) is None
+    # Targets count pattern positions only: layers without an indexer by architecture are not layers to keep.
+    assert lm["target"]["num_full"] == -(-len(ckpt_positions) // 3) == lm["num_full"]
+    check = lm["provenance"]["self_check"]
+    assert check["difference"] < 1e-5 and check["tokens"] == SEQ
+    r = runner.invoke(app, ["validate", str(out), "--model", str(path)])
+    assert r.exit_code == 0, r.stdout + r.stderr
+    for engine in ("vllm", "sglang", "transformers", "trtllm"):
+        r = runner.invoke(app, ["export", str(out), "--engine", engine])
+        if engine in family.engines:
+            assert r.exit_code == 0, r.stderr
+        else:
+            assert r.exit_code == 2 and name in one_error_line(r)
+
+
+@pytest.mark.parametrize("name", ["glm_moe_dsa", "hy_v4", "mistral_large4", "glm5_next"])
+def test_the_library_reproduces_the_reported_loss_with_the_exported_keys(name, tmp_path):
+    """transformers builds the shared layers itself from the exported `indexer_types`."""
+    from conftest import write_docs
+
+    arch, extra = FAMILIES[name]
+    path = save_tiny(tmp_path / "model", arch, layers=6, **extra)
+    write_docs(tmp_path / "data.jsonl")
+    lm = _calibrate(path, tmp_path / "run")
+    assert "S" in lm["pattern"]
+    r = runner.invoke(app, ["export", str(tmp_path / "run"), "--engine", "transformers"])
+    assert r.exit_code == 0, r.stderr
+    scope = {}
+    exec(r.stdout, scope)  # the printed snippet, as a user would paste it
+    model = scope["model"].eval()
+    decoder = model.get_decoder()
+    built = [decoder.layers[l].self_attn.indexer is not None for l in lm["positions"]]
+    assert built == [c == "F" for c in lm["pattern"]]
+    ids = load_tokens(tmp_path / "run" / TOKENS)
+    with torch.no_grad():
+        native = model(input_ids=ids, labels=ids, use_cache=False).loss.item()
+    assert native == pytest.approx(lm["loss"]["final"], abs=1e-5)
+
+
+def test_glm5_next_never_proposes_what_its_library_cannot_run(tmp_path):
+    """Its library hands a full layer's top-k only to the very next layer: F S runs, F S S and
+    F <linear> S do not, so neither the search nor export may produce them."""
+    from conftest import write_docs
+
+    path = save_tiny(tmp_path / "model", "glm5_next", layers=6)  # indexed 0, 1, 3, 4; linear 2, 5
+    write_docs(tmp_path / "data.jsonl")
+    lm = _calibrate(path, tmp_path / "run", "--search", "exact")
+    family = BY_MODEL_TYPE["glm5_next"]
+    for step in lm["path"]:
+        assert family.runs(step["pattern"], lm["positions"]) is None
+    bad = dict(lm, pattern="FFSF")  # layer 3 shared right after linear-attention layer 2
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    r = runner.invoke(app, ["validate", str(tmp_path / "bad.json"), "--model", str(path)])
+    assert r.exit_code == 1 and "cannot run this pattern" in r.stderr
+    r = runner.invoke(app, ["calibrate", "--model", str(path), "--data", str(tmp_path / "data.jsonl"), "--seq-len", str(SEQ),
+                            "--num-samples", "2", "--num-full", "1", "--out", str(tmp_path / "r2"), "--no-plots"])
+    assert r.exit_code == 2 and "fewer than 2" in one_error_line(r)
+
+
+def test_self_check_refuses_a_model_whose_numbers_the_tool_would_get_wrong(glm_dir, text_data, tmp_path, monkeypatch):
+    """A model whose own forward computes its logits differently from what the tool drives (here: an
+    extra soft-cap applied only when the model computes its loss itself) is refused, not reported."""
+    from transformers import GlmMoeDsaForCausalLM
+
+    real = GlmMoeDsaForCausalLM.forward
+
+    def forward(self, *args, labels=None, **kwargs):
+        out = real(self, *args, labels=labels, **kwargs)
+        if labels is not None:
+            out.loss = out.loss * 1.001
+        return out
+
+    monkeypatch.setattr(GlmMoeDsaForCausalLM, "forward", forward)
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["calibrate", "--model", str(glm_dir), "--data", str(text_data), "--seq-len", str(SEQ),
+                            "--num-samples", "2", "--num-full", "2", "--out", str(out), "--no-plots"])
+    assert r.exit_code == 2 and "Traceback" not in r.stderr
+    errors = [l for l in r.stderr.splitlines() if l.startswith("Error: ")]
+    assert len(errors) == 1
+    line = errors[0]
+    assert "self-check failed" in line and "GlmMoeDsaForCausalLM" in line and "difference" in line
+    assert not out.exists()
+
+
+def test_self_check_refuses_an_adapter_that_calls_the_indexer_wrongly(tmp_path, monkeypatch):
+    """An adapter that claims the GLM chunked call for glm5_next's k-pool indexer: the tool cannot run
+    the model as described, and says so instead of reporting anything."""
+    import dataclasses
+
+    from indexcache_calib import families
+
+    path = save_tiny(tmp_path / "model", "glm5_next", layers=6)
+    wrong = dataclasses.replace(families.BY_MODEL_TYPE["glm5_next"], chunks=families.GLM_CHUNKS)
+    monkeypatch.setitem(families.BY_MODEL_TYPE, "glm5_next", wrong)
+    model, layout = load_with_layout(str(path))
+    with pytest.raises(CalibError, match="self-check failed for .*glm5_next"):
+        self_check(model, layout, _ids(1), "tiny", indexer_chunk=7)
+
+
+def test_an_unknown_relative_is_refused_not_guessed(glm_dir, tmp_path):
+    import shutil
+
+    path = tmp_path / "relative"
+    shutil.copytree(glm_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    config["model_type"] = "deepseek_v3"  # a config class transformers knows, with no indexer adapter here
+    config["index_topk"] = 8
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CalibError, match="no adapter|not a DSA model"):
+        load_with_layout(str(path))
