@@ -41,10 +41,9 @@ def _tokens(model_spec: str, data: str, seq_len: int, samples: int, seed: int = 
 
 
 def _load(model_spec: str, device_map: str = "cpu"):
-    from indexcache_calib.model import find_dsa, load_model, resolve
+    from indexcache_calib.model import load_with_layout
 
-    model = load_model(resolve(model_spec), device_map=device_map)
-    return model, find_dsa(model)
+    return load_with_layout(model_spec, device_map=device_map)
 
 
 def compare_searches(model, layout, ids, heldout_ids, batch_size: int = 4, ratios=(2, 4, 8), label: str = "",
@@ -57,7 +56,7 @@ def compare_searches(model, layout, ids, heldout_ids, batch_size: int = 4, ratio
     from indexcache_calib.runner import PatternRunner
     from indexcache_calib.search import greedy_search, paired, path
 
-    n = layout.num_layers
+    n = layout.num_positions
     start = "F" * n
     floor = math.ceil(n / max(ratios))
     runs = {}

@@ -94,9 +94,20 @@ def dry_run(opts: Options) -> dict:
 
     check_options(opts)
     ckpt = mdl.inspect_checkpoint(mdl.resolve(opts.model), opts.trust_remote_code)
-    check_seq_len(opts, ckpt)
+    check_for_family(opts, ckpt)
     num_full, _ = search_plan(opts, ckpt)
     return plan(opts, ckpt, num_full)
+
+
+def check_for_family(opts: Options, ckpt) -> None:
+    """What depends on the model family, checked before any weights load."""
+    check_seq_len(opts, ckpt)
+    if opts.indexer_chunk and not ckpt.family.chunks:
+        raise CalibError(
+            f"--indexer-chunk {opts.indexer_chunk} is not possible for {ckpt.family.name}: its indexer cannot score "
+            "queries in chunks against keys computed once",
+            hint="leave --indexer-chunk out; this family's indexer runs in one call",
+        )
 
 
 def check_seq_len(opts: Options, ckpt) -> None:
@@ -137,7 +148,7 @@ def prepare(opts: Options, hooks: Hooks, ids=None, check_config=None) -> Prepare
 
     source = mdl.resolve(opts.model)
     ckpt = mdl.inspect_checkpoint(source, opts.trust_remote_code)
-    check_seq_len(opts, ckpt)
+    check_for_family(opts, ckpt)
     if check_config is not None:
         check_config(ckpt)
     try:

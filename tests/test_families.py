@@ -228,3 +228,16 @@ def test_an_unknown_relative_is_refused_not_guessed(glm_dir, tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CalibError, match="no adapter|not a DSA model"):
         load_with_layout(str(path))
+
+
+def test_indexer_chunking_is_refused_where_the_indexer_runs_in_one_call(tmp_path):
+    from conftest import write_docs
+
+    path = save_tiny(tmp_path / "model", "glm5_next", layers=6)
+    write_docs(tmp_path / "data.jsonl")
+    args = ["calibrate", "--model", str(path), "--data", str(tmp_path / "data.jsonl"), "--seq-len", str(SEQ),
+            "--num-samples", "2", "--num-full", "3", "--out", str(tmp_path / "run"), "--no-plots"]
+    r = runner.invoke(app, [*args, "--indexer-chunk", "8"])
+    assert r.exit_code == 2 and "--indexer-chunk 8 is not possible for glm5_next" in one_error_line(r)
+    r = runner.invoke(app, [*args, "--indexer-chunk", "8", "--dry-run"])
+    assert r.exit_code == 2 and "not possible" in one_error_line(r)
