@@ -60,6 +60,7 @@ class Hooks:
 
     message: Callable[[str], None] = lambda text: None
     warn: Callable[[str], None] = lambda text: None
+    started: Callable[[Path], None] = lambda run_dir: None  # the run directory, once it is known
     search_started: Callable[[int, int], None] = lambda steps, first_candidates: None
     candidate: Callable[[int, int, int], None] = lambda step, done, total: None
     step: Callable[[Step], None] = lambda step: None
@@ -81,12 +82,6 @@ class Prepared:
     self_check: dict = field(default_factory=dict)
 
 
-def target_label(opts: Options) -> str:
-    if opts.num_full is not None:
-        return f"{opts.num_full}F"
-    return (opts.target or "").replace("/", "-")
-
-
 def dry_run(opts: Options) -> dict:
     """Check the options against the config and estimate what the run needs; loads no weights."""
     from indexcache_calib import model as mdl
@@ -96,7 +91,11 @@ def dry_run(opts: Options) -> dict:
     ckpt = mdl.inspect_checkpoint(mdl.resolve(opts.model), opts.trust_remote_code)
     check_for_family(opts, ckpt)
     num_full, _ = search_plan(opts, ckpt)
-    return plan(opts, ckpt, num_full)
+    opts.cache_device, why = resolved_cache_device(opts)
+    estimate = plan(opts, ckpt, num_full)
+    if why:
+        estimate["warnings"].insert(0, why)
+    return estimate
 
 
 def check_for_family(opts: Options, ckpt) -> None:
@@ -135,19 +134,56 @@ def check_options(opts: Options) -> None:
             raise CalibError(f"--{name.replace('_', '-')} must be at least 1")
     if opts.indexer_chunk is not None and opts.indexer_chunk < 0:
         raise CalibError("--indexer-chunk must be 0 (one call) or a number of query rows")
+    check_placement(opts)
 
 
-def prepare(opts: Options, hooks: Hooks, ids=None, check_config=None) -> Prepared:
+def check_placement(opts: Options) -> None:
+    """--dtype, --device-map, --max-memory and --cache-budget, before anything loads (the dry run too)."""
+    import torch
+    from accelerate.utils import convert_file_size_to_int
+
+    from indexcache_calib import model as mdl
+
+    if opts.dtype not in mdl.DTYPES:
+        raise CalibError(f"unknown --dtype {opts.dtype!r}", hint=f"use one of {', '.join(mdl.DTYPES)}")
+    device_map = mdl.parse_device_map(opts.device_map)
+    wants_gpu = (isinstance(device_map, str) and device_map.startswith("cuda")) or (
+        isinstance(device_map, dict) and any(isinstance(d, int) or str(d).startswith("cuda") for d in device_map.values()))
+    if wants_gpu and not torch.cuda.is_available():
+        raise CalibError(
+            f"--device-map {opts.device_map} places the model on a GPU, but this torch ({torch.__version__}) sees none",
+            hint="use --device-map cpu (or auto), or install a CUDA build of torch on a GPU host",
+        )
+    mdl.parse_max_memory(opts.max_memory)
+    if opts.cache_budget:
+        try:
+            convert_file_size_to_int(opts.cache_budget)
+        except ValueError:
+            raise CalibError(f"cannot read --cache-budget {opts.cache_budget!r}", hint="use e.g. 64GiB or 500MB") from None
+
+
+def resolved_cache_device(opts: Options) -> tuple[str, str | None]:
+    """The cache device the run will really use, and a warning when that is not what was asked."""
+    import torch
+
+    if opts.cache_device == "gpu" and not torch.cuda.is_available():
+        return "cpu", "--cache-device gpu on a host without a GPU: the prefix cache stays on cpu"
+    return opts.cache_device, None
+
+
+def prepare(opts: Options, hooks: Hooks, ids=None, check_config=None, ckpt=None, before_loading=None) -> Prepared:
     """Resolve and check everything cheap first (config, weight names, data, lengths), then load the
-    weights, then check that this tool's all-Full loss is the model's own."""
+    weights, then check that this tool's all-Full loss is the model's own. `before_loading(ids)` runs
+    once the calibration tokens are known, before any weights load."""
     from transformers import AutoTokenizer
 
     from indexcache_calib import data as dat
     from indexcache_calib import model as mdl
     from indexcache_calib.runner import self_check
 
+    check_placement(opts)
     source = mdl.resolve(opts.model)
-    ckpt = mdl.inspect_checkpoint(source, opts.trust_remote_code)
+    ckpt = ckpt or mdl.inspect_checkpoint(source, opts.trust_remote_code)
     check_for_family(opts, ckpt)
     if check_config is not None:
         check_config(ckpt)
@@ -166,6 +202,8 @@ def prepare(opts: Options, hooks: Hooks, ids=None, check_config=None) -> Prepare
         ids, available = dat.pack(docs.texts, tokenizer, opts.seq_len, opts.num_samples, opts.seed)
         if available < opts.num_samples:
             hooks.warn(f"the data fills only {available} sequences of {opts.seq_len} tokens; calibrating on {available}, not {opts.num_samples}")
+    if before_loading is not None:
+        before_loading(ids)
     if ckpt.config_shared:
         hooks.message(
             f"note: the config of {opts.model} carries a pattern ({len(ckpt.config_shared)} layers marked shared); their "
@@ -228,17 +266,16 @@ def choose_cache_device(opts: Options, prep: Prepared, hooks: Hooks) -> str:
 
     if opts.search == "naive" or opts.cache_device == "none":
         return opts.cache_device
+    device, why = resolved_cache_device(opts)
+    if why:
+        hooks.warn(why)
     elem = next(prep.model.parameters()).element_size()
     from indexcache_calib.dryrun import _streams
 
     text = prep.checkpoint.text
     need = cache_bytes_estimate(prep.layout, len(prep.ids), prep.ids.shape[1], text.hidden_size * _streams(text), elem)
-    device = opts.cache_device
     if opts.cache_budget:
-        try:
-            budget = convert_file_size_to_int(opts.cache_budget)
-        except ValueError:
-            raise CalibError(f"cannot read --cache-budget {opts.cache_budget!r}", hint="use e.g. 64GiB or 500MB")
+        budget = convert_file_size_to_int(opts.cache_budget)
         if need > budget and device != "disk":
             hooks.warn(f"the prefix cache needs up to {size_str(need)}, over --cache-budget {opts.cache_budget}: keeping it on disk")
             device = "disk"
@@ -281,10 +318,22 @@ def check_fingerprint(run_dir: Path, saved: dict, fp: dict) -> None:
     if saved != fp:
         changed = sorted(_diff(saved, fp))
         raise CalibError(
-            f"cannot resume {run_dir}: {', '.join(changed)} changed since the checkpoint was written",
+            f"cannot resume {run_dir}: {'; '.join(changed)} changed since the checkpoint was written",
             hint="resume with the same model, data and settings, or start again with --overwrite",
             exit_code=EXIT_RESUME_MISMATCH,
         )
+
+
+def check_resume_settings(run_dir: Path, saved: dict, opts: Options, config_sha: str | None) -> None:
+    """The parts of the fingerprint known before any data or weights load."""
+    early = {k: saved.get(k) for k in ("settings", "tool_version", "config_sha256")}
+    now = {"settings": opts.fingerprint_fields(), "tool_version": __version__, "config_sha256": config_sha}
+    check_fingerprint(run_dir, early, now)
+
+
+def _short(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 16 else text[:12] + "..."
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -294,7 +343,7 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
         if isinstance(va, dict) and isinstance(vb, dict):
             out += _diff(va, vb, f"{prefix}{k}.")
         elif va != vb:
-            out.append(f"{prefix}{k}")
+            out.append(f"{prefix}{k} ({_short(va)} -> {_short(vb)})")
     return out
 
 
@@ -313,24 +362,34 @@ def versions() -> dict:
 
 
 def calibrate(opts: Options, hooks: Hooks | None = None) -> tuple[dict, Path]:
-    """Run the search and write the artifact. Returns (layer map, run directory)."""
+    """Run the search and write the artifact. Returns (layer map, run directory). Everything that can be
+    checked without weights is checked before the run directory is touched."""
     import torch
 
+    from indexcache_calib import model as mdl
     from indexcache_calib.parallel import init_world
 
     world = init_world()
     hooks = (hooks or Hooks()) if world.is_main else Hooks()
     check_options(opts)
     t_start = time.time()
-    run_dir = Path(opts.out) if opts.out else Path("outputs") / art.default_run_name(opts.model, opts.data, target_label(opts))
+    source = mdl.resolve(opts.model)
+    ckpt = mdl.inspect_checkpoint(source, opts.trust_remote_code)
+    check_for_family(opts, ckpt)
+    num_full, _ = search_plan(opts, ckpt)
+    # Named by the resolved number of Full layers: 1/4, 25%, 0.25 and --num-full N are one run.
+    run_dir = Path(opts.out) if opts.out else Path("outputs") / art.default_run_name(opts.model, opts.data, f"{num_full}F")
     existed = run_dir.exists()
     saved = read_checkpoint(run_dir) if opts.resume else None
+    if saved is not None:
+        check_resume_settings(run_dir, saved["fingerprint"], opts, mdl.config_sha256(source))
     art.check_run_dir(run_dir, opts.resume, opts.overwrite)
     world.barrier()  # every rank has checked before rank 0 changes anything
     if world.is_main:
         art.prepare_run_dir(run_dir, opts.resume, opts.overwrite)
+    hooks.started(run_dir)
     try:
-        return _calibrate(opts, hooks, run_dir, t_start, saved, world)
+        return _calibrate(opts, hooks, run_dir, t_start, saved, world, ckpt)
     except (torch.OutOfMemoryError, MemoryError):
         raise CalibError("out of memory", hint=OOM_HINT, exit_code=EXIT_OUT_OF_MEMORY) from None
     finally:
@@ -340,24 +399,35 @@ def calibrate(opts: Options, hooks: Hooks | None = None) -> tuple[dict, Path]:
                 art.rmtree_if_empty(run_dir)
 
 
-def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved: dict | None, world) -> tuple[dict, Path]:
+def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved: dict | None, world, ckpt) -> tuple[dict, Path]:
     from indexcache_calib.parallel import ParallelEvaluator, sum_counters
 
     from indexcache_calib import model as mdl
     from indexcache_calib.data import tokens_sha256
 
-    prep = prepare(opts, hooks, check_config=lambda ckpt: search_plan(opts, ckpt))
+    def tokens_as_saved(ids):  # a resume on other tokens is refused before any weights load
+        old, new = saved["fingerprint"].get("tokens_sha256") if saved else None, tokens_sha256(ids)
+        if saved is not None and old != new:
+            check_fingerprint(run_dir, {"tokens_sha256": old}, {"tokens_sha256": new})
+
+    prep = prepare(opts, hooks, ckpt=ckpt, before_loading=tokens_as_saved)
     layout = prep.layout
     n = layout.num_positions
     num_full, start = search_plan(opts, prep.checkpoint)
     config_sha = mdl.config_sha256(prep.source)
     fp = fingerprint(opts, prep, config_sha)
     done: list[Step] = []
+    later: list[Step] = []
     if saved is not None:
         check_fingerprint(run_dir, saved["fingerprint"], fp)
-        # F-sets are nested, so a run resumed with a larger target just reads its answer off the path.
+        # F-sets are nested, so a run resumed with a larger target just reads its answer off the path;
+        # the steps past it stay in the checkpoint for a later, smaller target.
         done = [s for s in saved["steps"] if s.pattern.count(FULL) >= num_full]
+        later = saved["steps"][len(done):]
         hooks.message(f"resuming after step {len(done)}")
+
+    def kept(steps: list[Step]) -> list[Step]:
+        return steps + later[len(steps) - len(done):]
     all_full = all_full_pattern(prep.checkpoint)
 
     opts.cache_device = choose_cache_device(opts, prep, hooks)
@@ -368,6 +438,7 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
     def checkpoint(steps: list[Step]) -> None:
         if not world.is_main:
             return
+        steps = kept(steps)
         art.write_json(run_dir / art.CHECKPOINT, {
             "fingerprint": fp, "baseline_loss": baseline[0].loss if baseline else None,
             "steps": [s.to_json() for s in steps],

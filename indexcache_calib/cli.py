@@ -4,95 +4,92 @@ from __future__ import annotations
 
 import json
 import os
-import signal
+import shlex
 import sys
-from contextlib import contextmanager
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
-from indexcache_calib.cli_options import (
-    AllowPickle, BatchSize, DeviceMap, Dtype, IndexerChunk, MaxMemory, Model, OffloadDir, Seed, TextField, TrustRemoteCode,
+from indexcache_calib.cli_common import (
+    EXIT_SIGINT, AllowPickle, BatchSize, DeviceMap, Dtype, IndexerChunk, MaxMemory, Model, OffloadDir, Seed, TextField,
+    TrustRemoteCode, _quiet_libraries, err, handled, out,
 )
-from indexcache_calib.errors import CalibError
+
+class _Commands(TyperGroup):
+    """Command-line mistakes get the same `Error:`/`Hint:` lines as every other bad input, and a reader
+    that closes our stdout early (`| head -1`) is not an error: the run directory holds everything."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = code if isinstance(code, int) else 0
+        except typer.Abort:
+            code = EXIT_SIGINT
+        except typer.TyperException as e:  # the parser's own errors (typer's click)
+            if not hasattr(e, "format_message"):
+                raise
+            err.print(f"Error: {e.format_message()}", markup=False)
+            ctx = getattr(e, "ctx", None)
+            err.print(f"Hint: see {ctx.command_path if ctx is not None else 'indexcache'} --help", markup=False)
+            code = getattr(e, "exit_code", 2)
+        except BrokenPipeError:
+            # Python would complain again while flushing stdout at exit: point it at /dev/null first.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            code = 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
     help="Calibrate which DSA layers keep their lightning indexer (IndexCache).",
 )
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+
+def _version(value: bool) -> None:
+    if value:
+        from indexcache_calib import __version__
+
+        out.print(f"indexcache {__version__}", markup=False)
+        raise typer.Exit(0)
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
     """Calibrate which DSA layers keep their lightning indexer (IndexCache)."""
-
-
-class _Terminated(Exception):
-    pass
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
-    from datasets.utils.logging import disable_progress_bar as datasets_quiet
-
-    import logging
-
-    logging.getLogger("accelerate").setLevel(logging.ERROR)
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets_quiet()
-
-
-def fail(message: str, hint: str | None = None, code: int = 2) -> None:
-    err.print(f"Error: {message}", markup=False)
-    if hint:
-        err.print(f"Hint: {hint}", markup=False)
-    raise typer.Exit(code)
-
-
-@contextmanager
-def handled(resume_hint: str | None = None):
-    """Turn every failure into `Error:`/`Hint:` lines and an exit code; never a traceback
-    (set INDEXCACHE_DEBUG=1 to see one)."""
-
-    def on_term(signum, frame):
-        raise _Terminated
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    except CalibError as e:
-        fail(e.message, e.hint, e.exit_code)
-    except (KeyboardInterrupt, _Terminated) as e:
-        code = EXIT_SIGTERM if isinstance(e, _Terminated) else EXIT_SIGINT
-        err.print("Interrupted: every finished search step is saved in the checkpoint.", markup=False)
-        if resume_hint:
-            err.print(f"Hint: resume with: {resume_hint}", markup=False)
-        raise typer.Exit(code)
-    except typer.Exit:
-        raise
-    except Exception as e:  # noqa: BLE001 - the last line of defence for the one-line contract
-        if os.environ.get("INDEXCACHE_DEBUG"):
-            raise
-        first = str(e).splitlines()[0] if str(e) else ""
-        fail(f"internal error: {type(e).__name__}: {first}", "rerun with INDEXCACHE_DEBUG=1 for a traceback, and report it", 1)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _resume_command(argv: list[str]) -> str:
     args = [a for a in argv if a not in ("--overwrite",)]
     if "--resume" not in args:
         args.append("--resume")
-    return "indexcache " + " ".join(args)
+    return "indexcache " + shlex.join(args)
+
+
+def _interrupted(where: dict, argv: list[str]):
+    """What is true after Ctrl-C / SIGTERM: how many steps the checkpoint holds, and how to go on."""
+
+    def lines() -> list[str]:
+        from indexcache_calib.artifact import CHECKPOINT
+
+        path = where["run_dir"] / CHECKPOINT if where.get("run_dir") else None
+        try:
+            steps = len(json.loads(path.read_text())["steps"]) if path is not None and path.is_file() else 0
+        except (OSError, ValueError, KeyError, TypeError):
+            steps = 0
+        if steps:
+            return [f"Interrupted: {steps} finished search step{'s' if steps != 1 else ''} are saved in {path}.",
+                    f"Hint: resume with: {_resume_command(argv)}"]
+        rerun = "indexcache " + shlex.join([a for a in argv if a != "--resume"])
+        return ["Interrupted before the first search step finished: nothing was saved.",
+                f"Hint: rerun without --resume: {rerun}"]
+
+    return lines
 
 
 @app.command()
@@ -153,9 +150,10 @@ def calibrate(
                 table.add_row(key, value)
             out.print(table)
         return
-    with handled(_resume_command(sys.argv[1:])):
+    where: dict = {}
+    with handled(_interrupted(where, sys.argv[1:])):
         _quiet_libraries()
-        layer_map, run_dir = _run_calibration(opts, Hooks)
+        layer_map, run_dir = _run_calibration(opts, Hooks, where)
     if not layer_map:  # a worker rank of a candidate-parallel run: rank 0 reports
         return
     if as_json:
@@ -164,7 +162,7 @@ def calibrate(
     _print_summary(layer_map, run_dir)
 
 
-def _run_calibration(opts, Hooks):
+def _run_calibration(opts, Hooks, where: dict):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from indexcache_calib.calibrate import calibrate as run
@@ -193,7 +191,7 @@ def _run_calibration(opts, Hooks):
     hooks = Hooks(
         message=lambda t: err.print(t, markup=False),
         warn=lambda t: err.print(f"Warning: {t}", markup=False),
-        search_started=search_started, candidate=candidate, step=step,
+        search_started=search_started, candidate=candidate, step=step, started=lambda d: where.update(run_dir=d),
     )
     with progress:
         return run(opts, hooks)

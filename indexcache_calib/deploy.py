@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import shutil
 import tempfile
@@ -14,7 +13,7 @@ from pathlib import Path
 
 from indexcache_calib import artifact as art
 from indexcache_calib import model as mdl
-from indexcache_calib.errors import CalibError
+from indexcache_calib.errors import EXIT_BAD_INPUT, CalibError
 from indexcache_calib.families import BY_MODEL_TYPE
 from indexcache_calib.pattern import check_pattern, full_layers, indexer_types, source_layers
 
@@ -22,7 +21,7 @@ ENGINES = ("vllm", "sglang", "transformers", "trtllm")
 # vLLM's IndexCache docs list it as required; vllm-ascend, ROCm ATOM and prime-rl read a pattern only
 # when it is set; engines that do not know it ignore it.
 INDEX_CACHE_FLAG = {"use_index_cache": True}
-EXIT_INVALID = 1  # the pattern is wrong; 2 stays "could not read the input"
+EXIT_INVALID = EXIT_BAD_INPUT  # an invalid pattern is bad input, as everywhere else
 
 
 class InvalidPattern(CalibError):
@@ -206,6 +205,33 @@ def layer_map_problems(lm: dict) -> list[str]:
     return problems
 
 
+def provenance_problems(lm: dict, model: ModelInfo) -> tuple[list[str], list[str]]:
+    """(problems, notes) from comparing what the layer map was calibrated on with `model`."""
+    ckpt = model.checkpoint
+    prov = lm.get("provenance") or {}
+    problems, notes = [], []
+    if ckpt is None:
+        return problems, notes
+    family = lm_family(lm)
+    if family is not None and family is not ckpt.family:
+        problems.append(f"the layer map was calibrated on a {family.name} model; {model.spec} is {ckpt.family.name}")
+    for what, theirs, ours in (
+        ("decoder layers", lm.get("num_layers"), ckpt.num_layers),
+        ("index_topk", prov.get("index_topk"), ckpt.index_topk),
+    ):
+        if theirs is not None and theirs != ours:
+            problems.append(f"the layer map was calibrated on a model with {what} {theirs}; {model.spec} has {ours}")
+    if lm.get("positions") is not None and list(lm["positions"]) != ckpt.positions and lm.get("num_layers") == ckpt.num_layers:
+        problems.append(f"the layer map's indexer layers are {lm['positions']}; {model.spec} has them at {ckpt.positions}")
+    from indexcache_calib import model as mdl
+
+    sha = mdl.config_sha256(ckpt.source)
+    if prov.get("config_sha256") and sha and sha != prov["config_sha256"] and not problems:
+        notes.append(f"{model.spec}'s config.json differs from the one calibrated on ({prov.get('model')}): "
+                     "same layers and index_topk, but the pattern was measured on the other model")
+    return problems, notes
+
+
 def validate(target: Target, model: ModelInfo | None) -> Report:
     """Every problem with the pattern, for the model if one is given (else for what the layer map records)."""
     pattern, lm = target.pattern, target.layer_map
@@ -254,6 +280,10 @@ def validate(target: Target, model: ModelInfo | None) -> Report:
             report.problems.append(f"{family.name} cannot run this pattern: {why}")
     if lm is not None:
         report.problems += layer_map_problems(lm)
+    if lm is not None and model is not None:
+        problems, notes = provenance_problems(lm, model)
+        report.problems += problems
+        report.notes += notes
     if family is not None and model is not None:
         report.notes.append(consumers_note(family))
     return report
@@ -331,11 +361,26 @@ def export(lm: dict, engine: str, model: str | None = None) -> dict:
     why = family.runs(pattern, positions)
     if why:
         raise CalibError(f"{family.name} cannot run this pattern: {why}", hint="calibrate again with this version of indexcache")
+    notes = []
+    try:  # the model the engine will load, wherever its config can be read
+        info = read_model(model or default_model(lm))
+    except CalibError as e:
+        if model is not None:
+            notes.append(f"not checked against {model}: {e.message}")
+    else:
+        problems, notes = provenance_problems(lm, info)
+        if info.checkpoint is None:
+            problems.append(info.problem)
+        elif len(pattern) != len(info.checkpoint.positions):
+            problems.append(f"its pattern has {len(pattern)} characters, {info.spec} has {len(info.checkpoint.positions)} indexer layers")
+        if problems:
+            raise CalibError(f"the layer map does not fit {info.spec}: {'; '.join(problems)}",
+                             hint=f"calibrate {info.spec} itself, or check with: indexcache validate LAYER_MAP --model {info.spec}")
     model = model or default_model(lm)
     num_layers = lm.get("num_layers") if isinstance(lm.get("num_layers"), int) else len(pattern)
     keys = engine_keys(family, pattern, positions, num_layers, engine)
     overrides = json.dumps(keys, separators=(",", ":"))
-    result = {"engine": engine, "model": model, "overrides": keys}
+    result = {"engine": engine, "model": model, "overrides": keys, "notes": notes}
     if engine == "vllm":
         result["argv"] = ["vllm", "serve", model, "--hf-overrides", overrides]
     elif engine == "sglang":

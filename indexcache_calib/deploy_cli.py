@@ -10,30 +10,24 @@ from typing import Optional
 
 import typer
 
+from indexcache_calib import cli_common as _common
 from indexcache_calib.errors import CalibError
 
 F_STYLE, S_STYLE = "bold white on green4", "black on grey70"
 
 
-def _cli():
-    # cli imports this module while it is being built; look it up when a command runs
-    from indexcache_calib import cli
-
-    return cli
-
-
 def _print(text: str) -> None:
-    _cli().out.print(text, markup=False, emoji=False)
+    _common.out.print(text, markup=False, emoji=False)
 
 
 def _note(text: str) -> None:
-    _cli().err.print(f"Note: {text}", markup=False, emoji=False)
+    _common.err.print(f"Note: {text}", markup=False, emoji=False)
 
 
 def _refuse(problems: list[str], hint: str) -> None:
     from indexcache_calib.deploy import EXIT_INVALID
 
-    err = _cli().err
+    err = _common.err
     for p in problems:
         err.print(f"Error: {p}", markup=False, emoji=False)
     err.print(f"Hint: {hint}", markup=False, emoji=False)
@@ -51,9 +45,11 @@ def export(
     from indexcache_calib import artifact as art
     from indexcache_calib import deploy
 
-    with _cli().handled():
+    with _common.handled():
         lm, _ = deploy.load_layer_map(layer_map)
         result = deploy.export(lm, engine.lower(), model)
+        for n in result["notes"]:
+            _note(n)
         text = json.dumps(result, indent=2, sort_keys=True) if as_json else result["text"]
         if out_file is None:
             _print(text)
@@ -71,11 +67,12 @@ def validate(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Checkpoint dir, hub id (local cache) or alias to check against."),
     as_json: bool = typer.Option(False, "--json", help="Print {valid, problems, notes} as JSON."),
 ) -> None:
-    """Check a pattern: F/S only, layer 0 full, one char per decoder layer, S wherever the checkpoint
-    has no indexer weights, a supported architecture, and a layer map that agrees with itself."""
+    """Check a pattern: F/S only, the first indexer layer full, one char per indexer layer, S wherever the
+    checkpoint has no indexer weights, a pattern the family's library runs, a layer map that agrees with
+    itself and with the model it is checked against."""
     from indexcache_calib import deploy
 
-    with _cli().handled():
+    with _common.handled():
         t = deploy.read_target(target)
         info = deploy.read_model(model) if model else None
         report = deploy.validate(t, info)
@@ -84,11 +81,11 @@ def validate(
         elif report.valid:
             against = f" for {model}" if model else ""
             _print(f"OK: {report.pattern} ({report.pattern.count('F')} of {len(report.pattern)} layers full) is valid{against}")
-        if not as_json:
+        if not as_json and report.valid:
             for n in report.notes:
                 _note(n)
         if not report.valid:
-            _refuse(report.problems, "a pattern has one 'F'/'S' per decoder layer, starts with 'F', and is 'S' where the checkpoint has no indexer")
+            _refuse(report.problems, "a pattern has one 'F'/'S' per indexer layer, starts with 'F', and is 'S' where the checkpoint has no indexer weights")
 
 
 def apply(
@@ -100,7 +97,7 @@ def apply(
     """Write a model directory whose config.json carries the pattern, so engines need no overrides."""
     from indexcache_calib import deploy
 
-    with _cli().handled():
+    with _common.handled():
         lm, _ = deploy.load_layer_map(layer_map)
         info = deploy.read_model(model)
         try:
@@ -135,7 +132,7 @@ def show(
     """Draw a layer map: the pattern, each layer's source and overlap, the search path, the provenance."""
     from indexcache_calib import deploy
 
-    with _cli().handled():
+    with _common.handled():
         lm, path = deploy.load_layer_map(layer_map)
         try:
             data = deploy.summary(lm, path)
@@ -151,7 +148,7 @@ def _draw(data: dict) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    out = _cli().out
+    out = _common.out
     pattern, n = data["pattern"], len(data["pattern"])
     every_layer = data["positions"] == list(range(n))
     of = f"{n} layers" if every_layer else f"{n} indexer layers ({data['num_layers']} decoder layers)"

@@ -19,7 +19,7 @@ import torch
 from indexcache_calib import artifact as art
 from indexcache_calib.calibrate import OOM_HINT, Hooks, Options, Prepared, all_full_pattern, check_options, make_runner, prepare
 from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, CalibError
-from indexcache_calib.pattern import FULL, SHARED, check_pattern, uniform_pattern
+from indexcache_calib.pattern import FULL, check_pattern, uniform_pattern
 from indexcache_calib.sharing import install_sharing, sharing_state
 
 OVERLAP_CSV = "overlap.csv"

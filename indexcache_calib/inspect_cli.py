@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from indexcache_calib.cli_options import (
+from indexcache_calib.cli_common import (
     AllowPickle, BatchSize, DeviceMap, Dtype, IndexerChunk, MaxMemory, Model, OffloadDir, Seed, TextField, TrustRemoteCode,
 )
 
@@ -37,7 +37,7 @@ def overlap(
 ) -> None:
     """Top-k overlap |T_i ∩ T_j| / k between every pair of layers' own indexers (a diagnostic, not an objective)."""
     from indexcache_calib.calibrate import Options
-    from indexcache_calib.cli import _quiet_libraries, handled, out
+    from indexcache_calib.cli_common import _quiet_libraries, handled, out
 
     opts = Options(
         model=model, data=data, out=out_dir, seq_len=seq_len, num_samples=num_samples, seed=seed,
@@ -94,7 +94,7 @@ def evaluate(
     from rich.table import Table
 
     from indexcache_calib.calibrate import Options
-    from indexcache_calib.cli import _quiet_libraries, handled, out
+    from indexcache_calib.cli_common import _quiet_libraries, handled, out
 
     opts = Options(
         model=model, data=data, seq_len=seq_len, num_samples=num_samples, seed=seed, batch_size=batch_size,
@@ -128,7 +128,7 @@ def evaluate(
 
 def _hooks():
     from indexcache_calib.calibrate import Hooks
-    from indexcache_calib.cli import err
+    from indexcache_calib.cli_common import err
 
     return Hooks(message=lambda t: err.print(t, markup=False), warn=lambda t: err.print(f"Warning: {t}", markup=False))
 

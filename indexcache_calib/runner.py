@@ -65,6 +65,30 @@ def _rebuild(spec, tensors: list):
     return tag(_rebuild(v, tensors) for v in body)
 
 
+class _Current:
+    """Stands for the selection in flight inside a cached layer output: layers thread it on to the next
+    layer, and it is cached once already, under its own layer."""
+
+
+_CURRENT = _Current()
+
+
+def _without(obj, current):
+    if current is not None and obj is current:
+        return _CURRENT
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_without(v, current) for v in obj)
+    return obj
+
+
+def _with(obj, current):
+    if obj is _CURRENT:
+        return current
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_with(v, current) for v in obj)
+    return obj
+
+
 class _Store:
     """Prefix cache: nested tensors keyed by (kind, layer, batch), on cpu, on their device, or on disk."""
 
@@ -159,6 +183,7 @@ class _Driver:
         runner = self.runner
         if i < self.start:
             output, carried = self.replay
+            output = _with(output, runner.state.current)
             if i == self.start - 1:
                 for name, value in carried.items():
                     kwargs[name].clear()
@@ -171,7 +196,7 @@ class _Driver:
         if self.into is not None:
             if i + 1 in self.record_at:
                 carried = {name: dict(kwargs[name]) for name in runner.layout.family.carried}
-                self.into.put(("hidden", i + 1, self.batch), (out, carried))
+                self.into.put(("hidden", i + 1, self.batch), (_without(out, runner.state.current), carried))
             if i in self.full_at:
                 self.into.put(("topk", i, self.batch), runner.state.current)
             runner.note_cache(self.into)

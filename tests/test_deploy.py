@@ -126,7 +126,7 @@ def test_validate_accepts_the_layer_map_and_the_paper_pattern(run_dir, glm_dir):
     r = invoke("validate", PAPER_30B)
     assert r.exit_code == 0 and "12 of 47" in r.stdout and "not checked" in r.stderr
     r = invoke("validate", PAPER_30B, "--model", glm_dir, "--json")
-    assert r.exit_code == 1
+    assert r.exit_code == 2
     report = json.loads(r.stdout)
     assert report["valid"] is False and report["problems"] == ["pattern has 47 layers, the model has 6"]
 
@@ -134,7 +134,7 @@ def test_validate_accepts_the_layer_map_and_the_paper_pattern(run_dir, glm_dir):
 def test_validate_lists_every_problem(glm_dir):
     r = invoke("validate", "SFXF", "--model", glm_dir)
     problems = error_lines(r)
-    assert r.exit_code == 1
+    assert r.exit_code == 2
     assert len(problems) == 3
     assert "'X'" in problems[0] and "layer 0 must be 'F'" in problems[1] and "4 layers, the model has 6" in problems[2]
 
@@ -151,7 +151,7 @@ def test_validate_layers_without_indexer_weights_must_be_shared(tmp_path):
     model = save_tiny(tmp_path / "glm52", "glm", layers=6, indexer_types=types)  # ships no indexer weights at 1, 3, 5
     r = invoke("validate", "FFSFSF", "--model", model, "--json")
     report = json.loads(r.stdout)
-    assert r.exit_code == 1 and not report["valid"]
+    assert r.exit_code == 2 and not report["valid"]
     assert report["problems"] == [f"layer {i} has no indexer weights in the checkpoint, so it must be 'S'" for i in (1, 3, 5)]
     assert invoke("validate", "FSSSFS", "--model", model).exit_code == 0
 
@@ -219,7 +219,7 @@ def test_apply_refuses_an_invalid_pattern_and_leaves_nothing(run_dir, glm_dir, t
     out = tmp_path / "applied"
     r = invoke("apply", _write_map(tmp_path, lm), "--model", model, "--out", out)
     problems = error_lines(r)
-    assert r.exit_code == 1 and len(problems) == 5  # three layers without weights, the engines' args x2
+    assert r.exit_code == 2 and len(problems) == 5  # three layers without weights, the engines' args x2
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -244,12 +244,23 @@ def test_apply_falls_back_when_symlinks_fail_and_never_half_writes(run_dir, glm_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hard"]
 
 
-def test_apply_deepseek_writes_keys_and_says_transformers_ignores_them(run_dir, layer_map, dsv32_dir, tmp_path):
+def test_apply_deepseek_writes_keys_and_says_transformers_ignores_them(dsv32_dir, text_data, tmp_path):
+    run = tmp_path / "run"
+    r = invoke("calibrate", "--model", dsv32_dir, "--data", text_data, "--seq-len", "48", "--num-samples", "3",
+               "--num-full", "2", "--out", run, "--no-plots")
+    assert r.exit_code == 0, r.stderr
     out = tmp_path / "dsv"
-    r = invoke("apply", run_dir, "--model", dsv32_dir, "--out", out)
+    r = invoke("apply", run, "--model", dsv32_dir, "--out", out)
     assert r.exit_code == 0, r.stderr
     assert "transformers has no indexer sharing for DeepseekV32ForCausalLM" in r.stderr
-    assert json.loads((out / "config.json").read_text())["index_topk_pattern"] == layer_map["pattern"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["index_topk_pattern"] == json.loads((run / LAYER_MAP).read_text())["pattern"] and config["use_index_cache"] is True
+
+
+def test_a_layer_map_of_one_family_does_not_apply_to_another(run_dir, dsv32_dir, tmp_path):
+    r = invoke("apply", run_dir, "--model", dsv32_dir, "--out", tmp_path / "dsv")
+    assert r.exit_code == 2 and "calibrated on a glm_moe_dsa model" in r.stderr
+    assert not (tmp_path / "dsv").exists()
 
 
 # -- show ------------------------------------------------------------------------------------------

@@ -171,7 +171,7 @@ def test_glm5_next_never_proposes_what_its_library_cannot_run(tmp_path):
     bad = dict(lm, pattern="FFSF")  # layer 3 shared right after linear-attention layer 2
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     r = runner.invoke(app, ["validate", str(tmp_path / "bad.json"), "--model", str(path)])
-    assert r.exit_code == 1 and "cannot run this pattern" in r.stderr
+    assert r.exit_code == 2 and "cannot run this pattern" in r.stderr
     r = runner.invoke(app, ["calibrate", "--model", str(path), "--data", str(tmp_path / "data.jsonl"), "--seq-len", str(SEQ),
                             "--num-samples", "2", "--num-full", "1", "--out", str(tmp_path / "r2"), "--no-plots"])
     assert r.exit_code == 2 and "fewer than 2" in one_error_line(r)

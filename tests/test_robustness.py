@@ -90,7 +90,7 @@ def test_signals_keep_the_checkpoint_and_say_how_to_resume(sig, code, deep_dir, 
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == code, stderr
-    assert "--resume" in stderr and "Traceback" not in stderr
+    assert "are saved in" in stderr and "--resume" in stderr and "Traceback" not in stderr
     steps = json.loads((out / CHECKPOINT).read_text())["steps"]
     assert len(steps) >= 1
     assert not (out / LAYER_MAP).exists()
@@ -115,7 +115,7 @@ def test_resume_refuses_changed_inputs_with_its_own_exit_code(deep_dir, text_dat
     r = run_cli("--model", str(deep_dir), "--data", str(text_data), "--out", str(out), "--search", "naive",
                 *ARGS[:2], "--num-samples", "3", *ARGS[4:], "--resume")
     assert r.exit_code == 3
-    assert "tokens_sha256" in r.stderr and "settings.num_samples" in r.stderr
+    assert "settings.num_samples (4 -> 3)" in r.stderr and "loading" not in r.stderr  # refused before loading
 
 
 def test_corrupt_checkpoint_is_refused(deep_dir, text_data, tmp_path):

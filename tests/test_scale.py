@@ -53,7 +53,12 @@ def test_two_candidate_parallel_processes_give_the_single_process_answer(glm_dir
     out = tmp_path / "run"
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29561", "-m", "indexcache_calib", "calibrate",
+    import socket
+
+    with socket.socket() as sock:  # a free port: another suite on this host may be running the same test
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    p = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", port, "-m", "indexcache_calib", "calibrate",
                         "--model", str(glm_dir), "--data", str(text_data), "--out", str(out), *ARGS],
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
