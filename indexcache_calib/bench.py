@@ -213,6 +213,7 @@ def _indexer_child(seq: int, chunk: int | None, heads: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from indexcache_calib.families import GLM_CHUNKS
     from indexcache_calib.sharing import run_indexer
     from indexcache_calib.testing import tiny_config
 
@@ -229,7 +230,7 @@ def _indexer_child(seq: int, chunk: int | None, heads: int) -> None:
         mask = torch.full((seq, seq), float("-inf")).triu_(1).unsqueeze(0)  # in place: no setup peak above the baseline
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t0 = time.perf_counter()
-        idx = run_indexer(indexer, hs, q_resid, (cos, sin), mask, pos, cfg.index_topk, chunk)
+        idx = run_indexer(indexer, (hs, q_resid, (cos, sin), mask, pos), {}, GLM_CHUNKS, 0 if chunk is None else chunk)
         wall = time.perf_counter() - t0
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"peak_added_bytes": (after - before) * 1024, "wall_s": wall,

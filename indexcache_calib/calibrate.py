@@ -110,10 +110,13 @@ def check_for_family(opts: Options, ckpt) -> None:
 
 
 def check_seq_len(opts: Options, ckpt) -> None:
-    floor = ckpt.family.seq_len_floor(ckpt.text)
+    family = ckpt.family
+    floor = family.seq_len_floor(ckpt.text)
     if opts.seq_len <= floor:
+        words = family.budget_words(ckpt.text)
+        budget = words if words.endswith(f" {floor}") else f"{words}: {floor} tokens"
         raise CalibError(
-            f"--seq-len {opts.seq_len} is not above the model's index_topk {floor}: every token would be selected, "
+            f"--seq-len {opts.seq_len} is not above the model's {budget}: every token would be selected, "
             "so sharing changes nothing and the search could learn nothing",
             hint=f"use --seq-len of at least {2 * floor}",
         )
@@ -539,7 +542,7 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
             "model_type": prep.model.config.model_type,
             "revision": mdl.revision(prep.source),
             "config_sha256": config_sha,
-            "index_topk": layout.index_topk,
+            "index_topk": layout.budget,
             "self_check": prep.self_check,
             "data": opts.data,
             "data_sha256": prep.data_sha256,

@@ -51,8 +51,11 @@ def engine_keys(family, pattern: str, positions: list[int], num_layers: int, eng
     """The config keys `engine` reads, set to `pattern`. Both keys are set because SGLang and
     transformers read `indexer_types` before `index_topk_pattern`, and checkpoints saved by transformers
     already carry `indexer_types`: a bare pattern would be silently ignored there."""
-    types = indexer_types(pattern, positions, num_layers)
-    keys = {"index_topk_pattern": "".join("F" if t == "full" else "S" for t in types), "indexer_types": types}
+    if family.engine_pattern == "positions":  # one character per indexer layer, in order; no indexer_types
+        keys = {"index_topk_pattern": pattern}
+    else:
+        types = indexer_types(pattern, positions, num_layers)
+        keys = {"index_topk_pattern": "".join("F" if t == "full" else "S" for t in types), "indexer_types": types}
     if engine in ("vllm", "sglang"):
         keys.update(INDEX_CACHE_FLAG)
     return keys
@@ -217,7 +220,7 @@ def provenance_problems(lm: dict, model: ModelInfo) -> tuple[list[str], list[str
         problems.append(f"the layer map was calibrated on a {family.name} model; {model.spec} is {ckpt.family.name}")
     for what, theirs, ours in (
         ("decoder layers", lm.get("num_layers"), ckpt.num_layers),
-        ("index_topk", prov.get("index_topk"), ckpt.index_topk),
+        ("index_topk", prov.get("index_topk"), ckpt.budget),
     ):
         if theirs is not None and theirs != ours:
             problems.append(f"the layer map was calibrated on a model with {what} {theirs}; {model.spec} has {ours}")

@@ -91,18 +91,18 @@ def overlap_matrix(model, layout, ids: torch.Tensor, batch_size: int = 1, chunk:
 
     Pairs are compared as each layer's top-k appears, and only the current batch's top-k are kept:
     memory is one batch's indices for every layer, never the whole data set's."""
-    n, k = layout.num_positions, layout.index_topk
-    overlap = layout.family.selection.overlap
+    n = layout.num_positions
+    measure = layout.family.selection.overlap(layout.text)
     hits, totals = np.zeros((n, n)), np.zeros((n, n))
     seen: dict[int, torch.Tensor] = {}
 
     def compare(j, module, args, output):
         for i, earlier in seen.items():
-            h, t = overlap(output, earlier.to(output.device), k)
+            h, t = measure(output, earlier.to(output.device))
             hits[i, j] += h
             totals[i, j] += t
         # The diagonal is measured rather than set: it is below 1 only if a top-k held invalid indices.
-        h, t = overlap(output, output, k)
+        h, t = measure(output, output)
         hits[j, j] += h
         totals[j, j] += t
         seen[j] = output
@@ -172,7 +172,7 @@ def overlap(opts: Options, hooks: Hooks | None = None, tokens: str | None = None
         art.atomic_write(csv, frame.to_csv(float_format="%.6f", na_rep="NaN", lineterminator="\n"))
         name = Path(opts.model.rstrip("/")).name or opts.model
         title = (f"{name}: top-k overlap |T_i ∩ T_j| / k\n"
-                 f"k={prep.layout.index_topk}, {prep.ids.shape[0]} × {prep.ids.shape[1]} tokens of {Path(label).name}")
+                 f"k={prep.layout.budget}, {prep.ids.shape[0]} × {prep.ids.shape[1]} tokens of {Path(label).name}")
         png = overlap_plot(matrix, prep.layout.positions, title, out_dir / OVERLAP_PLOT)
     finally:
         art.remove_partial(out_dir)
@@ -181,7 +181,7 @@ def overlap(opts: Options, hooks: Hooks | None = None, tokens: str | None = None
     return {
         "model": opts.model,
         "data": opts.data,
-        "index_topk": prep.layout.index_topk,
+        "index_topk": prep.layout.budget,
         "num_samples": int(prep.ids.shape[0]),
         "seq_len": int(prep.ids.shape[1]),
         "layers": prep.layout.positions,

@@ -93,7 +93,7 @@ def plan(opts, ckpt, num_full: int) -> dict:
     cache = 0
     if opts.search != "naive" and opts.cache_device != "none":
         p = len(ckpt.positions)
-        cache = (p - 1) * samples * s * hidden * elem + 2 * p * samples * s * ckpt.index_topk * 4
+        cache = (p - 1) * samples * s * hidden * elem + 2 * p * samples * s * ckpt.budget * 4
     work = search_work(n, fixed, num_full, opts.search, samples, ckpt.positions)
     warnings = []
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -22,42 +22,73 @@ FULL, SHARED = "F", "S"
 # -- what an indexer selects, and how much of its own choice a reused selection keeps ----------------
 
 
-def token_overlap(own: torch.Tensor, reused: torch.Tensor, index_topk: int, chunk: int = 1024) -> tuple[float, float]:
-    """(hits, total) for |T_own ∩ T_reused| / |T_own| over query positions that see more than
-    `index_topk` keys. Earlier positions select every visible key whatever the indexer, so they say
-    nothing. Indices past the query position (padding of early rows) and -1 padding never count."""
-    batch, seq, _ = own.shape
+def index_overlap(own: torch.Tensor, reused: torch.Tensor, first_row: int, limit, chunk: int = 256) -> tuple[float, float]:
+    """(hits, total) for |own ∩ reused| / |own| over query rows `first_row` on, for selections of ids
+    shaped [..., S, k] (the query axis second to last). An id is valid below `limit(q)` (exclusive, never
+    decreasing in q) and at or above 0: padding (-1) and ids past what row q can see never count. Rows
+    before `first_row` select everything they can see whatever the indexer, so they say nothing."""
+    seq = own.shape[-2]
     hits = total = 0.0
-    for q0 in range(index_topk, seq, chunk):
+    for q0 in range(first_row, seq, chunk):
         q1 = min(q0 + chunk, seq)
-        pos = torch.arange(q0, q1, device=own.device).view(1, -1, 1)
-        o = own[:, q0:q1].long()
-        r = reused[:, q0:q1].to(own.device).long()
-        o_ok = (o >= 0) & (o <= pos)
-        # Invalid indices go to a spare column `q1` that is cleared before reading, so they never count.
-        o = torch.where(o_ok, o, q1)
-        r = torch.where((r >= 0) & (r <= pos), r, q1)
-        chosen = torch.zeros(batch, q1 - q0, q1 + 1, dtype=torch.bool, device=own.device)
-        chosen.scatter_(-1, o, True)
-        chosen[..., q1] = False
-        reused_hit = torch.zeros_like(chosen)
-        reused_hit.scatter_(-1, r, True)
-        reused_hit[..., q1] = False
-        hits += (chosen & reused_hit).sum().item()
+        rows = torch.arange(q0, q1, device=own.device)
+        lim = limit(rows).view(*([1] * (own.dim() - 2)), -1, 1)
+        width = int(limit(rows[-1:]).item())
+        o = own[..., q0:q1, :].long()
+        r = reused[..., q0:q1, :].to(own.device).long()
+        o_ok = (o >= 0) & (o < lim)
+        # Invalid ids go to a spare column `width` that is cleared before reading, so they never count.
+        chosen = torch.zeros(*o.shape[:-1], width + 1, dtype=torch.bool, device=own.device)
+        chosen.scatter_(-1, torch.where(o_ok, o, width), True)
+        kept = torch.zeros_like(chosen)
+        kept.scatter_(-1, torch.where((r >= 0) & (r < lim), r, width), True)
+        chosen[..., width] = False
+        hits += (chosen & kept).sum().item()
         total += o_ok.sum().item()
     return hits, total
 
 
+def token_overlap(own: torch.Tensor, reused: torch.Tensor, index_topk: int) -> tuple[float, float]:
+    """Token positions [B, S, k]: rows that see more than `index_topk` keys; ids up to the row's own."""
+    return index_overlap(own, reused, index_topk, lambda q: q + 1)
+
+
+def mask_overlap(own: torch.Tensor, reused: torch.Tensor, first_row: int) -> tuple[float, float]:
+    """Boolean selections [B, 1, S, T]: the share of each row's own selection the reused one keeps."""
+    own, reused = own[..., first_row:, :], reused[..., first_row:, :].to(own.device)
+    return float((own & reused).sum().item()), float(own.sum().item())
+
+
 @dataclass(frozen=True)
 class Selection:
-    """What an indexer returns and how a reused selection is compared with the layer's own."""
+    """What an indexer returns, and how overlap is measured on it for a given text config."""
 
     kind: str  # what one entry means, for messages and the layer map
-    overlap: Callable[[torch.Tensor, torch.Tensor, int], tuple[float, float]]
+    overlap: Callable  # text config -> (own, reused) -> (hits, total)
 
 
-TOKENS = Selection("token positions [batch, seq, k]", token_overlap)
-PADDED_TOKENS = Selection("token positions [batch, seq, k + pool - 1], -1 padded", token_overlap)
+TOKENS = Selection("token positions [batch, seq, k]", lambda t: lambda o, r: token_overlap(o, r, int(t.index_topk)))
+PADDED_TOKENS = Selection("token positions [batch, seq, k + pool - 1], -1 padded",
+                          lambda t: lambda o, r: token_overlap(o, r, int(t.index_topk)))
+
+
+def _csa_rate(text) -> int:
+    return int(text.compress_rates["compressed_sparse_attention"])
+
+
+COMPRESSED = Selection(
+    "compressed KV entries [batch, seq, k], -1 where not yet visible",
+    lambda t: lambda o, r: index_overlap(o, r, (int(t.index_topk) + 1) * _csa_rate(t) - 1, lambda q: (q + 1) // _csa_rate(t)),
+)
+BLOCKS = Selection(
+    "key blocks per index head [batch, heads, seq, k], -1 padded",
+    lambda t: lambda o, r: index_overlap(o, r, int(t.index_topk_blocks) * int(t.index_block_size),
+                                         lambda q: q // int(t.index_block_size) + 1),
+)
+MASK = Selection(
+    "boolean token mask [batch, 1, seq, keys]",
+    lambda t: lambda o, r: mask_overlap(o, r, int(t.indexer_budget) + int(t.indexer_compress_ratio) - 1),
+)
 
 
 # -- which layers are pattern positions, and which patterns a library can run ------------------------
@@ -116,6 +147,18 @@ GLM_CHUNKS = {"hidden_states": 1, "q_resid": 1, "position_embeddings": 1, "atten
 NO_Q_RESID_CHUNKS = {"hidden_states": 1, "position_embeddings": 1, "attention_mask": 1, "position_ids": -1}
 
 
+def _index_topk(text) -> int:
+    return int(text.index_topk)
+
+
+def _qsa_configured(text) -> str | None:
+    missing = [k for k in ("indexer_n_heads", "indexer_budget", "indexer_compress_ratio") if getattr(text, k, None) is None]
+    if missing:
+        return (f"its QSA indexer is off ({', '.join(missing)} unset in the config), so its indexed_attention layers select "
+                "no tokens and there is nothing to share")
+    return None
+
+
 @dataclass(frozen=True)
 class Family:
     name: str  # the model_type of the checkpoint's top-level config
@@ -123,17 +166,22 @@ class Family:
     indexer_at: str  # attribute path from a decoder layer to its indexer
     positions: Callable  # text config -> decoder layers with an indexer by architecture
     selection: Selection = TOKENS
+    budget: Callable = _index_topk  # text config -> entries each query selects (recorded as index_topk)
+    floor: Callable = _index_topk  # text config -> tokens at or below which every query selects every key
     native_key: str | None = None  # config key transformers builds shared layers from; None: no native sharing
     library_runs: Callable = any_pattern  # pattern, positions -> why the library cannot run it, or None
     min_full: Callable | None = None  # positions, fixed -> fewest F `library_runs` allows (None: 1)
     chunks: dict = field(default_factory=dict)  # empty: the indexer runs in one call only
     carried: tuple[str, ...] = ()  # layer kwargs the layers write into for later layers
     engines: tuple[str, ...] = ()  # serving engines that read a pattern for this family
+    engine_pattern: str = "layers"  # "layers": one character per decoder layer; "positions": per indexer layer
+    usable: Callable = lambda text: None  # text config -> why a checkpoint of this family cannot be calibrated
+    budget_words: Callable = lambda t: f"index_topk {t.index_topk}"  # the budget, as the config names it
     note: str = ""
 
     def seq_len_floor(self, text_config) -> int:
-        """Calibration sequences must be longer than this for sharing to change anything."""
-        return int(text_config.index_topk)
+        """Calibration sequences must be longer than this (in tokens) for sharing to change anything."""
+        return int(self.floor(text_config))
 
     def runs(self, pattern: str, positions: list[int]) -> str | None:
         return self.library_runs(pattern, positions)
@@ -159,6 +207,23 @@ FAMILIES = (
            selection=PADDED_TOKENS, native_key="indexer_types", library_runs=shared_follows_full_layer,
            min_full=min_full_shared_follows_full, engines=("transformers",),
            note="linear-attention layers have no indexer; the library hands top-k only to the next layer"),
+    # Selects compressed KV entries (one per `rate` tokens); only compressed-sparse layers have an indexer,
+    # all at the same rate. vLLM's pattern covers exactly those layers, in order.
+    Family("deepseek_v4", ("deepseek_v4",), "self_attn.compressor.indexer", layers_of_type("compressed_sparse_attention"),
+           selection=COMPRESSED, floor=lambda t: int(t.index_topk) * _csa_rate(t), engines=("vllm",),
+           engine_pattern="positions",
+           budget_words=lambda t: f"index_topk {t.index_topk} compressed entries of {_csa_rate(t)} tokens each",
+           note="only compressed-sparse layers have an indexer (heavily-compressed and sliding layers have none)"),
+    Family("minimax_m3_vl", ("minimax_m3_vl", "minimax_m3_vl_text"), "self_attn.indexer", layers_of_type("minimax_m3_sparse"),
+           selection=BLOCKS, budget=lambda t: int(t.index_topk_blocks),
+           floor=lambda t: int(t.index_topk_blocks) * int(t.index_block_size),
+           budget_words=lambda t: f"index_topk_blocks {t.index_topk_blocks} of index_block_size {t.index_block_size} tokens",
+           note="only minimax_m3_sparse layers have an indexer; it selects key blocks per index head"),
+    Family("qwen4_exp", ("qwen4_exp", "qwen4_exp_text"), "self_attn.indexer", layers_of_type("indexed_attention"),
+           selection=MASK, budget=lambda t: int(t.indexer_budget),
+           floor=lambda t: int(t.indexer_budget) + int(t.indexer_compress_ratio) - 1, usable=_qsa_configured,
+           budget_words=lambda t: f"indexer_budget {t.indexer_budget} plus up to {int(t.indexer_compress_ratio) - 1} recent tokens",
+           note="only indexed_attention layers have an indexer (linear-attention layers have none); it selects a token mask"),
 )
 
 BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}

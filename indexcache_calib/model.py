@@ -178,8 +178,9 @@ class Checkpoint:
         return int(self.text.num_hidden_layers)
 
     @property
-    def index_topk(self) -> int:
-        return int(self.text.index_topk)
+    def budget(self) -> int:
+        """Entries each query selects: index_topk for token and compressed indexers, blocks or tokens else."""
+        return int(self.family.budget(self.text))
 
 
 def indexer_weight_layers(directory: Path, indexer_at: str = "self_attn.indexer") -> set[int] | None:
@@ -215,8 +216,11 @@ def inspect_checkpoint(source: ModelSource, trust_remote_code: bool = False) -> 
     config = load_config(source, trust_remote_code)
     family = family_of(config, source.spec)
     text = config.get_text_config()
-    positions = family.positions(text)
     name = source.spec
+    why = family.usable(text)
+    if why:
+        raise CalibError(f"{name} ({family.name}) cannot be calibrated: {why}")
+    positions = family.positions(text)
     if not positions:
         raise CalibError(f"{name}: no decoder layer of this {family.name} config has a lightning indexer, so there is nothing to share",
                          hint="check layer_types in its config")
@@ -331,7 +335,8 @@ class DsaLayout:
     positions: list[int]  # decoder layer of each pattern position
     parents: list  # per position: the module holding the indexer attribute
     indexers: list  # per position: the indexer, or None where the checkpoint has none (fixed shared)
-    index_topk: int
+    budget: int  # entries each query selects (index_topk for token indexers)
+    text: object = None  # the text config
     fixed_shared: frozenset[int] = field(default_factory=frozenset)  # positions, not layer ids
 
     @property
@@ -374,7 +379,7 @@ def find_dsa(model, ckpt: Checkpoint, name: str = "model") -> DsaLayout:
             raise CalibError(f"{name}: layer {i} {state}; the {family.name} adapter does not match this model")
         parents.append(parent)
         indexers.append(module)
-    return DsaLayout(family, decoder, layers, list(ckpt.positions), parents, indexers, ckpt.index_topk, ckpt.fixed_shared)
+    return DsaLayout(family, decoder, layers, list(ckpt.positions), parents, indexers, ckpt.budget, ckpt.text, ckpt.fixed_shared)
 
 
 def device_map_of(model) -> dict:

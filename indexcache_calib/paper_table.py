@@ -174,7 +174,7 @@ def run(model: str = "tiny-dsa", data_dir: str = "calibration_data", seq_len: in
             runner.close()
     return {
         "settings": {"model": model, "data_dir": str(data_dir), "domains": domains, "num_layers": n,
-                     "index_topk": prep.layout.index_topk, "seq_len": seq_len, "num_samples": num_samples,
+                     "index_topk": prep.layout.budget, "seq_len": seq_len, "num_samples": num_samples,
                      "heldout_samples": heldout_samples, "batch_size": batch_size, "seed": seed, "search": "fast"},
         "attention_mass": mass,
         "calibration": calibration,

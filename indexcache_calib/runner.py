@@ -425,7 +425,7 @@ def self_check(model, layout, ids: torch.Tensor, name: str, indexer_chunk: int |
     this model: refuse. The sequence is cut where the model's own full logits would pass 1 GiB."""
     vocab = int(model.get_output_embeddings().weight.shape[0])
     seq = ids.shape[1]
-    cut = max(layout.index_topk + 2, SELF_CHECK_LOGITS_BYTES // (4 * vocab))
+    cut = max(layout.family.seq_len_floor(layout.text) + 2, SELF_CHECK_LOGITS_BYTES // (4 * vocab))
     row = ids[:1, : min(seq, cut)]
     all_full = "".join("S" if p in layout.fixed_shared else FULL for p in range(layout.num_positions))
     what = f"self-check failed for {name} ({type(model).__name__}, {layout.family.name})"
@@ -455,5 +455,5 @@ def cache_bytes_estimate(layout, num_samples: int, seq_len: int, hidden_size: in
     """Prefix cache upper bound: one layer output per candidate position plus one selection per full
     position. `hidden_size` counts every hyper-connection stream."""
     hidden = (layout.num_positions - 1) * num_samples * seq_len * hidden_size * dtype_bytes
-    topk = 2 * layout.num_positions * num_samples * seq_len * layout.index_topk * 4
+    topk = 2 * layout.num_positions * num_samples * seq_len * layout.budget * 4
     return hidden + topk

@@ -13,16 +13,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from indexcache_calib.families import FULL, TOKENS, Selection
+from indexcache_calib.families import FULL
 
 
 @dataclass
 class SharingState:
     pattern: str  # one character per pattern position
-    index_topk: int
+    overlap: object  # (own, reused) -> (hits, total), for this family's selections
     measure_overlap: bool = True
     chunk: int | None = None  # query rows per indexer call; None = automatic, 0 = one call
-    selection: Selection = TOKENS
     chunks: dict = field(default_factory=dict)  # the family's query-axis arguments; empty: no chunking
     current: object = None  # selection of the nearest preceding full position, for the batch in flight
     overlap_hits: dict[int, float] = field(default_factory=dict)  # by decoder layer id
@@ -129,6 +128,13 @@ class IndexerProxy(nn.Module):
         self.position, self.layer = position, layer
         self.state = state
 
+    def __getattr__(self, name):
+        # The attention may call other methods of its indexer (MiniMax builds its block mask with one).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "original"), name)
+
     def forward(self, *args, **kwargs):
         state = self.state
 
@@ -141,7 +147,7 @@ class IndexerProxy(nn.Module):
             return state.current
         reused = state.current.to(_device(args, kwargs))
         if state.measure_overlap:
-            hits, total = state.selection.overlap(own(), reused, state.index_topk)
+            hits, total = state.overlap(own(), reused)
             state.overlap_hits[self.layer] = state.overlap_hits.get(self.layer, 0.0) + hits
             state.overlap_total[self.layer] = state.overlap_total.get(self.layer, 0.0) + total
         return reused
@@ -174,4 +180,4 @@ def install_sharing(layout, state: SharingState) -> SharingHandle:
 
 def sharing_state(layout, pattern: str, measure_overlap: bool = True, chunk: int | None = None) -> SharingState:
     family = layout.family
-    return SharingState(pattern, layout.index_topk, measure_overlap, chunk, family.selection, dict(family.chunks))
+    return SharingState(pattern, family.selection.overlap(layout.text), measure_overlap, chunk, dict(family.chunks))

@@ -9,7 +9,8 @@ import torch
 
 # Every token-selecting indexer family, as a tiny config built from its own config class. "glm" and
 # "dsv32" are the two original architectures; the others are named by model_type.
-ARCHS = ("glm", "dsv32", "axk2", "hy_v4", "dots3_note", "mistral_large4", "glm5_next")
+ARCHS = ("glm", "dsv32", "axk2", "hy_v4", "dots3_note", "mistral_large4", "glm5_next", "deepseek_v4", "minimax_m3_vl",
+         "qwen4_exp")
 
 
 def _common(layers: int, hidden: int, index_topk: int) -> dict:
@@ -62,6 +63,43 @@ def tiny_config(arch: str = "glm", layers: int = 6, hidden: int = 32, index_topk
         vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=hidden,
                       projection_intermediate_size=64, patch_size=8, image_size=32)
         return tf.Glm5NextConfig(text_config=text, vision_config=vision)
+    if arch == "deepseek_v4":
+        # Compressed-sparse layers (indexer over compressed entries, rate 2) alternate with heavily
+        # compressed ones, after a sliding-window layer; index_topk counts compressed entries.
+        types = ["sliding_attention"] + ["compressed_sparse_attention" if i % 2 else "heavily_compressed_attention" for i in range(1, layers)]
+        kw = dict(vocab_size=96, hidden_size=hidden, moe_intermediate_size=hidden // 2, num_hidden_layers=layers,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, q_lora_rank=hidden // 2, n_routed_experts=4,
+                  num_experts_per_tok=2, n_shared_experts=1, max_position_embeddings=4096, layer_types=types,
+                  compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 8},
+                  mlp_layer_types=["moe"] * layers, hc_mult=2, hc_sinkhorn_iters=3, sliding_window=8, o_groups=2,
+                  o_lora_rank=8, index_n_heads=2, index_head_dim=16, index_topk=index_topk // 2, num_nextn_predict_layers=0,
+                  bos_token_id=0, eos_token_id=1, pad_token_id=2)
+        kw.update(over)
+        return tf.DeepseekV4Config(**kw)
+    if arch == "minimax_m3_vl":
+        # Block-sparse indexer on minimax_m3_sparse layers: 2-token blocks, 2 selected plus 1 local.
+        types = ["full_attention"] + ["minimax_m3_sparse"] * (layers - 1)
+        kw = dict(vocab_size=96, hidden_size=hidden, intermediate_size=hidden, dense_intermediate_size=2 * hidden,
+                  shared_intermediate_size=hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, rotary_dim=8, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=4096,
+                  layer_types=types, mlp_layer_types=["dense"] + ["sparse"] * (layers - 1), index_n_heads=2,
+                  index_head_dim=16, index_block_size=2, index_topk_blocks=index_topk // 2, index_local_blocks=1,
+                  bos_token_id=0, eos_token_id=1, pad_token_id=2)
+        kw.pop("index_topk", None)
+        kw.update(over)
+        return tf.MiniMaxM3VLTextConfig(**kw)
+    if arch == "qwen4_exp":
+        # QSA indexer (a token mask from compressed blocks plus the recent tail) on every third layer;
+        # the others are GatedDeltaNet linear attention. Hyper-connections between layers.
+        types = ["indexed_attention" if i % 3 != 2 else "linear_attention" for i in range(layers)]
+        kw = dict(vocab_size=96, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                  head_dim=16, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=2,
+                  moe_intermediate_size=hidden // 2, shared_expert_intermediate_size=hidden // 2, num_experts=4,
+                  num_experts_per_tok=2, max_position_embeddings=4096, layer_types=types, hc_count=2, hc_lowrank=8,
+                  indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=index_topk,
+                  indexer_compress_ratio=2, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+        kw.update(over)
+        return tf.Qwen4ExpTextConfig(**kw)
     raise ValueError(f"unknown arch {arch!r}; one of {', '.join(ARCHS)}")
 
 

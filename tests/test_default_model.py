@@ -18,7 +18,7 @@ def test_alias_loads_the_shipped_checkpoint_as_a_dsa_model(prepared):
     assert type(prepared.model).__name__ == "GlmMoeDsaForCausalLM"
     assert prepared.source.is_local and prepared.source.location.endswith("models/tiny-dsa")
     layout = prepared.layout
-    assert layout.num_layers == 16 and layout.index_topk == 64
+    assert layout.num_layers == 16 and layout.budget == 64
     assert all(ix is not None for ix in layout.indexers) and not layout.fixed_shared
     assert tuple(prepared.ids.shape) == (2, 256)
 

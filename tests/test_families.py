@@ -1,5 +1,5 @@
-"""Every token-selecting indexer family in transformers, on a tiny random checkpoint built from its own
-config class and saved to disk: the tool's all-Full loss is the model's own, prefix reuse is bit-identical
+"""Every lightning-indexer family in transformers, on a tiny random checkpoint built from its own config
+class and saved to disk: the tool's all-Full loss is the model's own, prefix reuse is bit-identical
 to full forwards, the library reproduces the tool's loss for the chosen pattern where it shares natively,
 and calibrate, export and validate run end to end."""
 
@@ -30,6 +30,9 @@ FAMILIES = {
     "dots3_note": ("dots3_note", {}),
     "mistral_large4": ("mistral_large4", {"kv_source_layers": [0, 0, 2, 3, 4, 4]}),
     "glm5_next": ("glm5_next", {}),
+    "deepseek_v4": ("deepseek_v4", {}),
+    "minimax_m3_vl": ("minimax_m3_vl", {}),
+    "qwen4_exp": ("qwen4_exp", {}),
 }
 
 
@@ -241,3 +244,74 @@ def test_indexer_chunking_is_refused_where_the_indexer_runs_in_one_call(tmp_path
     assert r.exit_code == 2 and "--indexer-chunk 8 is not possible for glm5_next" in one_error_line(r)
     r = runner.invoke(app, [*args, "--indexer-chunk", "8", "--dry-run"])
     assert r.exit_code == 2 and "not possible" in one_error_line(r)
+
+
+# -- indexers that select compressed entries, blocks or masks --------------------------------------
+
+
+def test_deepseek_v4_pattern_covers_only_its_compressed_sparse_layers(tmp_path):
+    """vLLM reads DeepSeek-V4's pattern over the compressed-sparse (C4) layers only, in order."""
+    from conftest import write_docs
+
+    path = save_tiny(tmp_path / "model", "deepseek_v4", layers=6)  # CSA at 1, 3, 5; HCA and sliding elsewhere
+    write_docs(tmp_path / "data.jsonl")
+    lm = _calibrate(path, tmp_path / "run")
+    assert lm["positions"] == [1, 3, 5] and len(lm["pattern"]) == 3 and lm["pattern"][0] == "F"
+    r = runner.invoke(app, ["export", str(tmp_path / "run"), "--engine", "vllm", "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["overrides"] == {"index_topk_pattern": lm["pattern"], "use_index_cache": True}
+    # Sharing changes nothing unless the sequence holds more compressed entries than index_topk.
+    r = runner.invoke(app, ["calibrate", "--model", str(path), "--data", str(tmp_path / "data.jsonl"), "--seq-len", "8",
+                            "--num-samples", "2", "--num-full", "1", "--out", str(tmp_path / "short"), "--no-plots"])
+    assert r.exit_code == 2 and "index_topk 4 compressed entries of 2 tokens each: 8 tokens" in one_error_line(r)
+
+
+def test_overlap_of_compressed_block_and_mask_selections():
+    from indexcache_calib.families import COMPRESSED, MASK, index_overlap
+    from indexcache_calib.testing import tiny_config
+
+    # Compressed entries at rate 2, k = 1: rows 3.. can see 2+ entries; -1 and not-yet-visible ids never count.
+    dsv4 = tiny_config("deepseek_v4", 4, index_topk=2)
+    own = torch.tensor([[[0], [0], [0], [1], [1], [2]]])
+    reused = torch.tensor([[[0], [0], [0], [0], [-1], [2]]])
+    assert COMPRESSED.overlap(dsv4)(own, reused) == (1.0, 3.0)
+    # Per-head blocks [B, H, S, k]: each head is compared with the same head's reused selection.
+    own = torch.tensor([[[[0, 1]] * 4, [[1, -1]] * 4]])
+    reused = torch.tensor([[[[1, 0]] * 4, [[0, -1]] * 4]])
+    assert index_overlap(own, reused, 0, lambda q: q + 2) == (8.0, 12.0)
+    # Masks: the share of a row's own selection that the reused one keeps.
+    qwen = tiny_config("qwen4_exp", 3, index_topk=2)  # budget 2, ratio 2: rows 3.. see more than they select
+    own = torch.zeros(1, 1, 5, 5, dtype=torch.bool)
+    own[..., 3, :2] = own[..., 4, 1:3] = True
+    reused = torch.zeros_like(own)
+    reused[..., 3, 0] = reused[..., 4, 1:3] = True
+    assert MASK.overlap(qwen)(own, reused) == (3.0, 4.0)
+
+
+def test_a_qwen4_config_without_its_indexer_is_refused_with_the_reason(tmp_path):
+    path = save_tiny(tmp_path / "model", "qwen4_exp", layers=3)
+    config = json.loads((path / "config.json").read_text())
+    for key in ("indexer_n_heads", "indexer_kv_heads", "indexer_head_dim", "indexer_budget", "indexer_compress_ratio"):
+        config[key] = None  # transformers' default: QSA off
+    (path / "config.json").write_text(json.dumps(config))
+    r = runner.invoke(app, ["calibrate", "--model", str(path), "--data", "unused.jsonl", "--num-full", "1", "--dry-run"])
+    assert r.exit_code == 2 and "QSA indexer is off" in one_error_line(r)
+
+
+def test_minimax_vision_language_checkpoint_calibrates_its_text_decoder(tmp_path):
+    """The published MiniMax-M3 is a vision-language checkpoint with no CausalLM class for it."""
+    import transformers as tf
+
+    from indexcache_calib.testing import save_char_tokenizer, tiny_config
+
+    text = tiny_config("minimax_m3_vl", 4).to_dict()
+    vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=32, patch_size=8, image_size=32)
+    config = tf.MiniMaxM3VLConfig(text_config=text, vision_config=vision)
+    torch.manual_seed(0)
+    model = tf.AutoModelForImageTextToText.from_config(config)
+    model.save_pretrained(tmp_path)
+    save_char_tokenizer(tmp_path, 96)
+    model, layout = load_with_layout(str(tmp_path))
+    assert type(model).__name__ == "MiniMaxM3SparseForConditionalGeneration" and layout.positions == [1, 2, 3]
+    ids = _ids(2)
+    assert self_check(model, layout, ids, "minimax")["difference"] < 1e-5
