@@ -503,7 +503,9 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
     art.save_tokens(run_dir / art.TOKENS, prep.ids, {"tokens_sha256": tokens_sha256(prep.ids), "seq_len": opts.seq_len})
 
     seconds = counters.pop("seconds")
-    from indexcache_calib.deploy import engine_args
+    from indexcache_calib.deploy import consumer_keys, engine_args
+
+    composite = prep.checkpoint.text is not prep.checkpoint.config
 
     layer_map = {
         "schema": art.SCHEMA,
@@ -528,6 +530,7 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
         "path": path(start, base_score.loss, steps),
         "uniform": uniform,
         "engines": engine_args(family, final, positions, layout.num_layers),
+        "consumers": consumer_keys(family, final, positions, layout.num_layers, composite),
         "search": {
             "strategy": opts.search,
             "start_pattern": start,

@@ -71,6 +71,19 @@ def engine_args(family, pattern: str, positions: list[int], num_layers: int) -> 
     return out
 
 
+def consumer_keys(family, pattern: str, positions: list[int], num_layers: int, composite: bool) -> dict:
+    """For each engine or library that reads this family's pattern, the config keys it reads and where."""
+    out = {}
+    for engine in family.engines:
+        if engine == "transformers":
+            keys = {family.native_key: indexer_types(pattern, positions, num_layers)}
+        else:
+            keys = engine_keys(family, pattern, positions, num_layers, engine)
+        where = "text_config" if composite and engine == "transformers" else "config"
+        out[engine] = {"keys": keys, "config": where}
+    return out
+
+
 def consumers_note(family) -> str:
     readers = [e for e in ENGINES if e in family.engines]
     if not readers:

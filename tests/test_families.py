@@ -315,3 +315,26 @@ def test_minimax_vision_language_checkpoint_calibrates_its_text_decoder(tmp_path
     assert type(model).__name__ == "MiniMaxM3SparseForConditionalGeneration" and layout.positions == [1, 2, 3]
     ids = _ids(2)
     assert self_check(model, layout, ids, "minimax")["difference"] < 1e-5
+
+
+def test_query_chunked_indexers_select_exactly_what_one_call_selects(family_dir):
+    name, path = family_dir
+    model, layout = load_with_layout(str(path))
+    if not layout.family.chunks:
+        return  # refused up front for this family (test_indexer_chunking_is_refused_...)
+    ids = _ids(2)
+    pattern = _candidates(layout, _all_full(layout))[0]
+    whole = PatternRunner(model, layout, ids, cache_device="none", indexer_chunk=0).score(pattern)
+    chunked = PatternRunner(model, layout, ids, cache_device="none", indexer_chunk=7).score(pattern)
+    assert chunked.seq_losses == whole.seq_losses and chunked.overlap == whole.overlap
+
+
+def test_the_layer_map_records_what_each_consumer_reads(tmp_path):
+    from conftest import write_docs
+
+    path = save_tiny(tmp_path / "model", "glm5_next", layers=6)
+    write_docs(tmp_path / "data.jsonl")
+    lm = _calibrate(path, tmp_path / "run")
+    assert set(lm["consumers"]) == {"transformers"}
+    assert lm["consumers"]["transformers"] == {"config": "text_config", "keys": {"indexer_types": lm["indexer_types"]}}
+    assert lm["engines"] == {}
