@@ -260,10 +260,6 @@ def family_of(config, name: str = "model") -> Family:
     )
 
 
-def text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def resolve_attr(root, path: str):
     """(parent, attribute name) of a dotted path below `root`; parent is None where a step is missing."""
     *steps, last = path.split(".")
