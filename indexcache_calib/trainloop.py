@@ -87,6 +87,9 @@ def check_out(out: Path, source: Path | None, resume: bool, overwrite: bool) -> 
     if has_state:
         raise CalibError(f"{out} holds an unfinished training run",
                          hint="pass --resume to continue it, --overwrite to start again, or choose another --out")
+    if is_model_dir(out) and (out / TRAINING_LOG).is_file():
+        raise CalibError(f"{out} already holds a finished result of this command",
+                         hint="pass --overwrite to train again, or choose another --out")
     raise CalibError(f"--out {out} is not empty", hint="pass --overwrite to replace an earlier result, or choose another --out")
 
 

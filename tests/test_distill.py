@@ -432,3 +432,35 @@ def test_out_must_not_be_the_source_or_a_foreign_directory(glm_dir, text_data, t
     r = invoke("distill", "--model", glm_dir, "--data", text_data, "--out", foreign, "--uniform", 2, *SMALL, "--overwrite")
     assert r.exit_code == 2 and "did not write" in one_error_line(r)
     assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_sigterm_keeps_the_training_state_and_resume_finishes(lite_dir, text_data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "indexcache_calib", "dsa-convert", "--model", str(lite_dir), "--data", str(text_data),
+                "--out", str(out), "--steps", "20", "--checkpoint-every", "1", *CONVERT, *extra]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    proc = subprocess.Popen(cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while not (out / tl.STATE_DIR / tl.STATE).is_file():
+        if proc.poll() is not None or time.time() > deadline:
+            pytest.fail(f"no training state appeared: {proc.communicate()[1]}")
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr and "Hint: resume with: indexcache dsa-convert" in stderr and "--resume" in stderr
+    assert (out / tl.STATE_DIR / tl.STATE).is_file() and not (out / "config.json").exists()
+    done = subprocess.run(cmd(out, "--resume"), capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    whole = subprocess.run(cmd(tmp_path / "whole"), capture_output=True, text=True, env=env)
+    assert whole.returncode == 0, whole.stderr
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()

@@ -120,6 +120,23 @@ def test_train_tiny_smoke_saves_a_loadable_checkpoint(tmp_path):
     assert set(saved["held_out_loss"]["final"]["code"]) == {"dense", "sparse"}
 
 
+def test_train_tiny_glm4_moe_lite_is_a_source_for_dsa_convert(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from indexcache_calib.convert import ConvertOptions, convert
+    from indexcache_calib.recipes import train_tiny
+
+    src = tmp_path / "lite"
+    log = train_tiny.train(train_tiny.parse_args(["--smoke", "--arch", "glm4_moe_lite", "--out", str(src)]))
+    assert [s["stage"] for s in log["training"]["stages"]] == ["dense"]
+    model = AutoModelForCausalLM.from_pretrained(src)
+    assert type(model).__name__ == "Glm4MoeLiteForCausalLM" and "Glm4MoeLite" in (src / "MODEL_CARD.md").read_text()
+    data = train_tiny.REPO_ROOT / "calibration_data" / "code.heldout.jsonl"
+    result = convert(ConvertOptions(model=str(src), data=str(data), out=str(tmp_path / "dsa"), steps=1, seq_len=64,
+                                    batch_size=1, index_topk=16, index_heads=2, index_head_dim=16))
+    assert result["model"]["class"] == "GlmMoeDsaForCausalLM" and result["training"]["steps_done"] == 1
+
+
 def test_training_loop_skips_non_finite_steps():
     from types import SimpleNamespace
 
