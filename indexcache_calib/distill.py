@@ -108,7 +108,13 @@ def read_pattern(opts: DistillOptions, num_layers: int, fixed_shared: frozenset[
     else:
         if opts.uniform < 1:
             raise CalibError("--uniform must be at least 1 (one Full layer every N layers)")
-        pattern, origin = uniform_pattern(num_layers, opts.uniform, fixed_shared), f"--uniform {opts.uniform}"
+        if fixed_shared:  # interleave over the layers that ship an indexer
+            own = [i for i in range(num_layers) if i not in fixed_shared]
+            full = set(own[:: opts.uniform])
+            pattern = "".join(FULL if i in full else SHARED for i in range(num_layers))
+            origin = f"--uniform {opts.uniform} over the {len(own)} layers with indexer weights"
+        else:
+            pattern, origin = uniform_pattern(num_layers, opts.uniform), f"--uniform {opts.uniform}"
     if not isinstance(pattern, str):
         raise CalibError(f"the pattern from {origin} is not a string")
     validate_pattern(pattern, num_layers, fixed_shared)

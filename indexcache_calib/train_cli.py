@@ -58,7 +58,13 @@ def _handled(out_dir: str, resume_hint: str):
         cli.err.print(f"Hint: resume with: {resume_hint}", markup=False)
         raise typer.Exit(EXIT_SIGTERM if e.terminated else EXIT_SIGINT)
     except (KeyboardInterrupt, tl.Terminated) as e:
-        cli.err.print("Interrupted before training started; nothing to resume.", markup=False)
+        from pathlib import Path
+
+        if (Path(out_dir).expanduser() / tl.STATE_DIR / tl.STATE).is_file():
+            cli.err.print(f"Interrupted: the training state is saved in {out_dir}/{tl.STATE_DIR}.", markup=False)
+            cli.err.print(f"Hint: resume with: {resume_hint}", markup=False)
+        else:
+            cli.err.print("Interrupted before any training step was saved; nothing to resume.", markup=False)
         raise typer.Exit(EXIT_SIGTERM if isinstance(e, tl.Terminated) else EXIT_SIGINT)
     except typer.Exit:
         raise
@@ -175,7 +181,7 @@ def distill(
     out_dir: str = typer.Option(..., "--out", "-o", help="Directory for the distilled checkpoint."),
     layer_map: Optional[str] = typer.Option(None, "--layer-map", help="Take the pattern from a calibrate run (its directory or layer_map.json)."),
     pattern: Optional[str] = typer.Option(None, "--pattern", help="The F/S pattern, one character per layer."),
-    uniform: Optional[int] = typer.Option(None, "--uniform", help="Uniform interleaving: one Full layer every N layers."),
+    uniform: Optional[int] = typer.Option(None, "--uniform", help="Uniform interleaving: one Full layer every N layers (every N layers that ship an indexer, when some do not)."),
     steps: int = typer.Option(500, help="Optimizer steps."),
     seq_len: Optional[int] = typer.Option(None, help=SEQ_LEN),
     batch_size: int = typer.Option(1, help="Sequences per optimizer step."),

@@ -380,6 +380,14 @@ def test_distill_refuses_a_full_layer_without_indexer_weights(text_data, tmp_pat
     assert r.exit_code == 2 and "layer 2 has no indexer weights" in one_error_line(r)
 
 
+def test_uniform_interleaves_over_the_layers_with_indexer_weights(text_data, tmp_path):
+    src = save_hy(tmp_path / "hy")  # indexers at 0, 1, 5 only
+    r = invoke("distill", "--model", src, "--data", text_data, "--out", tmp_path / "o", "--uniform", 2, "--steps", 1,
+               *SMALL, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["pattern"] == "FSSSSF"
+
+
 def test_distill_refuses_families_without_native_sharing(dsv32_dir, text_data, tmp_path):
     r = invoke("distill", "--model", dsv32_dir, "--data", text_data, "--out", tmp_path / "o", "--uniform", 2, *SMALL)
     assert r.exit_code == 2
