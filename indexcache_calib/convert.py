@@ -98,7 +98,8 @@ def dsa_config(raw: dict, index_topk: int, index_heads: int, index_head_dim: int
     if raw.get("rope_interleave", True) is not True:
         raise CalibError("the source uses rope_interleave false, but GlmMoeDsa always applies interleaved RoPE")
     rope = raw.get("rope_parameters") or {}
-    if float(rope.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
+    partial = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+    if float(partial or 1.0) != 1.0:
         raise CalibError("the source uses partial_rotary_factor, which GlmMoeDsa's rotary embedding does not read")
     rope_dim = int(raw.get("qk_rope_head_dim", 64))
     for name, value in (("--index-topk", index_topk), ("--index-heads", index_heads), ("--index-head-dim", index_head_dim)):
