@@ -297,26 +297,32 @@ def art_write_config(out: Path, raw: dict, fam: Family, pattern: str) -> None:
 
 def model_card(log: dict, opts: DistillOptions) -> str:
     t, s, ev = log["training"], log["training"]["settings"], log["evaluation"]
-    served = ", ".join(f"{k} -> {v[0]}..{v[-1]}" if len(v) > 1 else f"{k} -> {k}" for k, v in log["served"].items())
+    served = ", ".join(f"{k} -> {v[0]}..{v[-1]}" if len(v) > 1 else f"{k} -> {k}"
+                       for k, v in sorted(log["served"].items(), key=lambda kv: int(kv[0])))
     lines = [
         f"# {log['source']['spec']} with IndexCache pattern {log['pattern']}",
         "",
-        f"Made by `indexcache distill` ({log['pattern_from']}). {len(log['full_layers'])} of {log['num_layers']} layers keep",
-        "their lightning indexer (Full); the others (Shared) reuse the top-k of the nearest preceding Full layer. The",
-        "pattern is in config.json (`indexer_types`, `index_topk_pattern`, `use_index_cache`), so transformers builds",
-        "the Shared layers without an indexer and runs the pattern natively; their indexer weights are not in this",
-        "checkpoint. Every other weight is the source's, byte for byte.",
+        f"Made by `indexcache distill` ({log['pattern_from']}).",
+        "",
+        f"- {len(log['full_layers'])} of {log['num_layers']} layers keep their lightning indexer (Full): {log['full_layers']}.",
+        "  The others (Shared) reuse the top-k of the nearest preceding Full layer.",
+        "- The pattern is in config.json (`indexer_types`, `index_topk_pattern`, `use_index_cache`): transformers",
+        "  builds the Shared layers without an indexer and runs the pattern natively. Their indexer weights are not",
+        "  in this checkpoint, so these layers cannot be made Full again from it.",
+        "- Every other weight is the source's, byte for byte; only the Full layers' indexers were trained.",
         "",
         "## Training",
         "",
         "Each Full layer l's indexer was trained with the multi-layer distillation loss of IndexCache (arXiv",
         "2603.12201, §3.2), L = sum_j 1/(m+1) KL(p^(l+j) || q^(l)) over the layers l..l+m it serves, where p is a",
         "layer's dense attention distribution (summed over heads, normalised over keys) and q the softmax of the",
-        "indexer's scores, from the library's own indexer. Every other weight was frozen.",
-        f"Served layers: {served}.",
-        f"{t['steps_done']} steps of {s['batch_size']} x {s['seq_len']} tokens ({t['tokens']:,} tokens), peak lr {s['lr']},",
-        f"seed {s['seed']}; {t['optimizer']}. Skipped (non-finite) steps: {t['steps_skipped']}.",
-        f"Mean L over Full layers: {t['first_loss']:.4f} at the first step, {t['last_loss_mean10']:.4f} over the last 10.",
+        "indexer's scores, as the library's own indexer computes them. Every other weight was frozen.",
+        "",
+        f"- Served layers: {served}.",
+        f"- {t['steps_done']} steps of {s['batch_size']} x {s['seq_len']} tokens ({t['tokens']:,} tokens), peak lr {s['lr']}, seed {s['seed']}.",
+        f"- {t['optimizer']}.",
+        f"- Skipped (non-finite) steps: {t['steps_skipped']}.",
+        f"- Mean L over Full layers: {t['first_loss']:.4f} at the first step, {t['last_loss_mean10']:.4f} over the last 10.",
     ]
     if ev:
         se = f" ± {ev['se']:.4f} (paired SE)" if ev["se"] is not None else ""

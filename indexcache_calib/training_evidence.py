@@ -148,12 +148,19 @@ def run_distill(args, data_dir: Path, out: Path) -> dict:
         layer_map, _ = calibrate(opts, Hooks(message=lambda t: _log(f"[calibrate] {t}")))
     searched = layer_map["pattern"]
 
-    runs = {"uniform": uniform} | ({"searched": searched} if args.distill_searched else {})
+    code = data_dir / "code.jsonl"
+    runs = [("uniform", uniform, code)]
+    if args.distill_mixed:
+        mixed = out / "train_code_docs.jsonl"  # both training splits, as tiny-dsa itself was trained
+        mixed.write_bytes(code.read_bytes() + (data_dir / "docs.jsonl").read_bytes())
+        runs.append(("uniform_mixed", uniform, mixed))
+    if args.distill_searched:
+        runs.append(("searched", searched, code))
     distilled = {}
-    for name, pattern in runs.items():
+    for name, pattern, data in runs:
         target = out / f"distilled_{name}"
         if not _finished(target):
-            opts = DistillOptions(model=args.model, data=str(data_dir / "code.jsonl"), out=str(target), pattern=pattern,
+            opts = DistillOptions(model=args.model, data=str(data), out=str(target), pattern=pattern,
                                   steps=args.distill_steps, seq_len=args.seq_len, batch_size=args.batch_size,
                                   lr=args.distill_lr, seed=args.seed, resume=_resumable(target),
                                   overwrite=target.exists() and not _resumable(target))
@@ -177,24 +184,27 @@ def run_distill(args, data_dir: Path, out: Path) -> dict:
         use_eager(model)
         seq[f"{name}_after"] = score(model)
 
-    rows = {}
-    for d in args.domains:
-        mean = {k: sum(v[d]) / len(v[d]) for k, v in seq.items()}
-        comparisons = {
-            "uniform_after_minus_before": _diff(seq["uniform_after"][d], seq["uniform_before"][d]),
-            "uniform_after_minus_searched": _diff(seq["uniform_after"][d], seq["searched"][d]),
-            "uniform_before_minus_searched": _diff(seq["uniform_before"][d], seq["searched"][d]),
-            "uniform_after_minus_all_full": _diff(seq["uniform_after"][d], seq["all_full"][d]),
-        }
-        if "searched_after" in seq:
-            comparisons["searched_after_minus_searched"] = _diff(seq["searched_after"][d], seq["searched"][d])
-        rows[d] = {"mean": mean, "diff": comparisons, "sequences": len(ids[d])}
+    pairs = [("uniform_after", "uniform_before"), ("uniform_after", "searched"), ("uniform_before", "searched"),
+             ("uniform_after", "all_full")]
+    if "uniform_mixed_after" in seq:
+        pairs += [("uniform_mixed_after", "uniform_before"), ("uniform_mixed_after", "searched"),
+                  ("uniform_mixed_after", "all_full")]
+    if "searched_after" in seq:
+        pairs += [("searched_after", "searched"), ("searched_after", "all_full")]
+    rows = {d: {"mean": {k: sum(v[d]) / len(v[d]) for k, v in seq.items()}, "sequences": len(ids[d]),
+                "diff": {f"{a}_minus_{b}": _diff(seq[a][d], seq[b][d]) for a, b in pairs}} for d in args.domains}
     logs = {k: json.loads((v / "training_log.json").read_text()) for k, v in distilled.items()}
     return {"model": args.model, "num_layers": n, "uniform": uniform, "searched": searched,
             "calibration": {"data": "code.jsonl", "num_samples": args.calibration_samples, "search": "fast",
                             "loss": layer_map["loss"]},
-            "training": {k: v["training"] for k, v in logs.items()}, "heldout": rows,
+            "distilled": {name: {"pattern": p, "data": Path(d).name} for name, p, d in runs},
+            "training": {k: v["training"] for k, v in logs.items()}, "heldout": rows, "pairs": pairs,
             "seq_losses": seq}
+
+
+LABELS = {"all_full": "all-Full", "uniform_before": "uniform, before distill", "searched": "searched (training-free)",
+          "uniform_after": "uniform, after distill on code", "uniform_mixed_after": "uniform, after distill on code+docs",
+          "searched_after": "searched, after distill on code"}
 
 
 def _pm(d: dict) -> str:
@@ -220,24 +230,18 @@ def markdown(result: dict) -> str:
     lines += ["", f"## distill on `{dist['model']}`: uniform 1/{s['every']} before and after, and the searched pattern", "",
               f"- uniform: `{dist['uniform']}`", f"- searched (training-free, `calibrate` on code.jsonl): `{dist['searched']}`", ""]
     for name, t in dist["training"].items():
-        lines.append(f"distill {name}: {t['steps_done']} steps of {t['settings']['batch_size']} x {t['settings']['seq_len']} "
-                     f"tokens on `code.jsonl`, mean L_multi {t['first_loss']:.3f} -> {t['last_loss_mean10']:.3f}, "
-                     f"{t['wall_s'] / 60:.1f} min.")
-    has_sa = any("searched_after" in r["mean"] for r in dist["heldout"].values())
-    head = "| held-out | all-Full | uniform before | uniform after | searched |" + (" searched after |" if has_sa else "")
-    lines += ["", head, "|---" * (6 if has_sa else 5) + "|"]
-    for d, r in dist["heldout"].items():
-        m = r["mean"]
-        lines.append(f"| {d} | {m['all_full']:.4f} | {m['uniform_before']:.4f} | {m['uniform_after']:.4f} | {m['searched']:.4f} |"
-                     + (f" {m['searched_after']:.4f} |" if has_sa else ""))
-    lines += ["", "| held-out | uniform after - before | uniform after - searched | uniform before - searched | "
-              "uniform after - all-Full |" + (" searched after - searched |" if has_sa else ""),
-              "|---" * (6 if has_sa else 5) + "|"]
-    for d, r in dist["heldout"].items():
-        x = r["diff"]
-        lines.append(f"| {d} | {_pm(x['uniform_after_minus_before'])} | {_pm(x['uniform_after_minus_searched'])} | "
-                     f"{_pm(x['uniform_before_minus_searched'])} | {_pm(x['uniform_after_minus_all_full'])} |"
-                     + (f" {_pm(x['searched_after_minus_searched'])} |" if has_sa else ""))
+        run = dist["distilled"][name]
+        lines.append(f"- distill {name}: `{run['pattern']}` on `{run['data']}`, {t['steps_done']} steps of "
+                     f"{t['settings']['batch_size']} x {t['settings']['seq_len']} tokens, mean L_multi "
+                     f"{t['first_loss']:.3f} -> {t['last_loss_mean10']:.3f}, {t['wall_s'] / 60:.1f} min.")
+    domains = list(dist["heldout"])
+    lines += ["", "| held-out loss (nats/token) | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]
+    for key in [k for k in LABELS if k in dist["heldout"][domains[0]]["mean"]]:
+        lines.append(f"| {LABELS[key]} | " + " | ".join(f"{dist['heldout'][d]['mean'][key]:.4f}" for d in domains) + " |")
+    lines += ["", "| difference (paired SE) | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]
+    for a, b in dist["pairs"]:
+        lines.append(f"| {LABELS[a]} - {LABELS[b]} | "
+                     + " | ".join(_pm(dist["heldout"][d]["diff"][f"{a}_minus_{b}"]) for d in domains) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -259,7 +263,8 @@ def main(argv=None) -> int:
     p.add_argument("--convert-lr", type=float, default=1e-3)
     p.add_argument("--distill-steps", type=int, default=200)
     p.add_argument("--distill-lr", type=float, default=3e-4)
-    p.add_argument("--distill-searched", action="store_true", help="also distill the searched pattern")
+    p.add_argument("--distill-searched", action="store_true", help="also distill the searched pattern (on code)")
+    p.add_argument("--distill-mixed", action="store_true", help="also distill uniform on both training splits")
     p.add_argument("--every", type=int, default=4, help="uniform interleaving: one Full layer every N (4: 1/4)")
     p.add_argument("--calibration-samples", type=int, default=8)
     p.add_argument("--heldout-samples", type=int, default=32)
