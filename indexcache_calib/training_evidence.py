@@ -7,8 +7,9 @@
    the dense attention mass inside the new indexer's top-k, beside a random top-k and the oracle one
    ("captured" = (indexer - random) / (oracle - random)); and the all-Full sparse loss against dense.
 2. distill: on the embedded DSA model (`tiny-dsa`), uniform interleaving at 1/4 of the layers Full after
-   `distill` against the same pattern before it, and against the training-free greedy-searched 1/4 pattern
-   (one `calibrate` run on the code training split).
+   `distill` (on the code training split, and on both training splits) against the same pattern before it,
+   and against the training-free greedy-searched 1/4 pattern (one `calibrate` run on the code training
+   split), which is also distilled.
 
 Everything is measured on the held-out splits only; differences are paired over sequences with their
 standard error. Markdown goes to stdout and `training_evidence.md`, every number to `training_evidence.json`,
@@ -263,8 +264,10 @@ def main(argv=None) -> int:
     p.add_argument("--convert-lr", type=float, default=1e-3)
     p.add_argument("--distill-steps", type=int, default=200)
     p.add_argument("--distill-lr", type=float, default=3e-4)
-    p.add_argument("--distill-searched", action="store_true", help="also distill the searched pattern (on code)")
-    p.add_argument("--distill-mixed", action="store_true", help="also distill uniform on both training splits")
+    p.add_argument("--distill-searched", action=argparse.BooleanOptionalAction, default=True,
+                   help="also distill the searched pattern (on code)")
+    p.add_argument("--distill-mixed", action=argparse.BooleanOptionalAction, default=True,
+                   help="also distill uniform on both training splits")
     p.add_argument("--every", type=int, default=4, help="uniform interleaving: one Full layer every N (4: 1/4)")
     p.add_argument("--calibration-samples", type=int, default=8)
     p.add_argument("--heldout-samples", type=int, default=32)
