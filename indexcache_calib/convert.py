@@ -283,6 +283,7 @@ def check_numbers(opts, seq_len: int, topk: int, config) -> None:
 
 
 def _run(opts, hooks, source, src_dir, config, windows, eval_ids, settings, fingerprint, state_dir, out, t_start, versions):
+    raw = json.loads((src_dir / "config.json").read_text())
     hooks.message(f"loading {src_dir} as GlmMoeDsaForCausalLM")
     model, unexpected = load_dsa(src_dir, config, opts.dtype, opts.device_map, opts.seed)
     use_eager(model)
@@ -300,6 +301,9 @@ def _run(opts, hooks, source, src_dir, config, windows, eval_ids, settings, fing
 
     params = indexer_param_names(model, range(n))
     tensors = tl.checkpoint_tensors(model, params)
+    stored = tl.source_dtype(src_dir)  # new tensors are stored like the source's, whatever --dtype trained in
+    if stored is not None:
+        tensors = {k: v.to(stored) if v.is_floating_point() else v for k, v in tensors.items()}
     clash = sorted(set(tensors) & set(tl.source_weight_files(src_dir)[0]))
     if clash:
         raise CalibError(f"the source already holds indexer weights ({clash[0]}); it is not a plain MLA checkpoint")
@@ -320,8 +324,11 @@ def _run(opts, hooks, source, src_dir, config, windows, eval_ids, settings, fing
         "versions": versions,
         "seconds": round(time.time() - t_start, 1),
     }
-    model.config.save_pretrained(out)  # last: a directory with config.json is a complete checkpoint
-    tl.finish(out, log, model_card(log, opts))
+    saved = json.loads(model.config.to_json_string())  # what save_pretrained writes
+    for key in ("dtype", "torch_dtype"):  # the weights are stored as the source's are, not as --dtype loaded them
+        if key in raw:
+            saved[key] = raw[key]
+    tl.finish(out, log, model_card(log, opts), saved)
     return {**log, "out": str(out)}
 
 

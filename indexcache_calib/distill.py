@@ -272,8 +272,7 @@ def _run(opts, hooks, src_dir, raw, fam, model_type, config, sub, pattern, origi
         "versions": versions,
         "seconds": round(time.time() - t_start, 1),
     }
-    art_write_config(out, raw, fam, pattern)  # last: a directory with config.json is a complete checkpoint
-    tl.finish(out, log, model_card(log, opts))
+    tl.finish(out, log, model_card(log, opts), pattern_config(raw, fam, pattern))
     return {**log, "out": str(out)}
 
 
@@ -283,16 +282,14 @@ def _training_block(settings, trained):
     return block(settings, trained)
 
 
-def art_write_config(out: Path, raw: dict, fam: Family, pattern: str) -> None:
+def pattern_config(raw: dict, fam: Family, pattern: str) -> dict:
     """The source's config.json with the pattern set where the family reads it (`indexer_types`, which
     transformers and SGLang read first), plus `index_topk_pattern` and `use_index_cache` for the engines."""
-    from indexcache_calib import artifact as art
-
     config = json.loads(json.dumps(raw))
     target = config["text_config"] if fam.text_config else config
     target.update(engine_overrides(pattern))
     target["use_index_cache"] = True
-    art.atomic_write(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return config
 
 
 def model_card(log: dict, opts: DistillOptions) -> str:

@@ -290,6 +290,23 @@ def source_weight_files(directory: Path) -> tuple[dict[str, str], dict]:
         return {k: "model.safetensors" for k in f.keys()}, {}
 
 
+def source_dtype(directory: Path) -> torch.dtype | None:
+    """The floating dtype most of the checkpoint's tensors are stored in (read from the file headers)."""
+    from collections import Counter
+
+    from safetensors import safe_open
+
+    weight_map, _ = source_weight_files(directory)
+    counts: Counter = Counter()
+    for fname in sorted(set(weight_map.values())):
+        with safe_open(str(directory / fname), framework="pt") as f:
+            for k in f.keys():
+                counts[f.get_slice(k).get_dtype()] += 1
+    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+    floating = [(n, c) for n, c in counts.most_common() if n in names]
+    return names[floating[0][0]] if floating else None
+
+
 def checkpoint_tensors(model, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The trained parameters as the checkpoint files name and hold them: transformers' own reversal of the
     renamings (and any conversion) it applied when loading, the same one `save_pretrained` applies."""
@@ -361,9 +378,12 @@ def weights_fingerprint(source: Path) -> dict:
     return {p.name: p.stat().st_size for p in sorted(source.iterdir()) if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)}
 
 
-def finish(out: Path, log: dict, card: str) -> None:
+def finish(out: Path, log: dict, card: str, config: dict) -> None:
+    """Write the record, the card and, last, config.json: a directory with config.json is a complete
+    checkpoint. Then drop the training state."""
     art.write_json(out / TRAINING_LOG, log)
     art.atomic_write(out / CARD, card)
+    art.atomic_write(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(out / STATE_DIR, ignore_errors=True)
 
 

@@ -472,3 +472,20 @@ def test_sigterm_keeps_the_training_state_and_resume_finishes(lite_dir, text_dat
     whole = subprocess.run(cmd(tmp_path / "whole"), capture_output=True, text=True, env=env)
     assert whole.returncode == 0, whole.stderr
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+
+
+def test_bf16_source_stays_bf16_and_trains_through_fp32_masters(text_data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = save_lite(tmp_path / "src")
+    model = AutoModelForCausalLM.from_pretrained(src).to(torch.bfloat16)
+    model.save_pretrained(src)
+    out = tmp_path / "out"
+    r = invoke("dsa-convert", "--model", src, "--data", text_data, "--out", out, "--steps", 2, *CONVERT, "--json")
+    assert r.exit_code == 0, r.stderr
+    a, b = weights(src), weights(out)
+    assert all(torch.equal(b[k], v) for k, v in a.items())
+    assert {t.dtype for t in b.values()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.model.layers[0].self_attn.indexer.wq_b.weight.dtype == torch.bfloat16
