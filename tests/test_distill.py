@@ -449,9 +449,11 @@ def test_sigterm_keeps_the_training_state_and_resume_finishes(lite_dir, text_dat
     import sys
     import time
 
+    # Steps of 8 x 256 tokens, so the run is still going when the signal lands even on an idle machine.
     def cmd(out, *extra):
         return [sys.executable, "-m", "indexcache_calib", "dsa-convert", "--model", str(lite_dir), "--data", str(text_data),
-                "--out", str(out), "--steps", "20", "--checkpoint-every", "1", *CONVERT, *extra]
+                "--out", str(out), "--steps", "30", "--checkpoint-every", "1", "--seq-len", "256", "--batch-size", "8",
+                "--index-topk", "8", "--index-heads", "2", "--index-head-dim", "16", *extra]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "run"
@@ -467,6 +469,7 @@ def test_sigterm_keeps_the_training_state_and_resume_finishes(lite_dir, text_dat
     assert proc.returncode == 143, stderr
     assert "Traceback" not in stderr and "Hint: resume with: indexcache dsa-convert" in stderr and "--resume" in stderr
     assert (out / tl.STATE_DIR / tl.STATE).is_file() and not (out / "config.json").exists()
+    assert "state at step" in stderr and "at step 30 " not in stderr
     done = subprocess.run(cmd(out, "--resume"), capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     whole = subprocess.run(cmd(tmp_path / "whole"), capture_output=True, text=True, env=env)
