@@ -472,9 +472,12 @@ def test_sigterm_keeps_the_training_state_and_resume_finishes(lite_dir, text_dat
     assert "state at step" in stderr and "at step 30 " not in stderr
     done = subprocess.run(cmd(out, "--resume"), capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
-    whole = subprocess.run(cmd(tmp_path / "whole"), capture_output=True, text=True, env=env)
-    assert whole.returncode == 0, whole.stderr
-    assert (out / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+    from indexcache_calib.convert import ConvertOptions, convert
+
+    whole = tmp_path / "whole"
+    convert(ConvertOptions(model=str(lite_dir), data=str(text_data), out=str(whole), steps=30, seq_len=256, batch_size=8,
+                           index_topk=8, index_heads=2, index_head_dim=16))
+    assert (out / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
 
 
 def test_bf16_source_stays_bf16_and_trains_through_fp32_masters(text_data, tmp_path):
