@@ -470,14 +470,15 @@ def test_sigterm_keeps_the_training_state_and_resume_finishes(lite_dir, text_dat
     assert "Traceback" not in stderr and "Hint: resume with: indexcache dsa-convert" in stderr and "--resume" in stderr
     assert (out / tl.STATE_DIR / tl.STATE).is_file() and not (out / "config.json").exists()
     assert "state at step" in stderr and "at step 30 " not in stderr
-    done = subprocess.run(cmd(out, "--resume"), capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr
     from indexcache_calib.convert import ConvertOptions, convert
 
-    whole = tmp_path / "whole"
-    convert(ConvertOptions(model=str(lite_dir), data=str(text_data), out=str(whole), steps=30, seq_len=256, batch_size=8,
-                           index_topk=8, index_heads=2, index_head_dim=16))
-    assert (out / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    def opts(where, resume=False):
+        return ConvertOptions(model=str(lite_dir), data=str(text_data), out=str(where), steps=30, seq_len=256,
+                              batch_size=8, index_topk=8, index_heads=2, index_head_dim=16, checkpoint_every=1, resume=resume)
+
+    assert convert(opts(out, resume=True))["training"]["resumed_from"] >= 1
+    convert(opts(tmp_path / "whole"))
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
 
 
 def test_bf16_source_stays_bf16_and_trains_through_fp32_masters(text_data, tmp_path):
