@@ -12,7 +12,7 @@ TARGET ?= 1/4
 ARGS ?=
 DOMAINS := $(patsubst calibration_data/%.jsonl,%,$(filter-out %.heldout.jsonl,$(wildcard calibration_data/*.jsonl)))
 
-.PHONY: setup demo test calibrate bench paper-table clean $(addprefix recalibrate-,$(DOMAINS))
+.PHONY: setup demo test calibrate bench paper-table training-evidence clean $(addprefix recalibrate-,$(DOMAINS))
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ bench: setup
 # The small-scale counterpart of the paper's Table 2, plus indexer quality and domain sensitivity.
 paper-table: setup
 	$(BIN)/python -m indexcache_calib.paper_table
+
+# dsa-convert on the embedded plain-MLA model and distill on the embedded DSA model, measured on held-out data
+# (see README "Training the indexers"). Each stage resumes if interrupted: rerun the same command.
+training-evidence: setup
+	$(BIN)/python -m indexcache_calib.training_evidence $(ARGS)
 
 # One target per calibration domain: recalibrate-code, recalibrate-docs, ...
 $(addprefix recalibrate-,$(DOMAINS)): recalibrate-%: setup

@@ -220,10 +220,11 @@ def _print_summary(layer_map: dict, run_dir) -> None:
 
 
 def _register_commands() -> None:
-    from indexcache_calib import deploy_cli, inspect_cli
+    from indexcache_calib import deploy_cli, inspect_cli, train_cli
 
     deploy_cli.register(app)
     inspect_cli.register(app)
+    train_cli.register(app)
 
 
 _register_commands()

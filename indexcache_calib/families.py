@@ -245,7 +245,8 @@ def family_of(config, name: str = "model") -> Family:
         raise CalibError(
             f"{name} is not a DSA model: model_type glm4_moe_lite (the published GLM-4.7-Flash) is plain MLA "
             "attention with no lightning indexer, so there are no top-k indices to share",
-            hint="IndexCache applies to DSA models such as GLM-5 (glm_moe_dsa) and DeepSeek-V3.2 (deepseek_v32)",
+            hint=f"make it a DSA model first: indexcache dsa-convert --model {name} --data YOUR.jsonl --out DIR; "
+                 "then indexcache calibrate --model DIR",
         )
     if getattr(text, "index_topk", None) is None:
         why = " (plain MLA attention)" if model_type in PLAIN_MLA_TYPES else ""

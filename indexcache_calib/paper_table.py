@@ -26,58 +26,33 @@ from pathlib import Path
 import torch
 
 from indexcache_calib.search import paired  # noqa: F401 - part of this module's interface
+from indexcache_calib.warmup import mass_shares as topk_mass  # noqa: F401 - part of this module's interface
 
 RATIOS = (2, 4, 8)  # 1/2, 1/4 and 1/8 of the layers Full, as in the paper
 TABLE_MD, TABLE_JSON = "paper_table.md", "paper_table.json"
-
-
-def topk_mass(probs: torch.Tensor, topk: torch.Tensor, k: int):
-    """For each query that sees more than k keys (0-based position t >= k), the attention mass inside
-    `topk`, inside the best possible k keys, and expected inside k keys drawn uniformly from the t+1
-    visible ones: k/(t+1), exactly, so nothing is sampled. probs: [B, S, T]; topk: [B, S, k] key
-    indices, all visible at those positions. Returns three [B, S-k] tensors."""
-    p = probs[:, k:]
-    indexer = p.gather(-1, topk[:, k:].long()).sum(-1)
-    oracle = p.topk(k, dim=-1).values.sum(-1)
-    t = torch.arange(k, probs.shape[1], device=p.device, dtype=p.dtype)
-    return indexer, oracle, (k / (t + 1)).expand_as(oracle)
 
 
 @torch.no_grad()
 def attention_mass(model, ids: torch.Tensor, batch_size: int = 1) -> dict:
     """Per layer, mean `topk_mass` shares over every valid query of `ids`. The attention is the dense
     forward (every indexer bypassed), the distribution the indexers were trained to imitate; each
-    layer's top-k is its own indexer's, run on that forward's inputs. Layers without an indexer get None."""
-    from indexcache_calib.recipes.train_tiny import all_keys, attention_probs, replaced_indexers
+    layer's top-k is its own indexer's, run on that forward's inputs (`warmup.topk_mass`). Layers without
+    an indexer get None."""
+    from indexcache_calib.warmup import topk_mass as per_layer
+    from indexcache_calib.warmup import use_eager
 
     k, n = int(model.config.index_topk), model.config.num_hidden_layers
-    sums = torch.zeros(3, n, dtype=torch.float64)
-    seen: set[int] = set()
-    queries = 0
-    device = next(model.parameters()).device
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")  # the only implementation that returns attention probabilities
+    previous = use_eager(model)  # the only implementation that returns attention probabilities
     try:
-        for b0 in range(0, len(ids), batch_size):
-            x = ids[b0 : b0 + batch_size].to(device)
-            records, probs = {}, {}
-            with replaced_indexers(model, all_keys(records)), attention_probs(model, probs):
-                model.model(input_ids=x, use_cache=False)
-            # The indexers are back in place here, so each call is the model's own top-k.
-            for i, (ix, h, qr, pe, mask) in records.items():
-                shares = topk_mass(probs[i], ix(h, qr, pe, mask, None).to(probs[i].device), k)
-                for j, share in enumerate(shares):
-                    sums[j, i] += share.double().sum().item()
-                seen.add(i)
-            queries += x.shape[0] * max(x.shape[1] - k, 0)
+        mass = per_layer(model, ids, batch_size)
     finally:
         model.set_attn_implementation(previous)
-    means = (sums / max(queries, 1)).tolist()
     layers = [
-        {"layer": i, "indexer": means[0][i], "oracle": means[1][i], "random": means[2][i]} if i in seen
+        {"layer": i, "indexer": mass[i]["indexer"], "oracle": mass[i]["oracle"], "random": mass[i]["random"]} if i in mass
         else {"layer": i, "indexer": None, "oracle": None, "random": None}
         for i in range(n)
     ]
+    queries = len(ids) * max(ids.shape[1] - k, 0)
     return {"index_topk": k, "queries_per_layer": queries, "sequences": len(ids), "seq_len": ids.shape[1], "layers": layers}
 
 

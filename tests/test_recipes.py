@@ -1,10 +1,9 @@
-"""Recipes: calibration-data builder, the indexer score function, and the tiny-model trainer."""
+"""Recipes: calibration-data builder and the tiny-model trainer (its warm-up math is tested in test_warmup.py)."""
 
 import gzip
 import hashlib
 import json
 
-import pytest
 import torch
 
 from indexcache_calib.recipes import build_data
@@ -97,57 +96,6 @@ def test_committed_calibration_data_is_well_formed():
             root / "README.md").read_text()
 
 
-def _tiny_dsa(attn):
-    from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
-
-    torch.manual_seed(0)
-    config = GlmMoeDsaConfig(
-        vocab_size=97, hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
-        qk_rope_head_dim=8, v_head_dim=16, index_topk=8, index_n_heads=3, index_head_dim=16,
-        first_k_dense_replace=2, n_routed_experts=4, n_group=1, topk_group=1, num_experts_per_tok=1,
-        max_position_embeddings=128, pad_token_id=None, bos_token_id=0, eos_token_id=0,
-    )
-    model = GlmMoeDsaForCausalLM(config).eval()
-    model.set_attn_implementation(attn)
-    return model
-
-
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_index_scores_topk_matches_library_indexer(attn):
-    from indexcache_calib.recipes.train_tiny import index_scores
-
-    model = _tiny_dsa(attn)
-    seen = []
-
-    def hook(module, args, kwargs, output):
-        seen.append((module, args, output))
-
-    handles = [layer.self_attn.indexer.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers]
-    x = torch.randint(1, 97, (2, 40), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        model(input_ids=x)
-    for h in handles:
-        h.remove()
-    assert len(seen) == 2
-    for ix, args, lib in seen:
-        k = lib.shape[-1]
-        with torch.no_grad():
-            scores = index_scores(ix, *args[:4])
-        assert scores.requires_grad is False and scores.shape == (2, 40, 40)
-        ours = scores.topk(k, dim=-1).indices
-        # Rows with fewer than k visible keys pad their top-k with masked keys in any order.
-        rows = slice(k - 1, None)
-        top = scores.topk(k + 1, dim=-1).values
-        clear = (top[..., k - 1] - top[..., k]) > 1e-4  # no tie at the top-k boundary
-        same = (ours.sort(-1).values == lib.long().sort(-1).values).all(-1)
-        assert same[:, rows][clear[:, rows]].all()
-        assert clear[:, rows].float().mean() > 0.5
-        # Where scores tie at the boundary the library's choice is still a top-k of our scores.
-        chosen = scores.gather(-1, lib.long())[:, rows]
-        assert (chosen >= top[:, rows, k - 1 : k] - 1e-4).all()
-
-
 def test_train_tiny_smoke_saves_a_loadable_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GlmMoeDsaForCausalLM
 
@@ -169,6 +117,23 @@ def test_train_tiny_smoke_saves_a_loadable_checkpoint(tmp_path):
     assert (out / "MODEL_CARD.md").is_file()
     saved = json.loads((out / "training_log.json").read_text())
     assert set(saved["held_out_loss"]["final"]["code"]) == {"dense", "sparse"}
+
+
+def test_train_tiny_glm4_moe_lite_is_a_source_for_dsa_convert(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from indexcache_calib.convert import ConvertOptions, convert
+    from indexcache_calib.recipes import train_tiny
+
+    src = tmp_path / "lite"
+    log = train_tiny.train(train_tiny.parse_args(["--smoke", "--arch", "glm4_moe_lite", "--out", str(src)]))
+    assert [s["stage"] for s in log["training"]["stages"]] == ["dense"]
+    model = AutoModelForCausalLM.from_pretrained(src)
+    assert type(model).__name__ == "Glm4MoeLiteForCausalLM" and "Glm4MoeLite" in (src / "MODEL_CARD.md").read_text()
+    data = train_tiny.REPO_ROOT / "calibration_data" / "code.heldout.jsonl"
+    result = convert(ConvertOptions(model=str(src), data=str(data), out=str(tmp_path / "dsa"), steps=1, seq_len=64,
+                                    batch_size=1, index_topk=16, index_heads=2, index_head_dim=16))
+    assert result["model"]["class"] == "GlmMoeDsaForCausalLM" and result["training"]["steps_done"] == 1
 
 
 def test_training_loop_skips_non_finite_steps():

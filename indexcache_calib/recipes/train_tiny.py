@@ -4,9 +4,10 @@ The recipe follows how DSA models are made:
 
 1. dense: language-model training with every indexer bypassed (each returns all keys);
 2. indexer warm-up: main weights frozen; each layer's indexer learns the KL divergence from
-   the layer's head-averaged dense attention to softmax(index scores);
+   the layer's head-aggregated dense attention to softmax(index scores). This is
+   `indexcache_calib.warmup`, the same code `indexcache dsa-convert` runs;
 3. sparse: top-k attention on; LM loss on the main weights plus, for the indexers, the KL
-   restricted to the keys they selected.
+   restricted to the keys they selected (index scores from the library's own indexer).
 
 A byte-level BPE tokenizer is trained on the training split of both domains and saved with
 the model. Held-out losses, dense and all-F sparse, are reported per domain.
@@ -14,6 +15,10 @@ the model. Held-out losses, dense and all-F sparse, are reported per domain.
     python -m indexcache_calib.recipes.train_tiny --out indexcache_calib/models/tiny-dsa
     python -m indexcache_calib.recipes.train_tiny --layers 48 --hidden 64 --out indexcache_calib/models/tiny-dsa-deep
     python -m indexcache_calib.recipes.train_tiny --smoke --out /tmp/tiny   # seconds, for tests
+    python -m indexcache_calib.recipes.train_tiny --arch glm4_moe_lite --layers 8 --out indexcache_calib/models/tiny-mla
+
+`--arch glm4_moe_lite` trains the plain MLA architecture of GLM-4.7-Flash instead (stage 1 only): the
+source that `indexcache dsa-convert` turns into a DSA model.
 
 Both checkpoints in indexcache_calib/models/ come from one call of
 `bash indexcache_calib/recipes/train_all.sh --device cuda --minutes 6` (about 5 minutes on one H200).
@@ -33,21 +38,11 @@ from pathlib import Path
 
 import tokenizers
 import torch
-import torch.nn.functional as F
 import transformers
-from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM, PreTrainedTokenizerFast
+from transformers import Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM, GlmMoeDsaConfig, GlmMoeDsaForCausalLM, PreTrainedTokenizerFast
 
-try:  # transformers >= 5.16; the score function must use the library's own RoPE
-    from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import apply_rotary_pos_emb_interleave
-except ImportError:  # same math as 5.16-5.23: pairs (x0, x1), (x2, x3), ... rotated by one frequency each
-
-    def apply_rotary_pos_emb_interleave(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
-        cos = cos[..., : cos.shape[-1] // 2].unsqueeze(unsqueeze_dim)
-        sin = sin[..., : sin.shape[-1] // 2].unsqueeze(unsqueeze_dim)
-        q1, q2, k1, k2 = q[..., 0::2], q[..., 1::2], k[..., 0::2], k[..., 1::2]
-        return (torch.cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin], dim=-1),
-                torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], dim=-1))
-
+from indexcache_calib import warmup
+from indexcache_calib.warmup import Call, decay_groups, lr_at
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOMAINS = ("code", "docs")
@@ -72,6 +67,7 @@ SMOKE = dict(layers=2, hidden=64, heads=4, index_topk=16, index_heads=2, seq_len
              tokenizer_docs=40)
 # Share of --budget-minutes per stage; the rest covers tokenizer, evaluations and saving.
 BUDGET_SHARE = {"dense": 0.55, "indexer": 0.12, "sparse": 0.23}
+ARCHS = ("glm_moe_dsa", "glm4_moe_lite")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -81,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny model, a few steps per stage (for tests)")
+    p.add_argument("--arch", choices=ARCHS, default="glm_moe_dsa",
+                   help="glm_moe_dsa: the DSA model, all three stages; glm4_moe_lite: the plain MLA model "
+                        "(GLM-4.7-Flash's architecture), dense stage only, the source `indexcache dsa-convert` takes")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on cuda (weights stay fp32)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0: torch's default); 1 is much faster on a CPU shared with other jobs")
@@ -116,6 +115,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.budget_minutes:
         for stage, share in BUDGET_SHARE.items():
             setattr(args, f"{stage}_minutes", args.budget_minutes * share)
+        if args.arch == "glm4_moe_lite":  # one stage: the whole budget but held-out evaluation and saving
+            args.dense_minutes = args.budget_minutes * 0.9
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
     return args
@@ -170,10 +171,22 @@ class Windows:
 
 # ----------------------------------------------------------------------------- model
 
-def build_model(args, tok: PreTrainedTokenizerFast) -> GlmMoeDsaForCausalLM:
+def build_model(args, tok: PreTrainedTokenizerFast):
     d, heads, layers = args.hidden, args.heads, args.layers
     head_dim = d // heads
     rope = min(16, head_dim)
+    if args.arch == "glm4_moe_lite":
+        config = Glm4MoeLiteConfig(
+            vocab_size=len(tok), hidden_size=d, intermediate_size=args.intermediate or 5 * d // 4,
+            moe_intermediate_size=args.intermediate or 5 * d // 4, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=heads, q_lora_rank=d // 2, kv_lora_rank=d // 2,
+            qk_nope_head_dim=head_dim, qk_rope_head_dim=rope, v_head_dim=head_dim, mlp_layer_types=["dense"] * layers,
+            n_routed_experts=4, n_group=1, topk_group=1, num_experts_per_tok=1, n_shared_experts=1,
+            max_position_embeddings=max(4096, args.seq_len), tie_word_embeddings=True,
+            bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, initializer_range=0.02,
+        )
+        return _scaled(Glm4MoeLiteForCausalLM(config), layers)
     config = GlmMoeDsaConfig(
         vocab_size=len(tok), hidden_size=d, intermediate_size=args.intermediate or 5 * d // 4,
         moe_intermediate_size=args.intermediate or 5 * d // 4, num_hidden_layers=layers,
@@ -187,7 +200,10 @@ def build_model(args, tok: PreTrainedTokenizerFast) -> GlmMoeDsaForCausalLM:
         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, initializer_range=0.02,
     )
-    model = GlmMoeDsaForCausalLM(config)
+    return _scaled(GlmMoeDsaForCausalLM(config), layers)
+
+
+def _scaled(model, layers: int):
     # Residual-branch outputs start scaled by 1/sqrt(2L) (GPT-2 style): deep, thin stacks diverged without it.
     with torch.no_grad():
         for layer in model.model.layers:
@@ -198,166 +214,47 @@ def build_model(args, tok: PreTrainedTokenizerFast) -> GlmMoeDsaForCausalLM:
     return model
 
 
-def indexers(model) -> list[tuple[int, torch.nn.Module]]:
-    return [(i, layer.self_attn.indexer) for i, layer in enumerate(model.model.layers)
-            if layer.self_attn.indexer is not None]
-
-
-def index_scores(indexer, hidden_states, q_resid, position_embeddings, attention_mask) -> torch.Tensor:
-    """Differentiable GlmMoeDsaIndexer.forward up to its top-k: fp32 scores [B, S, T].
-
-    Same computation as transformers' indexer (interleaved RoPE on the first qk_rope_head_dim
-    dims, ReLU of per-head q.k, weighted sum over heads, additive causal mask). The only change
-    is that q.k is one batched matmul: the library broadcasts k over every query, which copies a
-    [B, S, D, T] tensor per layer and dominated CPU time.
-    """
-    b, s, _ = hidden_states.shape
-    h, d, rope = indexer.n_heads, indexer.head_dim, indexer.qk_rope_head_dim
-    cos, sin = position_embeddings
-    q = indexer.wq_b(q_resid).view(b, s, h, d)
-    q_rot, q_pass = torch.split(q, [rope, d - rope], dim=-1)
-    k = indexer.k_norm(indexer.wk(hidden_states)).unsqueeze(2)
-    k_rot, k_pass = torch.split(k, [rope, d - rope], dim=-1)
-    q_rot, k_rot = apply_rotary_pos_emb_interleave(q_rot, k_rot, cos, sin, unsqueeze_dim=2)
-    q = torch.cat([q_rot, q_pass], dim=-1).float()  # [B, S, H, D]
-    k = torch.cat([k_rot, k_pass], dim=-1).squeeze(2).float()  # [B, T, D]
-    t = k.shape[1]
-    scores = torch.bmm(q.reshape(b, s * h, d), k.transpose(1, 2)).view(b, s, h, t) * indexer.softmax_scale
-    scores = F.relu(scores)
-    weights = indexer.weights_proj(hidden_states.to(indexer.weights_proj.weight.dtype)).float() * h**-0.5
-    out = torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)  # [B, S, T]
-    if attention_mask is None:  # transformers < 5.23 may pass None for a plain causal mask
-        return out.masked_fill(~_causal(s, t, out.device), float("-inf"))
-    if attention_mask.dtype == torch.bool:
-        return out.masked_fill(~attention_mask, float("-inf"))
-    return out + attention_mask
-
-
-def _causal(s: int, t: int, device) -> torch.Tensor:
-    return torch.ones(s, t, dtype=torch.bool, device=device).tril(t - s)
-
-
-def allowed_keys(attention_mask, s: int, t: int, device) -> torch.Tensor:
-    """Boolean [B|1, S, T]: the keys the causal (and padding) mask lets each query see."""
-    if attention_mask is None:
-        return _causal(s, t, device).unsqueeze(0)
-    if attention_mask.dtype == torch.bool:
-        return attention_mask
-    return attention_mask > torch.finfo(attention_mask.dtype).min / 2
-
-
-def kl_to_attention(p: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Mean over queries of KL(p || softmax(scores over `keep`)); p is zero outside `keep`."""
-    logq = torch.log_softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
-    logq = logq.masked_fill(~keep, 0.0)  # keeps 0 * -inf out of the gradient
-    return (torch.xlogy(p, p) - p * logq).sum(-1).mean()
-
-
-@contextlib.contextmanager
-def replaced_indexers(model, make_forward):
-    """Give each indexer the forward `make_forward(layer_idx, indexer)`; restore what was there after.
-
-    The attention module calls indexer(hidden_states, q_resid, position_embeddings, attention_mask, ...)
-    and scatters the returned indices into its mask, so returning every key makes attention dense.
-    """
-    saved = []
-    for i, ix in indexers(model):
-        saved.append((ix, ix.__dict__.get("forward")))
-        ix.forward = make_forward(i, ix)
-    try:
-        yield
-    finally:
-        for ix, fwd in saved:
-            if fwd is None:
-                del ix.forward
-            else:
-                ix.forward = fwd
-
-
-def all_keys(records: dict | None = None):
-    """Indexer replacement that keeps every key; optionally records its inputs per layer."""
-
-    def make(i, ix):
-        def forward(hidden_states, q_resid, position_embeddings, attention_mask, *args, **kwargs):
-            if records is not None:
-                records[i] = (ix, hidden_states.detach(), q_resid.detach(), position_embeddings, attention_mask)
-            b, s = hidden_states.shape[:2]
-            t = attention_mask.shape[-1] if attention_mask is not None else s
-            return torch.arange(t, device=hidden_states.device, dtype=torch.int32).expand(b, s, t)
-        return forward
-
-    return make
-
-
 def scored_topk(records: dict):
-    """Indexer replacement for training: differentiable scores (inputs detached), their top-k."""
+    """Indexer replacement for the sparse stage: the library's own indexer, run with gradients on detached
+    inputs (the top-k passes no gradient to the main weights anyway); records its scores and top-k."""
 
     def make(i, ix):
-        def forward(hidden_states, q_resid, position_embeddings, attention_mask, *args, **kwargs):
-            scores = index_scores(ix, hidden_states.detach(), q_resid.detach(), position_embeddings, attention_mask)
-            topk = scores.detach().topk(min(ix.index_topk, scores.shape[-1]), dim=-1).indices
-            records[i] = (scores, topk, attention_mask)
-            return topk.to(torch.int32)
+        def forward(*args, **kwargs):
+            call = Call(tuple(a.detach() if torch.is_tensor(a) else a for a in args),
+                        {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()})
+            scores, topk = warmup.index_scores(ix, call)
+            records[i] = (scores, topk)
+            return topk
         return forward
 
     return make
-
-
-@contextlib.contextmanager
-def attention_probs(model, store: dict):
-    """Record each layer's head-averaged attention probabilities [B, S, T] (eager attention)."""
-
-    def hook(i):
-        def fn(module, args, output):
-            if output[1] is not None:
-                store[i] = output[1].detach().float().mean(1)
-        return fn
-
-    handles = [layer.self_attn.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
 def evaluate(model, windows: dict[str, torch.Tensor], args, modes=("dense", "sparse"), recall=False) -> dict:
-    """Mean per-token held-out loss per domain and mode; with `recall`, per-layer attention mass
-    that the indexer's top-k (and the oracle top-k) capture, over queries with more than k keys."""
+    """Mean per-token held-out loss per domain and mode ("dense": every indexer returns all keys); with
+    `recall`, per layer, the dense attention mass inside the indexer's own top-k and inside the oracle
+    top-k, over queries with more than k keys (`warmup.topk_mass`)."""
     model.eval()
     out: dict = {}
-    n_layers = len(model.model.layers)
-    mass = torch.zeros(n_layers, dtype=torch.float64)
-    oracle = torch.zeros(n_layers, dtype=torch.float64)
-    rows = 0
     for domain, w in windows.items():
         for mode in modes:
-            records: dict = {}
-            probs: dict = {}
-            swap = replaced_indexers(model, all_keys(records if recall else None)) if mode == "dense" else contextlib.nullcontext()
             total, count = 0.0, 0
-            with swap, (attention_probs(model, probs) if recall and mode == "dense" else contextlib.nullcontext()):
+            with warmup.dense(model) if mode == "dense" else contextlib.nullcontext():
                 for start in range(0, len(w), args.batch_size):
                     x = w[start:start + args.batch_size].to(args.device)
                     with autocast(args):
                         loss = model(input_ids=x, labels=x).loss.float()
                     n = x.shape[0] * (x.shape[1] - 1)
                     total, count = total + loss.item() * n, count + n
-                    if recall and mode == "dense":
-                        for i, (ix, h, qr, pe, mask) in records.items():
-                            sc = index_scores(ix, h, qr, pe, mask)
-                            k = min(ix.index_topk, sc.shape[-1])
-                            p = probs[i][:, k:]  # queries that see more than k keys
-                            mass[i] += p.gather(-1, sc.topk(k, dim=-1).indices[:, k:]).sum(-1).sum().item()
-                            oracle[i] += p.topk(k, dim=-1).values.sum(-1).sum().item()
-                        rows += x.shape[0] * max(x.shape[1] - args.index_topk, 0)
             out.setdefault(domain, {})[mode] = total / count
-    if recall and rows:
-        out["indexer_recall"] = [round(v / rows, 4) for v in mass.tolist()]
-        out["oracle_recall"] = [round(v / rows, 4) for v in oracle.tolist()]
+    if recall and model.config.model_type == "glm_moe_dsa":
+        with autocast(args):
+            mass = warmup.topk_mass(model, torch.cat(list(windows.values())), args.batch_size)
+        out["indexer_recall"] = [round(mass[i]["indexer"], 4) for i in sorted(mass)]
+        out["oracle_recall"] = [round(mass[i]["oracle"], 4) for i in sorted(mass)]
     model.train()
     return out
 
@@ -372,15 +269,6 @@ def autocast(args):
 
 def x_tokens(args) -> int:
     return args.batch_size * args.seq_len
-
-
-def lr_at(step: int, planned: int, peak: float) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak at the planned last step."""
-    warm = max(1, min(30, planned // 10))
-    if step < warm:
-        return peak * (step + 1) / warm
-    frac = min(1.0, (step - warm) / max(1, planned - warm))
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 def run_stage(name: str, args, model, groups: list[dict], step_fn, data: Windows, eval_fn=None) -> dict:
@@ -457,19 +345,13 @@ def run_stage(name: str, args, model, groups: list[dict], step_fn, data: Windows
 
 
 def set_trainable(model, main: bool, indexer: bool) -> tuple[list, list]:
-    idx_params = {id(p) for _, ix in indexers(model) for p in ix.parameters()}
+    idx_params = {id(p) for ix in warmup.indexers(model).values() for p in ix.parameters()}
     main_ps, idx_ps = [], []
     for p in model.parameters():
         is_idx = id(p) in idx_params
         p.requires_grad_(indexer if is_idx else main)
         (idx_ps if is_idx else main_ps).append(p)
     return main_ps, idx_ps
-
-
-def decay_groups(params: list, lr: float) -> list[dict]:
-    """Weight decay on matrices only; norms, biases and vectors are left alone."""
-    return [{"params": [p for p in params if p.ndim >= 2], "lr": lr, "weight_decay": 0.1},
-            {"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0}]
 
 
 def train(args) -> dict:
@@ -480,7 +362,7 @@ def train(args) -> dict:
     if args.device == "cuda":
         torch.cuda.manual_seed_all(args.seed)
         torch.set_float32_matmul_precision("high")  # TF32 matmuls; weights and the rest stay fp32
-    data_dir, out = Path(args.data), Path(args.out)
+    data_dir = Path(args.data)
 
     train_texts = {d: load_texts(data_dir, d, heldout=False) for d in DOMAINS}
     held_texts = {d: load_texts(data_dir, d, heldout=True) for d in DOMAINS}
@@ -498,17 +380,17 @@ def train(args) -> dict:
 
     model = build_model(args, tok).to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"GlmMoeDsaForCausalLM: {args.layers} layers, hidden {args.hidden}, {n_params:,} parameters "
-          f"({n_params * 4 / 1e6:.1f} MB fp32), index_topk {args.index_topk}, seq_len {args.seq_len}, "
+    dsa = args.arch == "glm_moe_dsa"
+    print(f"{type(model).__name__}: {args.layers} layers, hidden {args.hidden}, {n_params:,} parameters "
+          f"({n_params * 4 / 1e6:.1f} MB fp32), {f'index_topk {args.index_topk}, ' if dsa else ''}seq_len {args.seq_len}, "
           f"device {args.device}", flush=True)
-    n_layers = len(model.model.layers)
     stages, evals = [], {}
 
     # 1. dense: the indexers are bypassed, so they neither cost time nor get gradients.
     main_ps, idx_ps = set_trainable(model, main=True, indexer=False)
 
     def dense_step(x):
-        with replaced_indexers(model, all_keys()):
+        with warmup.dense(model):
             loss = model(input_ids=x, labels=x).loss
         loss.backward()
         return {"loss": loss.item()}
@@ -516,23 +398,21 @@ def train(args) -> dict:
     stages.append(run_stage("dense", args, model, decay_groups(main_ps, args.lr), dense_step,
                             Windows(train_streams, args.seq_len, args.batch_size, args.seed * 1000 + 1),
                             lambda: evaluate(model, quick_windows, args, modes=("dense",))))
-    evals["after_dense"] = evaluate(model, eval_windows, args, recall=True)
+    evals["after_dense"] = evaluate(model, eval_windows, args, modes=("dense", "sparse") if dsa else ("dense",), recall=dsa)
     print(f"after dense: {json.dumps(evals['after_dense'])}", flush=True)
+    if not dsa:  # glm4_moe_lite: no indexer; `indexcache dsa-convert` adds and warms them up
+        return _save(args, model, tok, stages, evals, data_dir, train_streams, held_streams, eval_windows, n_params, t_start)
 
     # 2. indexer warm-up: frozen main weights, KL(dense head-mean attention || softmax(index scores)).
     main_ps, idx_ps = set_trainable(model, main=False, indexer=True)
 
-    def indexer_step(x):
-        records, probs = {}, {}
-        with torch.no_grad(), replaced_indexers(model, all_keys(records)), attention_probs(model, probs):
-            model.model(input_ids=x)  # the base model: no LM head needed for attention targets
-        total = 0.0
-        for i, (ix, h, qr, pe, mask) in records.items():
-            scores = index_scores(ix, h, qr, pe, mask)
-            kl = kl_to_attention(probs[i], scores, allowed_keys(mask, h.shape[1], scores.shape[-1], h.device))
-            (kl / len(records)).backward()  # one layer's score graph alive at a time
-            total += kl.item() / len(records)
-        return {"loss": total}
+    every_layer = {i: [i] for i in warmup.indexers(model)}
+    verified = []
+
+    def indexer_step(x):  # the dense warm-up of `indexcache dsa-convert`, one implementation
+        res = warmup.indexer_step(model, x, every_layer, verify=not verified)
+        verified.append(True)
+        return {"loss": res.loss}
 
     stages.append(run_stage("indexer", args, model, decay_groups(idx_ps, args.indexer_lr), indexer_step,
                             Windows(train_streams, args.seq_len, args.batch_size, args.seed * 1000 + 2)))
@@ -545,13 +425,14 @@ def train(args) -> dict:
 
     def sparse_step(x):
         records, probs = {}, {}
-        with replaced_indexers(model, scored_topk(records)), attention_probs(model, probs):
+        with warmup.swap_indexers(model, scored_topk(records)), warmup.attention_probs(model, probs):
             lm = model(input_ids=x, labels=x).loss
         kl = 0.0
-        for i, (scores, topk, mask) in records.items():
-            keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, topk, True)
-            keep &= allowed_keys(mask, scores.shape[1], scores.shape[-1], scores.device)
-            kl = kl + kl_to_attention(probs[i], scores, keep) / len(records)
+        for i, (scores, topk) in records.items():
+            chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, topk.long(), True)
+            restricted = scores.masked_fill(~chosen, float("-inf"))  # the KL over the selected keys only
+            loss_i, _ = warmup.multi_layer_kl([probs[i]], restricted)
+            kl = kl + loss_i / len(records)
         loss = lm + args.kl_weight * kl
         loss.backward()
         return {"loss": loss.item(), "lm": lm.item(), "kl": float(kl.detach()) if torch.is_tensor(kl) else kl}
@@ -564,17 +445,24 @@ def train(args) -> dict:
     # Final numbers use the library's own indexer forward (nothing replaced) for sparse.
     evals["final"] = evaluate(model, eval_windows, args, recall=True)
     print(f"final: {json.dumps(evals['final'])}", flush=True)
+    return _save(args, model, tok, stages, evals, data_dir, train_streams, held_streams, eval_windows, n_params, t_start)
 
+
+def _save(args, model, tok, stages, evals, data_dir, train_streams, held_streams, eval_windows, n_params, t_start) -> dict:
+    out = Path(args.out)
+    n_layers = len(model.model.layers)
+    dsa = args.arch == "glm_moe_dsa"
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     log = {
-        "model": {"class": "GlmMoeDsaForCausalLM", "parameters": n_params, "layers": n_layers, "hidden": args.hidden,
+        "model": {"class": type(model).__name__, "parameters": n_params, "layers": n_layers, "hidden": args.hidden,
                   "heads": args.heads, "intermediate": model.config.intermediate_size,
                   "q_lora_rank": model.config.q_lora_rank, "kv_lora_rank": model.config.kv_lora_rank,
                   "qk_nope_head_dim": model.config.qk_nope_head_dim, "qk_rope_head_dim": model.config.qk_rope_head_dim,
-                  "v_head_dim": model.config.v_head_dim, "index_topk": args.index_topk,
-                  "index_n_heads": args.index_heads, "index_head_dim": model.config.index_head_dim,
+                  "v_head_dim": model.config.v_head_dim, "index_topk": args.index_topk if dsa else None,
+                  "index_n_heads": args.index_heads if dsa else None,
+                  "index_head_dim": model.config.index_head_dim if dsa else None,
                   "vocab_size": len(tok), "weights_dtype": "float32"},
         "data": {"dir": _rel(data_dir), "files": {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
                                                   for f in sorted(data_dir.glob("*.jsonl"))},
@@ -611,6 +499,8 @@ def _device_name(args) -> str:
 
 def model_card(log: dict) -> str:
     m, t, ev = log["model"], log["training"], log["held_out_loss"]
+    if m["class"] == "Glm4MoeLiteForCausalLM":
+        return lite_model_card(log)
     stage_rows = "\n".join(
         f"| {s['stage']} | {s['steps_done']} | {s['steps_planned']} | {s['steps_skipped']} | {s['wall_s']:.0f} "
         f"| {s['tokens']:,} | {s['tokens_per_s']:,.0f} | {', '.join(f'{k} {v}' for k, v in s['last_losses'].items())} |"
@@ -680,6 +570,32 @@ Whole run: {t['total_wall_s'] / 60:.1f} min.
 ## Versions
 
 {', '.join(f'{k} {v}' for k, v in log['versions'].items())}.
+"""
+
+
+def lite_model_card(log: dict) -> str:
+    m, t, ev = log["model"], log["training"], log["held_out_loss"]
+    (stage,) = t["stages"]
+    losses = ", ".join(f"{d} {ev['after_dense'][d]['dense']:.4f}" for d in DOMAINS)
+    smoke = "\n**Smoke run: a few steps, not a usable model.**\n" if t["smoke"] else ""
+    return f"""# Tiny plain-MLA checkpoint ({m['layers']} layers, hidden {m['hidden']})
+{smoke}
+A `Glm4MoeLiteForCausalLM` (transformers' GLM-4.7-Flash architecture: MLA attention, no lightning indexer),
+the small stand-in for GLM-4.7-Flash that `indexcache dsa-convert` turns into a DSA model. Trained by
+`indexcache_calib.recipes.train_tiny` (its dense stage only):
+
+    {log['command']}
+
+- {m['parameters']:,} parameters, {m['weights_dtype']} weights (embeddings tied to the LM head); {m['layers']} layers,
+  hidden {m['hidden']}, {m['heads']} heads, dense SwiGLU MLP of width {m['intermediate']}, q_lora_rank {m['q_lora_rank']},
+  kv_lora_rank {m['kv_lora_rank']}, qk_nope/qk_rope/v head dims {m['qk_nope_head_dim']}/{m['qk_rope_head_dim']}/{m['v_head_dim']}.
+- Byte-level BPE tokenizer, {m['vocab_size']} tokens, trained on the training split of both domains of `{log['data']['dir']}`.
+- LM training: {stage['steps_done']} steps of {t['batch_size']} x {t['seq_len']} tokens ({stage['tokens']:,} tokens,
+  {stage['epochs']} epochs), AdamW, peak lr {stage['peak_lrs'][0]}, device {t['device']}, {stage['wall_s'] / 60:.1f} min,
+  {stage['steps_skipped']} non-finite steps skipped.
+- Held-out loss (nats/token, first {', '.join(f'{d} {n}' for d, n in log['data']['eval_sequences'].items())} sequences): {losses}.
+
+Versions: {', '.join(f'{k} {v}' for k, v in log['versions'].items())}.
 """
 
 
