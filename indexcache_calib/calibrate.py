@@ -15,7 +15,7 @@ from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, EXIT_RESUME_MISMATCH, Ca
 from indexcache_calib.pattern import (
     FULL, engine_args, full_layers, indexer_types, resolve_num_full, source_layers, uniform_pattern, validate_pattern,
 )
-from indexcache_calib.search import SEARCHES, Score, Step, greedy_search, path
+from indexcache_calib.search import DECIDED_SE, SEARCHES, Score, Step, greedy_search, path
 
 OOM_HINT = "lower --seq-len, --num-samples or --batch-size, set --indexer-chunk, give more --max-memory, or use --cache-device cpu|disk"
 
@@ -420,6 +420,8 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
             "steps": len(steps),
             "candidates_scored": sum(len(s.scores) for s in steps),
             "full_sweeps": sum(s.swept for s in steps),
+            "decided_se": DECIDED_SE,
+            "undecided_steps": [s.step for s in steps if not s.confidence.decided],
         },
         "provenance": {
             "model": opts.model,

@@ -209,6 +209,11 @@ def _print_summary(layer_map: dict, run_dir) -> None:
     search, work = layer_map["search"], layer_map["environment"]["work"]
     table.add_row("search", f"{search['strategy']}: {search['steps']} steps, {search['candidates_scored']} candidates scored, {work['layer_forwards']} layer-forwards")
     out.print(table)
+    from indexcache_calib.deploy import undecided_line
+
+    undecided = undecided_line(layer_map["path"])
+    if undecided:
+        out.print(undecided, markup=False)
     # Plain lines, never wrapped or cut, so they can be copied.
     out.print(f"layer map: {run_dir / 'layer_map.json'}", markup=False)
     out.print(f"vLLM:   vllm serve MODEL {layer_map['engines']['vllm']['args']}", markup=False)

@@ -1,4 +1,4 @@
-"""Greedy layer selection (the paper's Algorithm 1) and a cheaper variant with the same answer.
+"""Greedy layer selection (the paper's Algorithm 1) and cheaper searches that take its decisions.
 
 Pure logic: everything model-specific sits behind an `Evaluator`, so the search is tested with fakes.
 A search is a list of `Step`s; replaying finished steps (from a checkpoint) and continuing gives the
@@ -12,15 +12,41 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Protocol
 
 from indexcache_calib.pattern import FULL, flip, full_layers
+from indexcache_calib.stats import mean_se, paired_differences
 
 SEARCHES = ("fast", "exact", "naive")
+DECIDED_SE = 2.0  # a step is decided when its choice beats every other candidate by at least this many paired SE
 
 
 @dataclass
 class Score:
-    loss: float  # mean per-token LM loss over every calibration token
+    loss: float  # mean per-token LM loss over the calibration tokens scored
     seq_losses: list[float] = field(default_factory=list)  # per calibration sequence, for paired comparisons
     overlap: float | None = None  # mean top-k overlap of the shared layers with their own indexer's choice
+    sequences: list[int] | None = None  # the calibration sequences `seq_losses` are; None: every one, in order
+
+    def by_sequence(self) -> dict[int, float]:
+        ids = self.sequences if self.sequences is not None else range(len(self.seq_losses))
+        return dict(zip(ids, self.seq_losses))
+
+
+@dataclass
+class Confidence:
+    """How surely a step's choice beats the other candidates scored at that step."""
+
+    runner_up: int | None  # the candidate the choice beats by the fewest paired standard errors
+    gap: float | None  # mean over shared sequences of runner-up minus chosen loss (nats/token)
+    se: float | None  # its standard error (None with fewer than two shared sequences)
+    sequences: int  # sequences the comparison shares
+    decided: bool  # gap >= DECIDED_SE * se, or no other candidate
+
+    @property
+    def z(self) -> float | None:
+        if self.gap is None or self.se is None:
+            return None
+        if self.se == 0:
+            return math.inf if self.gap > 0 else 0.0 if self.gap == 0 else -math.inf
+        return self.gap / self.se
 
 
 @dataclass
@@ -36,6 +62,10 @@ class Step:
     @property
     def loss(self) -> float:
         return self.scores[self.chosen].loss
+
+    @property
+    def confidence(self) -> Confidence:
+        return confidence(self.scores, self.chosen)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -62,8 +92,10 @@ def candidates(pattern: str, fixed_shared: frozenset[int] = frozenset()) -> list
 
 
 def _pick(scores: dict[int, Score]) -> int:
-    # Lowest loss; ties go to the lower layer id so the result never depends on dict order.
-    return min(scores, key=lambda layer: (scores[layer].loss, layer))
+    # Lowest loss among the candidates scored on every sequence; ties go to the lower layer id so the
+    # result never depends on dict order.
+    complete = [layer for layer, sc in scores.items() if sc.sequences is None]
+    return min(complete, key=lambda layer: (scores[layer].loss, layer))
 
 
 def _neighbours(pattern: str, layer: int, cands: list[int]) -> list[int]:
@@ -71,6 +103,28 @@ def _neighbours(pattern: str, layer: int, cands: list[int]) -> list[int]:
     before = [c for c in cands if c < layer]
     after = [c for c in cands if c > layer]
     return ([before[-1]] if before else []) + ([after[0]] if after else [])
+
+
+def confidence(scores: dict[int, Score], chosen: int) -> Confidence:
+    """Compare the chosen candidate with every other one on the sequences both were scored on; the
+    runner-up is the one it beats by the fewest standard errors (without a standard error, by the
+    smallest gap)."""
+    best = scores[chosen].by_sequence()
+    rows = []
+    for layer, sc in scores.items():
+        if layer == chosen:
+            continue
+        d = paired_differences(sc.by_sequence(), best)
+        if not d:
+            continue
+        gap, se = mean_se(d)
+        c = Confidence(layer, gap, se, len(d), False)
+        rows.append(((-math.inf, gap) if c.z is None else (c.z, gap), layer, c))
+    if not rows:
+        return Confidence(None, None, None, len(best), True)
+    _, _, c = min(rows, key=lambda r: (r[0], r[1]))
+    c.decided = c.z is not None and c.z >= DECIDED_SE
+    return c
 
 
 def greedy_search(
@@ -101,54 +155,42 @@ def greedy_search(
     start_score = base_score
     if steps:
         base_score = evaluator.set_base(pattern)
-    last_delta: dict[int, float] = {}
-    for s in steps:  # rebuild the fast search's memory from replayed steps
+    memory: dict[int, tuple[float, int]] = {}  # layer -> (delta, step it was scored at), for the fast search
+    for s in steps:  # rebuilt from replayed steps
         for layer, sc in s.scores.items():
-            last_delta[layer] = sc.loss - s.base_loss
+            if sc.sequences is None:
+                memory[layer] = (sc.loss - s.base_loss, s.step)
+    group = max(1, getattr(evaluator, "parallel", 1))
     while pattern.count(FULL) > num_full:
         cands = candidates(pattern, fixed_shared)
         if not cands:
             break
         step_no = len(steps) + 1
-        scores: dict[int, Score] = {}
+        progress = {"done": 0}
 
-        def score(layers: list[int]) -> list[Score]:
+        def score(layers: list[int], batches: list[int] | None = None) -> list[Score]:
             if on_candidate:
-                on_candidate(step_no, len(scores), len(cands))
+                on_candidate(step_no, progress["done"], len(cands))
             patterns = [flip(pattern, layer) for layer in layers]
+            extra = {} if batches is None else {"batches": batches}
             if hasattr(evaluator, "score_many"):
-                return evaluator.score_many(patterns)
-            return [evaluator.score(p) for p in patterns]
+                out = evaluator.score_many(patterns, **extra)
+            else:
+                out = [evaluator.score(p, **extra) for p in patterns]
+            if batches is None:
+                progress["done"] += len(layers)
+            return out
 
-        if search != "fast" or not steps or any(c not in last_delta for c in cands):
-            scores.update(zip(cands, score(cands)))
+        chosen = None
+        if search == "fast" and steps and all(c in memory for c in cands):
+            scores = _lazy(pattern, cands, memory, step_no, steps[-1].chosen, base_score.loss, score, group, rescore_best)
         else:
-            ranked = sorted(cands, key=lambda c: (last_delta[c], c))
-            first = sorted(set(ranked[:rescore_best] + _neighbours(pattern, steps[-1].chosen, cands)))
-            scores.update(zip(first, score(first)))
-            doubt = [c for c in ranked if c not in scores]
-            group = max(1, getattr(evaluator, "parallel", 1))
-
-            def in_doubt(layer: int) -> bool:
-                return last_delta[layer] < min(sc.loss for sc in scores.values()) - base_score.loss
-
-            while doubt and in_doubt(doubt[0]):
-                batch = doubt[:group]
-                fresh = dict(zip(batch, score(batch)))
-                # Apply the one-at-a-time rule to the batch in order and keep only what it would have
-                # scored, so the answer never depends on how many workers score in parallel.
-                stopped = False
-                for layer in batch:
-                    if not in_doubt(layer):
-                        stopped = True
-                        break
-                    scores[layer] = fresh[layer]
-                if stopped:
-                    break
-                doubt = doubt[len(batch):]
+            scores = dict(zip(cands, score(cands)))
         for layer, sc in scores.items():
-            last_delta[layer] = sc.loss - base_score.loss
-        chosen = _pick(scores)
+            if sc.sequences is None:
+                memory[layer] = (sc.loss - base_score.loss, step_no)
+        if chosen is None:
+            chosen = _pick(scores)
         new_pattern = flip(pattern, chosen)
         step = Step(step_no, pattern, base_score.loss, scores, chosen, new_pattern, len(scores) == len(cands))
         steps.append(step)
@@ -160,19 +202,51 @@ def greedy_search(
     return start_score, steps
 
 
+def _lazy(pattern, cands, memory, step_no, last_chosen, base_loss, score, group, rescore_best) -> dict[int, Score]:
+    """The fast search's step: re-score the likely winners, then whatever stale delta could still win."""
+
+    def stale(c):
+        return memory[c][0]
+
+    ranked = sorted(cands, key=lambda c: (stale(c), c))
+    first = sorted(set(ranked[:rescore_best] + _neighbours(pattern, last_chosen, cands)))
+    scores = dict(zip(first, score(first)))
+    doubt = [c for c in ranked if c not in scores]
+
+    def in_doubt(layer: int) -> bool:
+        return stale(layer) < min(sc.loss for sc in scores.values()) - base_loss
+
+    while doubt and in_doubt(doubt[0]):
+        batch = doubt[:group]
+        fresh = dict(zip(batch, score(batch)))
+        # Apply the one-at-a-time rule to the batch in order and keep only what it would have
+        # scored, so the answer never depends on how many workers score in parallel.
+        stopped = False
+        for layer in batch:
+            if not in_doubt(layer):
+                stopped = True
+                break
+            scores[layer] = fresh[layer]
+        if stopped:
+            break
+        doubt = doubt[len(batch):]
+    return scores
+
+
 def paired(a: Score, b: Score) -> tuple[float, float | None]:
-    """Mean over sequences of a - b (two Scores on the same tokens) and its standard error
-    (None with fewer than two sequences)."""
-    d = [x - y for x, y in zip(a.seq_losses, b.seq_losses)]
-    mean = math.fsum(d) / len(d)
-    if len(d) < 2:
-        return mean, None
-    return mean, math.sqrt(math.fsum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+    """Mean over the sequences both were scored on of a - b, and its standard error (None with fewer
+    than two sequences)."""
+    return mean_se(paired_differences(a.by_sequence(), b.by_sequence()))
 
 
 def path(start: str, start_loss: float, steps: list[Step]) -> list[dict]:
-    """The committed pattern after every step: one pattern per number of full layers, nested F-sets."""
+    """The committed pattern after every step: one pattern per number of full layers, nested F-sets,
+    with how surely each step's choice beat the runner-up."""
     rows = [{"num_full": start.count(FULL), "pattern": start, "loss": start_loss, "step": 0}]
     for s in steps:
-        rows.append({"num_full": s.pattern.count(FULL), "pattern": s.pattern, "loss": s.loss, "step": s.step})
+        c = s.confidence
+        rows.append({
+            "num_full": s.pattern.count(FULL), "pattern": s.pattern, "loss": s.loss, "step": s.step,
+            "chosen": s.chosen, "runner_up": c.runner_up, "gap": c.gap, "gap_se": c.se, "decided": c.decided,
+        })
     return rows

@@ -49,7 +49,16 @@ def test_calibrate_end_to_end(arch, glm_dir, dsv32_dir, text_data, tmp_path):
 
     trace = pd.read_csv(out / TRACE)
     assert trace.groupby("step")["chosen"].sum().tolist() == [1, 1, 1, 1]
-    assert set(trace.columns) >= {"step", "candidate", "loss", "delta_vs_all_full", "mean_overlap", "chosen"}
+    assert set(trace.columns) >= {"step", "candidate", "loss", "delta_vs_all_full", "mean_overlap", "chosen",
+                                  "sequences", "gap_vs_chosen", "gap_se", "runner_up", "decided"}
+    # Per-step confidence: the runner-up's paired gap and its SE, in the trace and along the path alike.
+    assert (trace["sequences"] == 3).all() and trace.loc[trace["chosen"], "gap_vs_chosen"].isna().all()
+    for row, step in zip(trace[trace["runner_up"]].itertuples(), lm["path"][1:]):
+        assert (row.step, row.candidate) == (step["step"], step["runner_up"])
+        assert row.gap_vs_chosen == pytest.approx(step["gap"], rel=1e-8) and row.gap_vs_chosen >= 0
+        assert row.gap_se == pytest.approx(step["gap_se"], rel=1e-8)
+        assert row.decided == step["decided"] == (step["gap"] >= 2 * step["gap_se"])
+    assert lm["search"]["undecided_steps"] == [p["step"] for p in lm["path"][1:] if not p["decided"]]
 
 
 def test_naive_exact_and_fast_agree_on_the_tiny_model(glm_dir, text_data, tmp_path):
@@ -67,10 +76,17 @@ def test_naive_exact_and_fast_agree_on_the_tiny_model(glm_dir, text_data, tmp_pa
 
 
 def test_summary_goes_to_stdout_and_progress_to_stderr(glm_dir, text_data, tmp_path):
+    from indexcache_calib.deploy import undecided_line
+
     r = calibrate("--model", str(glm_dir), "--data", str(text_data), "--num-full", "4", "--out", str(tmp_path / "r"), *BASE)
     assert r.exit_code == 0
     assert "pattern" in r.stdout and "layer_map.json" in r.stdout
     assert "step 1:" in r.stderr and "step 1:" not in r.stdout
+    # The summary names the steps decided by less than 2 SE (random weights and 3 sequences: some are).
+    lm = json.loads((tmp_path / "r" / LAYER_MAP).read_text())
+    line = undecided_line(lm["path"])
+    assert line and line in r.stdout and "more calibration sequences would separate these layers" in line
+    assert all(f"step {s}" in line for s in lm["search"]["undecided_steps"])
 
 
 def _non_dsa(tmp_path):

@@ -5,7 +5,8 @@ import itertools
 import pytest
 
 from indexcache_calib.pattern import FULL, full_layers
-from indexcache_calib.search import Score, Step, candidates, greedy_search, path
+from indexcache_calib.search import Score, Step, candidates, confidence, greedy_search, path
+from indexcache_calib.stats import mean_se, t_quantile
 
 
 class Additive:
@@ -121,3 +122,31 @@ def test_candidates():
     assert candidates("FFSFS") == [1, 3]
     assert candidates("FFSFS", frozenset({3})) == [1]
     assert FULL == "F"
+
+
+# -- per-step confidence -------------------------------------------------------------------------------
+
+def test_confidence_names_the_candidate_beaten_by_the_fewest_standard_errors():
+    chosen = Score(1.0, [1.0, 1.0, 1.0, 1.0])
+    steady = Score(1.15, [1.1, 1.2, 1.1, 1.2])  # gap 0.15, SE 0.0289: 5.2 SE
+    noisy = Score(1.05, [1.0, 1.2, 0.9, 1.1])  # gap 0.05, SE 0.0645: 0.77 SE
+    c = confidence({3: chosen, 5: steady, 7: noisy}, 3)
+    assert c.runner_up == 7 and c.sequences == 4 and not c.decided
+    assert c.gap == pytest.approx(0.05) and c.se == pytest.approx(0.0645497, rel=1e-5)
+    c = confidence({3: chosen, 5: steady}, 3)
+    assert c.runner_up == 5 and c.decided and c.z == pytest.approx(0.15 / 0.0288675, rel=1e-5)
+    # Only the sequences both were scored on are compared (a race's dropped candidate).
+    partial = Score(1.3, [1.3, 1.3], sequences=[2, 0])
+    c = confidence({3: chosen, 9: partial}, 3)
+    assert (c.runner_up, c.sequences, c.gap, c.se) == (9, 2, pytest.approx(0.3), 0.0) and c.decided
+    assert confidence({3: chosen}, 3).decided  # nothing else to choose
+
+
+def test_t_quantiles_and_the_finite_population_standard_error():
+    assert t_quantile(0.025, 3) == pytest.approx(3.182446, rel=1e-6)
+    assert t_quantile(0.005, 10) == pytest.approx(3.169273, rel=1e-6)
+    assert t_quantile(0.001, 30) == pytest.approx(3.385185, rel=1e-6)
+    d = [0.1, 0.3, 0.2, 0.4]
+    assert mean_se(d)[1] == pytest.approx(0.0645497, rel=1e-5)
+    assert mean_se(d, population=4)[1] == 0.0  # every value seen: the mean is known
+    assert mean_se(d, population=8)[1] == pytest.approx(0.0645497 * (4 / 7) ** 0.5, rel=1e-5)
