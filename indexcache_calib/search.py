@@ -143,9 +143,10 @@ def greedy_search(
     search="naive": every candidate is scored at every step (Algorithm 1).
     search="exact": the same decisions as naive; only the evaluator differs (it reuses prefixes).
     search="fast": after the first full sweep, each step re-scores the `rescore_best` candidates with
-    the lowest last-known delta plus the two full neighbours of the layer just committed, then keeps
-    re-scoring in order of last-known delta while any unscored candidate's last delta is below the
-    best fresh delta (its ranking is in doubt). Deltas are loss minus the step's base loss.
+    the lowest last-known delta plus the two full neighbours of the layer just committed, then every
+    candidate whose last-known delta, lowered by the largest fall per step seen among the re-scored
+    candidates times the steps since it was scored, could still beat the best fresh delta. Deltas are
+    loss minus the step's base loss.
     """
     if search not in SEARCHES:
         raise ValueError(f"unknown search {search!r}")
@@ -208,29 +209,36 @@ def _lazy(pattern, cands, memory, step_no, last_chosen, base_loss, score, group,
     def stale(c):
         return memory[c][0]
 
+    def age(c):
+        return step_no - memory[c][1]
+
     ranked = sorted(cands, key=lambda c: (stale(c), c))
-    first = sorted(set(ranked[:rescore_best] + _neighbours(pattern, last_chosen, cands)))
+    neighbours = _neighbours(pattern, last_chosen, cands)
+    first = sorted(set(ranked[:rescore_best] + neighbours))
     scores = dict(zip(first, score(first)))
-    doubt = [c for c in ranked if c not in scores]
 
-    def in_doubt(layer: int) -> bool:
-        return stale(layer) < min(sc.loss for sc in scores.values()) - base_loss
+    def fall() -> float:
+        # The largest fall of a delta per step among the re-scored candidates whose runs did not just
+        # merge (sharing a layer can lower other layers' deltas); 0 when every delta rose.
+        falls = [(stale(c) - (scores[c].loss - base_loss)) / age(c) for c in scores if c not in neighbours]
+        return max([0.0] + falls)
 
-    while doubt and in_doubt(doubt[0]):
-        batch = doubt[:group]
-        fresh = dict(zip(batch, score(batch)))
-        # Apply the one-at-a-time rule to the batch in order and keep only what it would have
-        # scored, so the answer never depends on how many workers score in parallel.
-        stopped = False
-        for layer in batch:
-            if not in_doubt(layer):
-                stopped = True
-                break
-            scores[layer] = fresh[layer]
-        if stopped:
-            break
-        doubt = doubt[len(batch):]
-    return scores
+    pending: dict[int, Score] = {}
+    while True:
+        best = min(sc.loss for sc in scores.values()) - base_loss
+        drop = fall()
+        bound = {c: stale(c) - drop * age(c) for c in cands if c not in scores}
+        doubt = sorted((c for c in bound if bound[c] < best), key=lambda c: (bound[c], c))
+        if not doubt:
+            return scores
+        # One candidate at a time, always the most doubtful; with several workers the next few are
+        # scored together, but only the ones this rule reaches are kept, so the steps never depend on
+        # the number of workers.
+        layer = doubt[0]
+        if layer not in pending:
+            batch = [c for c in doubt if c not in pending][:group]
+            pending.update(zip(batch, score(batch)))
+        scores[layer] = pending[layer]
 
 
 def paired(a: Score, b: Score) -> tuple[float, float | None]:

@@ -124,6 +124,47 @@ def test_candidates():
     assert FULL == "F"
 
 
+# -- the fast search where sharing a layer lowers other layers' deltas ------------------------------
+
+class FallingDeltas(Additive):
+    """Every pair of shared layers lowers the loss by `fall`: each step lowers every remaining candidate's
+    delta by the same amount, so a delta last measured k steps ago overstates the present one by k x fall."""
+
+    def __init__(self, costs, fall):
+        super().__init__(costs)
+        self.fall = fall
+
+    def loss(self, pattern):
+        k = pattern.count("S")
+        return super().loss(pattern) - self.fall * k * (k - 1) / 2
+
+
+@pytest.mark.parametrize("costs,fall", [
+    ([0, 0.2, 0.73, 0.69, 0.95, 0.34, 0.33, 0.76, 0.69, 0.37], 0.07),
+    ([0, 0.97, 0.11, 0.76, 0.24, 0.99, 0.12, 0.89, 0.71, 0.87], 0.1),
+    ([0, 0.74, 0.86, 0.26, 1.0, 0.27, 0.7, 0.18, 0.78, 0.24], 0.07),
+])
+def test_fast_search_rescores_stale_deltas_that_may_have_fallen(costs, fall):
+    # Trusting stale deltas picks another layer than Algorithm 1 on each of these (checked when they were
+    # chosen): a candidate last scored several steps ago looks worse than it now is.
+    naive, fast = FallingDeltas(costs, fall), FallingDeltas(costs, fall)
+    _, s_naive = greedy_search("F" * 10, 2, naive, search="naive")
+    _, s_fast = greedy_search("F" * 10, 2, fast, search="fast")
+    assert [s.chosen for s in s_fast] == [s.chosen for s in s_naive]
+    assert len(fast.scored) < len(naive.scored)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_fast_search_matches_naive_whenever_deltas_fall_alike(seed):
+    import random
+
+    rng = random.Random(seed)
+    costs, fall = [0] + [rng.uniform(0.1, 1.0) for _ in range(11)], rng.uniform(0, 0.1)
+    _, s_naive = greedy_search("F" * 12, 2, FallingDeltas(costs, fall), search="naive")
+    _, s_fast = greedy_search("F" * 12, 2, FallingDeltas(costs, fall), search="fast")
+    assert [s.chosen for s in s_fast] == [s.chosen for s in s_naive]
+
+
 # -- per-step confidence -------------------------------------------------------------------------------
 
 def test_confidence_names_the_candidate_beaten_by_the_fewest_standard_errors():
