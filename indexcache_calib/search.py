@@ -8,14 +8,16 @@ same result as an uninterrupted run, because every decision depends only on the 
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Protocol
 
 from indexcache_calib.pattern import FULL, flip, full_layers
-from indexcache_calib.stats import mean_se, paired_differences
+from indexcache_calib.stats import mean_se, paired_differences, t_quantile
 
-SEARCHES = ("fast", "exact", "naive")
+SEARCHES = ("fast", "race", "exact", "naive")
 DECIDED_SE = 2.0  # a step is decided when its choice beats every other candidate by at least this many paired SE
+RACE_ORDER_SEED = 0  # the fixed order in which a race visits calibration batches
 
 
 @dataclass
@@ -78,12 +80,39 @@ class Step:
         return Step(d["step"], d["base"], d["base_loss"], scores, d["chosen"], d["pattern"], d["swept"])
 
 
+@dataclass(frozen=True)
+class Race:
+    """Settings of `search="race"`: every candidate is scored on a growing share of the calibration
+    batches (first `first` sequences, then twice as many each round, in a fixed shuffled order) and
+    dropped once it is worse than the step's current best by more than a bound; the survivors and the
+    winner are scored on every sequence.
+
+    The bound is a one-sided Student t test on the paired per-sequence differences, with the finite
+    population correction (the question is about the mean over *these* calibration sequences, so the
+    standard error shrinks to 0 as they are all seen), at level `alpha / (looks x (candidates - 1))`:
+    by the union bound, the chance that a step drops the candidate with the lowest loss over every
+    sequence (Algorithm 1's choice) is at most `alpha`, however many rounds and candidates it has.
+    """
+
+    alpha: float = 0.05
+    first: int = 4
+
+    def __post_init__(self):
+        if not 0.0 < self.alpha < 0.5:
+            raise ValueError("race alpha must be in (0, 0.5)")
+        if self.first < 2:
+            raise ValueError("a race's first round needs at least 2 sequences")
+
+
 class Evaluator(Protocol):
     def score(self, pattern: str) -> Score: ...
 
     # Called once per step with the committed pattern before its candidates are scored, so an
     # evaluator can cache what every candidate shares with it (layer inputs before the flipped layer).
     def set_base(self, pattern: str) -> Score: ...
+
+    # For search="race" only: `num_batches`, `batch_size`, and `score(pattern, batches=[...])`, which
+    # scores those batches (of `batch_size` consecutive sequences) and returns their sequences' losses.
 
 
 def candidates(pattern: str, fixed_shared: frozenset[int] = frozenset()) -> list[int]:
@@ -127,6 +156,31 @@ def confidence(scores: dict[int, Score], chosen: int) -> Confidence:
     return c
 
 
+def race_order(num_batches: int) -> list[int]:
+    """The order a race visits calibration batches: shuffled (packed sequences sit in corpus order, and
+    neighbours in a corpus are alike), the same for every step and every run."""
+    order = list(range(num_batches))
+    random.Random(RACE_ORDER_SEED).shuffle(order)
+    return order
+
+
+def race_rounds(num_batches: int, first_batches: int) -> list[int]:
+    """Batches seen after each round: first_batches, doubling, ending with every batch."""
+    rounds, r = [], max(1, first_batches)
+    while r < num_batches:
+        rounds.append(r)
+        r *= 2
+    return rounds + [num_batches]
+
+
+def _batch_sequences(evaluator, num_sequences: int) -> list[list[int]]:
+    size = max(1, getattr(evaluator, "batch_size", 1))
+    batches = [list(range(b, min(b + size, num_sequences))) for b in range(0, num_sequences, size)]
+    if len(batches) != evaluator.num_batches:
+        raise ValueError(f"{num_sequences} sequences in batches of {size} are not the evaluator's {evaluator.num_batches} batches")
+    return batches
+
+
 def greedy_search(
     start: str,
     num_full: int,
@@ -137,6 +191,7 @@ def greedy_search(
     on_step: Callable[[Step], None] | None = None,
     on_candidate: Callable[[int, int, int], None] | None = None,
     rescore_best: int = 2,
+    race: Race | None = None,
 ) -> tuple[Score, list[Step]]:
     """Flip one layer per step to S until `num_full` layers are full. Returns (score of `start`, steps).
 
@@ -147,9 +202,11 @@ def greedy_search(
     candidate whose last-known delta, lowered by the largest fall per step seen among the re-scored
     candidates times the steps since it was scored, could still beat the best fresh delta. Deltas are
     loss minus the step's base loss.
+    search="race": every candidate at every step, raced over calibration sequences (see `Race`).
     """
     if search not in SEARCHES:
         raise ValueError(f"unknown search {search!r}")
+    race = race or Race()
     steps = list(done or [])
     pattern = steps[-1].pattern if steps else start
     base_score = evaluator.set_base(start)
@@ -183,7 +240,9 @@ def greedy_search(
             return out
 
         chosen = None
-        if search == "fast" and steps and all(c in memory for c in cands):
+        if search == "race":
+            scores, chosen = _race(cands, score, evaluator, len(base_score.seq_losses), race, progress)
+        elif search == "fast" and steps and all(c in memory for c in cands):
             scores = _lazy(pattern, cands, memory, step_no, steps[-1].chosen, base_score.loss, score, group, rescore_best)
         else:
             scores = dict(zip(cands, score(cands)))
@@ -239,6 +298,76 @@ def _lazy(pattern, cands, memory, step_no, last_chosen, base_loss, score, group,
             batch = [c for c in doubt if c not in pending][:group]
             pending.update(zip(batch, score(batch)))
         scores[layer] = pending[layer]
+
+
+def _race(cands, score, evaluator, num_sequences: int, race: Race, progress: dict) -> tuple[dict[int, Score], int | None]:
+    """Algorithm 1's step with early stopping: every candidate is scored on a growing set of sequences
+    and dropped once the bound says it is worse than the current best over *all* sequences.
+    Returns (scores, chosen); chosen is None where every candidate was scored whole."""
+    if len(cands) == 1:
+        return dict(zip(cands, score(cands))), None
+    batch_seqs = _batch_sequences(evaluator, num_sequences)
+    num_batches = len(batch_seqs)
+    order = race_order(num_batches)
+    rounds = race_rounds(num_batches, math.ceil(race.first / len(batch_seqs[0])))
+    if len(rounds) == 1:  # too few sequences to race: Algorithm 1's step
+        return dict(zip(cands, score(cands))), None
+    q_level = race.alpha / ((len(rounds) - 1) * (len(cands) - 1))
+    seen: dict[int, dict[int, float]] = {c: {} for c in cands}
+    full: dict[int, Score] = {}
+    alive = list(cands)
+
+    def mean(c: int) -> float:
+        return math.fsum(seen[c].values()) / len(seen[c])
+
+    done = 0
+    for r in rounds:
+        new = order[done:r]
+        final = r == num_batches
+        partial = list(alive)
+        if final:
+            # The current leader is the likely winner, and the winner needs a score on every batch in
+            # one piece (its layer inputs become the next step's cache): score it whole now.
+            leader = min(alive, key=lambda c: (mean(c), c))
+            full[leader] = score([leader])[0]
+            seen[leader] = full[leader].by_sequence()
+            partial.remove(leader)
+        if partial:
+            for c, sc in zip(partial, score(partial, batches=new)):
+                ids = [i for b in new for i in batch_seqs[b]]
+                if len(sc.seq_losses) != len(ids):
+                    raise ValueError("a partial score returned a different number of sequences than its batches hold")
+                seen[c].update(zip(ids, sc.seq_losses))
+        done = r
+        if final:
+            break
+        best = min(alive, key=lambda c: (mean(c), c))
+        n = len(seen[best])
+        q = t_quantile(q_level, n - 1)
+        kept = []
+        for c in alive:
+            if c != best:
+                gap, se = mean_se(paired_differences(seen[c], seen[best]), num_sequences)
+                if se is not None and gap - q * se > 0:
+                    continue
+            kept.append(c)
+        progress["done"] += len(alive) - len(kept)
+        alive = kept
+        if len(alive) == 1:
+            break
+    winner = min(alive, key=lambda c: (full[c].loss if c in full else mean(c), c))
+    if winner not in full:
+        full[winner] = score([winner])[0]
+    scores = {}
+    for c in cands:
+        if c in full:
+            scores[c] = full[c]
+        else:
+            ids = sorted(seen[c])
+            losses = [seen[c][i] for i in ids]
+            scores[c] = Score(math.fsum(losses) / len(losses), losses, None,
+                              None if len(ids) == num_sequences else ids)
+    return scores, winner
 
 
 def paired(a: Score, b: Score) -> tuple[float, float | None]:

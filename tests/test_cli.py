@@ -89,6 +89,62 @@ def test_summary_goes_to_stdout_and_progress_to_stderr(glm_dir, text_data, tmp_p
     assert all(f"step {s}" in line for s in lm["search"]["undecided_steps"])
 
 
+def test_race_takes_exacts_decided_steps_and_scores_every_winner_whole(glm_dir, text_data, tmp_path):
+    import pandas as pd
+
+    args = ["--model", str(glm_dir), "--data", str(text_data), "--num-full", "2", "--seq-len", "48", "--num-samples", "8",
+            "--batch-size", "1", "--no-plots"]
+    maps, traces = {}, {}
+    for search, extra in (("exact", []), ("race", ["--race-first", "2", "--race-alpha", "0.2"])):
+        r = calibrate(*args, "--search", search, *extra, "--out", str(tmp_path / search))
+        assert r.exit_code == 0, r.stderr
+        maps[search] = json.loads((tmp_path / search / LAYER_MAP).read_text())
+        traces[search] = pd.read_csv(tmp_path / search / TRACE)
+    race, exact = traces["race"], traces["exact"]
+    assert maps["race"]["search"]["race"] == {"alpha": 0.2, "first_sequences": 2}
+    assert (race.loc[race["chosen"], "sequences"] == 8).all() and (race["sequences"] >= 2).all()
+    assert maps["race"]["search"]["candidate_sequences"] == race["sequences"].sum() <= exact["sequences"].sum()
+    for r_step, e_step in zip(maps["race"]["path"][1:], maps["exact"]["path"][1:]):
+        if e_step["decided"]:
+            assert r_step["chosen"] == e_step["chosen"]
+        if r_step["chosen"] != e_step["chosen"]:
+            break
+        assert r_step["loss"] == e_step["loss"]  # the committed loss is exact's, bit for bit
+
+
+def test_race_resumes_from_its_checkpoint(glm_dir, text_data, tmp_path):
+    import shutil
+
+    from indexcache_calib.artifact import CHECKPOINT
+
+    args = ["--model", str(glm_dir), "--data", str(text_data), "--num-full", "1", "--seq-len", "48", "--num-samples", "8",
+            "--batch-size", "1", "--no-plots", "--search", "race", "--race-first", "2"]
+    whole = tmp_path / "whole"
+    assert calibrate(*args, "--out", str(whole)).exit_code == 0
+    part = tmp_path / "part"
+    shutil.copytree(whole, part)
+    checkpoint = json.loads((part / CHECKPOINT).read_text())
+    checkpoint["steps"] = checkpoint["steps"][:2]
+    (part / CHECKPOINT).write_text(json.dumps(checkpoint))
+    (part / LAYER_MAP).unlink()
+    r = calibrate(*args, "--out", str(part), "--resume")
+    assert r.exit_code == 0, r.stderr
+    a, b = (json.loads((d / LAYER_MAP).read_text()) for d in (whole, part))
+    assert b["environment"]["resumed_steps"] == 2
+    a.pop("environment"), b.pop("environment")
+    assert a == b and (whole / TRACE).read_bytes() == (part / TRACE).read_bytes()
+
+
+@pytest.mark.parametrize("flag,value,expect", [
+    ("--race-alpha", "0.7", "--race-alpha 0.7 is not between 0 and 0.5"),
+    ("--race-first", "1", "--race-first must be at least 2"),
+    ("--search", "quick", "unknown --search 'quick'"),
+])
+def test_bad_search_settings_are_refused(flag, value, expect, glm_dir, text_data, tmp_path):
+    r = calibrate("--model", str(glm_dir), "--data", str(text_data), "--out", str(tmp_path / "r"), *BASE, flag, value)
+    assert r.exit_code == 2 and expect in one_error_line(r)
+
+
 def _non_dsa(tmp_path):
     from transformers import AutoModelForCausalLM, Glm4MoeLiteConfig
 

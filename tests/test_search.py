@@ -1,11 +1,12 @@
 """The greedy search against fake evaluators whose answers are known."""
 
 import itertools
+import math
 
 import pytest
 
-from indexcache_calib.pattern import FULL, full_layers
-from indexcache_calib.search import Score, Step, candidates, confidence, greedy_search, path
+from indexcache_calib.pattern import FULL, flip, full_layers
+from indexcache_calib.search import Race, Score, Step, candidates, confidence, greedy_search, path, race_order, race_rounds
 from indexcache_calib.stats import mean_se, t_quantile
 
 
@@ -191,3 +192,102 @@ def test_t_quantiles_and_the_finite_population_standard_error():
     assert mean_se(d)[1] == pytest.approx(0.0645497, rel=1e-5)
     assert mean_se(d, population=4)[1] == 0.0  # every value seen: the mean is known
     assert mean_se(d, population=8)[1] == pytest.approx(0.0645497 * (4 / 7) ** 0.5, rel=1e-5)
+
+
+# -- racing over calibration sequences -----------------------------------------------------------------
+
+class Noisy:
+    """Per-sequence losses: a shared layer i costs costs[i] plus a wobble of size `noise` that differs by
+    sequence (fixed by the seed). Scores whole or on some batches, counting sequences scored."""
+
+    def __init__(self, costs, num_sequences, noise, seed=0, batch_size=1):
+        import random
+
+        rng = random.Random(seed)
+        self.costs, self.batch_size = costs, batch_size
+        self.wobble = [[noise * rng.gauss(0, 1) for _ in range(num_sequences)] for _ in costs]
+        self.num_sequences = num_sequences
+        self.num_batches = -(-num_sequences // batch_size)
+        self.sequences_scored = 0
+
+    def seq_loss(self, pattern, j):
+        return 1.0 + sum(self.costs[i] + self.wobble[i][j] for i, c in enumerate(pattern) if c == "S")
+
+    def _score(self, pattern, ids):
+        losses = [self.seq_loss(pattern, j) for j in ids]
+        return Score(math.fsum(losses) / len(losses), losses)
+
+    def score(self, pattern, batches=None):
+        if batches is None:
+            ids = list(range(self.num_sequences))
+        else:
+            ids = [j for b in batches for j in range(b * self.batch_size, min((b + 1) * self.batch_size, self.num_sequences))]
+        self.sequences_scored += len(ids)
+        return self._score(pattern, ids)
+
+    def set_base(self, pattern):
+        return self._score(pattern, list(range(self.num_sequences)))
+
+
+def test_race_takes_algorithm_1s_decisions_for_a_fraction_of_the_sequences():
+    costs = [0, 0.05, 0.30, 0.10, 0.60, 0.20, 0.45, 0.15, 0.80, 0.35]
+    naive, raced = Noisy(costs, 64, 0.02), Noisy(costs, 64, 0.02)
+    _, s_naive = greedy_search("F" * 10, 2, naive, search="naive")
+    _, s_race = greedy_search("F" * 10, 2, raced, search="race")
+    assert all(s.confidence.decided for s in s_naive)
+    assert [s.chosen for s in s_race] == [s.chosen for s in s_naive]
+    assert raced.sequences_scored < 0.5 * naive.sequences_scored
+    for r, n in zip(s_race, s_naive):
+        # The winner is scored on every sequence, exactly as Algorithm 1 scores it; losers on fewer.
+        assert r.scores[r.chosen] == n.scores[n.chosen] and r.loss == n.loss
+        dropped = [c for c, sc in r.scores.items() if sc.sequences is not None]
+        assert dropped and all(len(r.scores[c].seq_losses) < 64 for c in dropped)
+        order = race_order(64)
+        for c in dropped:  # a dropped candidate saw a prefix of the race order, and those losses are exact
+            ids = r.scores[c].sequences
+            assert sorted(order[: len(ids)]) == ids
+            assert r.scores[c].seq_losses == [naive.seq_loss(flip(r.base, c), j) for j in ids]
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_race_matches_algorithm_1_on_every_decided_step_of_a_noisy_search(seed):
+    import random
+
+    rng = random.Random(seed)
+    costs = [0] + [rng.uniform(0.0, 0.2) for _ in range(9)]
+    _, s_naive = greedy_search("F" * 10, 2, Noisy(costs, 48, 0.05, seed), search="naive")
+    _, s_race = greedy_search("F" * 10, 2, Noisy(costs, 48, 0.05, seed), search="race")
+    for r, n in zip(s_race, s_naive):
+        if n.confidence.decided:
+            assert r.chosen == n.chosen
+        if r.chosen != n.chosen:
+            break  # the paths part at a step no number of these sequences decides
+
+
+def test_race_in_batches_maps_every_loss_to_its_sequence():
+    costs = [0, 0.05, 0.30, 0.10, 0.60, 0.20]
+    ev = Noisy(costs, 21, 0.05, batch_size=4)  # 6 batches, the last holding one sequence
+    _, steps = greedy_search("F" * 6, 2, ev, search="race", race=Race(first=8))
+    for s in steps:
+        for c, sc in s.scores.items():
+            assert sc.seq_losses == [ev.seq_loss(flip(s.base, c), j) for j in sorted(sc.by_sequence())]
+
+
+def test_race_resumes_from_recorded_steps():
+    costs = [0, 0.05, 0.30, 0.10, 0.60, 0.20, 0.45, 0.15]
+    whole = Noisy(costs, 32, 0.05)
+    _, all_steps = greedy_search("F" * 8, 2, whole, search="race")
+    replayed = [Step.from_json(s.to_json()) for s in all_steps[:3]]
+    resumed = Noisy(costs, 32, 0.05)
+    _, steps = greedy_search("F" * 8, 2, resumed, search="race", done=replayed)
+    assert [s.to_json() for s in steps] == [s.to_json() for s in all_steps]
+    assert resumed.sequences_scored < whole.sequences_scored
+
+
+def test_race_rounds_double_and_the_order_is_fixed():
+    assert race_rounds(64, 4) == [4, 8, 16, 32, 64]
+    assert race_rounds(10, 4) == [4, 8, 10]
+    assert race_rounds(4, 4) == [4]
+    assert race_order(16) == race_order(16) and sorted(race_order(16)) == list(range(16))
+    with pytest.raises(ValueError):
+        Race(first=1)
