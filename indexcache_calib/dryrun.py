@@ -15,10 +15,18 @@ def size_str(n: float) -> str:
     return f"{int(n)} B"
 
 
-def search_work(num_layers: int, fixed: frozenset[int], num_full: int, search: str, samples: int) -> dict:
-    """Patterns scored and decoder-layer forwards (per sequence x samples). Exact for naive. For exact and
-    fast, an upper bound and a typical count, since how far each candidate runs depends on the picks; fast
-    sweeps once, then typically re-scores 4 candidates per step (more only when the ranking is in doubt)."""
+# Candidates a race carries to its last round at a typical step: the winner and a near-tie runner-up,
+# plus the winner's earlier rounds, which its whole score repeats. An assumption for estimates only.
+RACE_FINALISTS = 2.5
+
+
+def search_work(num_layers: int, fixed: frozenset[int], num_full: int, search: str, samples: int,
+                race_first: int = 4) -> dict:
+    """Patterns scored and decoder-layer forwards (per sequence x samples). Exact for naive. For the
+    others, an upper bound and a typical count, since how far each candidate runs, and how many are
+    re-scored or raced to the end, depends on the scores: fast sweeps once, then typically re-scores 4
+    candidates per step; race scores every candidate on its first `race_first` sequences and typically
+    carries RACE_FINALISTS candidates' worth of work through every sequence."""
     cands = [i for i in range(1, num_layers) if i not in fixed]
     steps = len(cands) + 1 - num_full
     naive_patterns = sum(len(cands) - s for s in range(steps))
@@ -33,6 +41,15 @@ def search_work(num_layers: int, fixed: frozenset[int], num_full: int, search: s
         typical = num_layers + mean_tail * (naive_patterns + steps)
         return {"patterns": 1 + naive_patterns, "layer_forwards_at_most": int(upper * samples),
                 "layer_forwards_typical": int(typical * samples)}
+    if search == "race":
+        if samples <= race_first:  # nothing to race: Algorithm 1's steps
+            return search_work(num_layers, fixed, num_full, "exact", samples)
+        screen = race_first * mean_tail * naive_patterns
+        typical = num_layers * samples + screen + RACE_FINALISTS * samples * mean_tail * steps
+        # At most: every candidate on every sequence, and each winner once more, whole.
+        return {"patterns_at_most": 1 + naive_patterns + steps,
+                "layer_forwards_at_most": int((upper + mean_tail * steps) * samples),
+                "layer_forwards_typical": int(min(typical, (upper + mean_tail * steps) * samples))}
     typical = num_layers + sweep + (min(4, len(cands)) * mean_tail + mean_tail) * max(0, steps - 1)
     return {
         "patterns_at_most": 1 + naive_patterns,
@@ -89,7 +106,16 @@ def plan(opts, config) -> dict:
     cache = 0
     if opts.search != "naive" and opts.cache_device != "none":
         cache = (n - 1) * samples * s * hidden * elem + n * samples * s * config.index_topk * 4
-    work = search_work(n, fixed, num_full, opts.search, samples)
+    from indexcache_calib.search import SEARCHES
+
+    race_first = getattr(opts, "race_first", 4)
+    work = search_work(n, fixed, num_full, opts.search, samples, race_first)
+    # Every search's work on this config, for choosing one: layer-forwards (per sequence) and tokens.
+    by_search = {}
+    for name in SEARCHES:
+        w = search_work(n, fixed, num_full, name, samples, race_first)
+        lf = w.get("layer_forwards", w.get("layer_forwards_typical"))
+        by_search[name] = {"layer_forwards": lf, "tokens": lf * s, "estimate": "exact" if name == "naive" else "typical"}
     warnings = []
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if cache and opts.cache_device == "cpu" and cache > host // 2:
@@ -109,6 +135,7 @@ def plan(opts, config) -> dict:
         "activation_cache_device": opts.cache_device if cache else "none",
         "search": opts.search,
         "work": work,
+        "work_by_search": by_search,
     }
 
 
@@ -129,5 +156,9 @@ def describe(p: dict) -> list[tuple[str, str]]:
         rows.append(("search (naive)", f"{w['patterns']} patterns, {w['layer_forwards']:,} layer-forwards"))
     else:
         rows.append((f"search ({p['search']})", f"typically {w['layer_forwards_typical']:,} layer-forwards, at most {w['layer_forwards_at_most']:,}"))
+    naive = p["work_by_search"]["naive"]["tokens"]
+    for name, v in p["work_by_search"].items():
+        kind = "" if v["estimate"] == "exact" else "typically "
+        rows.append((f"  tokens if {name}", f"{kind}{v['tokens']:,} through decoder layers ({v['tokens'] / naive:.3f} of naive)"))
     rows += [("warning", w) for w in p["warnings"]]
     return rows
