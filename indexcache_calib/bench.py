@@ -168,7 +168,8 @@ def print_search(results: dict) -> None:
           "| same F-set as exact 1/2, 1/4, 1/8 | loss gap vs exact ± paired SE (1/2; 1/4; 1/8) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for spec, r in results.items():
-        for name, s in r["searches"].items():
+        for name in SEARCH_ORDER:
+            s = r["searches"][name]
             same = ", ".join("yes" if row["identical"] else "no" for row in s["ratios"].values())
             gaps = "; ".join(f"{row['gap']:+.5f} ± {row['gap_se'] or 0:.5f}" for row in s["ratios"].values())
             print(f"| {spec} | {r['device']} | {r['sequences']}x{r['seq_len']} | {name} | {s['tokens']:,} | {s['tokens_vs_naive']:.3f} | "
