@@ -200,8 +200,8 @@ def greedy_search(
     search="fast": after the first full sweep, each step re-scores the `rescore_best` candidates with
     the lowest last-known delta plus the two full neighbours of the layer just committed, then every
     candidate whose last-known delta, lowered by the largest fall per step seen among the re-scored
-    candidates times the steps since it was scored, could still beat the best fresh delta. Deltas are
-    loss minus the step's base loss.
+    candidates times the steps since it was scored, comes within one paired standard error of the best
+    fresh delta. Deltas are loss minus the step's base loss.
     search="race": every candidate at every step, raced over calibration sequences (see `Race`).
     """
     if search not in SEARCHES:
@@ -213,11 +213,12 @@ def greedy_search(
     start_score = base_score
     if steps:
         base_score = evaluator.set_base(pattern)
-    memory: dict[int, tuple[float, int]] = {}  # layer -> (delta, step it was scored at), for the fast search
-    for s in steps:  # rebuilt from replayed steps
-        for layer, sc in s.scores.items():
-            if sc.sequences is None:
-                memory[layer] = (sc.loss - s.base_loss, s.step)
+    # For the fast search: layer -> (delta, step it was scored at, per-sequence deltas), rebuilt from
+    # replayed steps (a step's base is the previous step's choice).
+    memory: dict[int, tuple[float, int, list[float]]] = {}
+    for i, s in enumerate(steps):
+        base_seqs = (steps[i - 1].scores[steps[i - 1].chosen] if i else start_score).seq_losses
+        _remember(memory, s.scores, s.base_loss, base_seqs, s.step)
     group = max(1, getattr(evaluator, "parallel", 1))
     while pattern.count(FULL) > num_full:
         cands = candidates(pattern, fixed_shared)
@@ -243,12 +244,11 @@ def greedy_search(
         if search == "race":
             scores, chosen = _race(cands, score, evaluator, len(base_score.seq_losses), race, progress)
         elif search == "fast" and steps and all(c in memory for c in cands):
-            scores = _lazy(pattern, cands, memory, step_no, steps[-1].chosen, base_score.loss, score, group, rescore_best)
+            scores = _lazy(pattern, cands, memory, step_no, steps[-1].chosen, base_score.loss, base_score.seq_losses,
+                           score, group, rescore_best)
         else:
             scores = dict(zip(cands, score(cands)))
-        for layer, sc in scores.items():
-            if sc.sequences is None:
-                memory[layer] = (sc.loss - base_score.loss, step_no)
+        _remember(memory, scores, base_score.loss, base_score.seq_losses, step_no)
         if chosen is None:
             chosen = _pick(scores)
         new_pattern = flip(pattern, chosen)
@@ -262,7 +262,13 @@ def greedy_search(
     return start_score, steps
 
 
-def _lazy(pattern, cands, memory, step_no, last_chosen, base_loss, score, group, rescore_best) -> dict[int, Score]:
+def _remember(memory: dict, scores: dict[int, Score], base_loss: float, base_seqs: list[float], step_no: int) -> None:
+    for layer, sc in scores.items():
+        if sc.sequences is None:  # scored on every sequence
+            memory[layer] = (sc.loss - base_loss, step_no, [x - b for x, b in zip(sc.seq_losses, base_seqs)])
+
+
+def _lazy(pattern, cands, memory, step_no, last_chosen, base_loss, base_seqs, score, group, rescore_best) -> dict[int, Score]:
     """The fast search's step: re-score the likely winners, then whatever stale delta could still win."""
 
     def stale(c):
@@ -275,6 +281,7 @@ def _lazy(pattern, cands, memory, step_no, last_chosen, base_loss, score, group,
     neighbours = _neighbours(pattern, last_chosen, cands)
     first = sorted(set(ranked[:rescore_best] + neighbours))
     scores = dict(zip(first, score(first)))
+    fresh = {c: [x - b for x, b in zip(scores[c].seq_losses, base_seqs)] for c in scores}
 
     def fall() -> float:
         # The largest fall of a delta per step among the re-scored candidates whose runs did not just
@@ -282,11 +289,17 @@ def _lazy(pattern, cands, memory, step_no, last_chosen, base_loss, score, group,
         falls = [(stale(c) - (scores[c].loss - base_loss)) / age(c) for c in scores if c not in neighbours]
         return max([0.0] + falls)
 
+    def spread(c, best) -> float:
+        # One paired standard error, over calibration sequences, of c's stale delta against the best's
+        # fresh one: a gap this small the calibration sequences cannot tell from a tie.
+        return mean_se([x - y for x, y in zip(memory[c][2], fresh[best])])[1] or 0.0
+
     pending: dict[int, Score] = {}
     while True:
-        best = min(sc.loss for sc in scores.values()) - base_loss
+        leader = min(scores, key=lambda c: (scores[c].loss, c))
+        best = scores[leader].loss - base_loss
         drop = fall()
-        bound = {c: stale(c) - drop * age(c) for c in cands if c not in scores}
+        bound = {c: stale(c) - drop * age(c) - spread(c, leader) for c in cands if c not in scores}
         doubt = sorted((c for c in bound if bound[c] < best), key=lambda c: (bound[c], c))
         if not doubt:
             return scores
@@ -298,6 +311,7 @@ def _lazy(pattern, cands, memory, step_no, last_chosen, base_loss, score, group,
             batch = [c for c in doubt if c not in pending][:group]
             pending.update(zip(batch, score(batch)))
         scores[layer] = pending[layer]
+        fresh[layer] = [x - b for x, b in zip(scores[layer].seq_losses, base_seqs)]
 
 
 def _race(cands, score, evaluator, num_sequences: int, race: Race, progress: dict) -> tuple[dict[int, Score], int | None]:
