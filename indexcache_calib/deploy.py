@@ -402,11 +402,12 @@ def apply(lm: dict, model: ModelInfo, out: Path, overwrite: bool = False) -> App
 UNDECIDED = "undecided: more calibration sequences would separate these layers"
 
 
-def margin_note(step: dict) -> str:
-    """'layer 5 over layer 7 by 0.8 SE' for a path entry that records its runner-up."""
+def margin_note(step: dict, short: bool = False) -> str:
+    """'layer 5 over layer 7 by 0.8 SE' (short: '0.8 SE over layer 7') for a path entry that records its
+    runner-up."""
     chosen = step.get("chosen", (step.get("flipped") or [None])[0])
     if step.get("runner_up") is None:
-        return f"layer {chosen}, the only candidate"
+        return "the only candidate" if short else f"layer {chosen}, the only candidate"
     gap, se = step.get("gap"), step.get("gap_se")
     if se is None:
         by = f"{gap:+.2g} nats (one sequence: no standard error)"
@@ -414,6 +415,8 @@ def margin_note(step: dict) -> str:
         by = "a tie" if gap == 0 else f"{gap:.2g} nats on every sequence"
     else:
         by = f"{gap / se:.1f} SE"
+    if short:
+        return f"{by} over layer {step['runner_up']}"
     return f"layer {chosen} over layer {step['runner_up']} by {by}"
 
 

@@ -181,7 +181,7 @@ def _draw(data: dict) -> None:
     for s in data["path"]:
         notes = ["this layer map"] if s["pattern"] == pattern else []
         if not s["decided"]:
-            notes.append(f"undecided: {margin_note(s)}")
+            notes.append(f"undecided: {margin_note(s, short=True)}")
         steps.add_row(str(s["step"]), ",".join(map(str, s["flipped"])), str(s["num_full"]), f"{s['loss']:.5f}",
                       f"{s['delta']:+.5f}", Text("; ".join(notes), style="" if s["decided"] else UNDECIDED_STYLE))
     for u in data["uniform"]:

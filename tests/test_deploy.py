@@ -283,5 +283,5 @@ def test_show_marks_the_steps_decided_by_less_than_two_standard_errors(layer_map
     r = invoke("show", tmp_path / "lm.json")
     assert r.exit_code == 0, r.stderr
     squeezed = "".join(c for c in r.stdout if not c.isspace() and c not in "│┃")
-    assert f"undecided:layer{lm['path'][2]['chosen']}overlayer4by1.5SE" in squeezed  # the step's row in the path table
+    assert "undecided:1.5SEoverlayer4" in squeezed  # the step's row in the path table
     assert "1 of 4 steps undecided: more calibration sequences would separate these layers" in " ".join(r.stdout.split())
