@@ -36,6 +36,8 @@ calibrate: setup
 # Benchmarks: ratios measured side by side in one run (see README "Search speed" and "Scaling out").
 bench: setup
 	$(BIN)/python -m indexcache_calib.bench search
+	$(BIN)/python -m indexcache_calib.bench race
+	$(BIN)/python -m indexcache_calib.bench project
 	$(BIN)/python -m indexcache_calib.bench indexer
 	$(BIN)/python -m indexcache_calib.bench parallel
 

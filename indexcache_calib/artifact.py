@@ -108,10 +108,26 @@ def load_tokens(path: Path) -> torch.Tensor:
     return load_file(str(path))["input_ids"]
 
 
+TRACE_COLUMNS = [
+    "step", "num_full_after", "candidate", "loss", "delta_vs_all_full", "delta_vs_step_base", "mean_overlap",
+    "sequences", "gap_vs_chosen", "gap_se", "chosen", "runner_up", "decided", "swept",
+]
+
+
 def trace_rows(baseline_loss: float, steps: list[Step]) -> list[dict]:
+    """One row per (step, candidate). `sequences` is how many calibration sequences scored the candidate
+    (fewer than all where a race dropped it); `gap_vs_chosen` is its loss minus the chosen candidate's,
+    paired over the sequences both were scored on, with its standard error `gap_se`; `runner_up` marks
+    the candidate the choice beats by the fewest standard errors, and `decided` whether it beats it by
+    at least two."""
+    from indexcache_calib.search import paired
+
     rows = []
     for s in steps:
+        conf = s.confidence
+        chosen = s.scores[s.chosen]
         for layer, sc in sorted(s.scores.items()):
+            gap, se = (None, None) if layer == s.chosen else paired(sc, chosen)
             rows.append({
                 "step": s.step,
                 "num_full_after": s.pattern.count("F"),
@@ -120,7 +136,12 @@ def trace_rows(baseline_loss: float, steps: list[Step]) -> list[dict]:
                 "delta_vs_all_full": sc.loss - baseline_loss,
                 "delta_vs_step_base": sc.loss - s.base_loss,
                 "mean_overlap": sc.overlap,
+                "sequences": len(sc.seq_losses),
+                "gap_vs_chosen": gap,
+                "gap_se": se,
                 "chosen": layer == s.chosen,
+                "runner_up": layer == conf.runner_up,
+                "decided": conf.decided,
                 "swept": s.swept,
             })
     return rows
@@ -129,8 +150,7 @@ def trace_rows(baseline_loss: float, steps: list[Step]) -> list[dict]:
 def write_trace(path: Path, baseline_loss: float, steps: list[Step]) -> None:
     import pandas as pd
 
-    cols = ["step", "num_full_after", "candidate", "loss", "delta_vs_all_full", "delta_vs_step_base", "mean_overlap", "chosen", "swept"]
-    frame = pd.DataFrame(trace_rows(baseline_loss, steps), columns=cols)
+    frame = pd.DataFrame(trace_rows(baseline_loss, steps), columns=TRACE_COLUMNS)
     atomic_write(path, frame.to_csv(index=False, float_format="%.9g", lineterminator="\n"))
 
 

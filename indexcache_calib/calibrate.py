@@ -15,7 +15,7 @@ from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, EXIT_RESUME_MISMATCH, Ca
 from indexcache_calib.pattern import (
     FULL, SHARED, full_layers, indexer_types, resolve_num_full, source_layers, uniform_pattern, validate_pattern,
 )
-from indexcache_calib.search import SEARCHES, Score, Step, greedy_search, path
+from indexcache_calib.search import DECIDED_SE, SEARCHES, Race, Score, Step, greedy_search, path
 
 OOM_HINT = "lower --seq-len, --num-samples or --batch-size, set --indexer-chunk, give more --max-memory, or use --cache-device cpu|disk"
 
@@ -47,11 +47,16 @@ class Options:
     plots: bool = True
     start_pattern: str | None = None  # begin the search here instead of all-F
     cache_budget: str | None = None  # e.g. "64GiB": a larger prefix cache goes to disk
+    race_alpha: float = 0.05  # --search race: chance per step of dropping Algorithm 1's choice
+    race_first: int = 4  # --search race: sequences in the first round
 
     def fingerprint_fields(self) -> dict:
         # What must not change between a run and its resume. The target may: F-sets are nested, so a
         # resumed run can stop later or earlier on the same path.
-        return {k: getattr(self, k) for k in ("seq_len", "num_samples", "seed", "batch_size", "search", "text_field", "dtype", "start_pattern")}
+        fields = ("seq_len", "num_samples", "seed", "batch_size", "search", "text_field", "dtype", "start_pattern")
+        if self.search == "race":
+            fields += ("race_alpha", "race_first")
+        return {k: getattr(self, k) for k in fields}
 
 
 @dataclass
@@ -137,6 +142,10 @@ def check_options(opts: Options) -> None:
             raise CalibError(f"--{name.replace('_', '-')} must be at least 1")
     if opts.indexer_chunk is not None and opts.indexer_chunk < 0:
         raise CalibError("--indexer-chunk must be 0 (one call) or a number of query rows")
+    if not 0 < opts.race_alpha < 0.5:
+        raise CalibError(f"--race-alpha {opts.race_alpha} is not between 0 and 0.5", hint="use e.g. 0.05")
+    if opts.race_first < 2:
+        raise CalibError("--race-first must be at least 2 sequences", hint="a paired standard error needs two")
     check_placement(opts)
 
 
@@ -466,11 +475,13 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
                 baseline.append(score)
             return score
 
-        def score(self, pattern):
-            return evaluator.score(pattern)
+        num_batches, batch_size = runner.num_batches, runner.batch_size
 
-        def score_many(self, patterns):
-            return evaluator.score_many(patterns)
+        def score(self, pattern, batches=None):
+            return evaluator.score_many([pattern], batches)[0]
+
+        def score_many(self, patterns, batches=None):
+            return evaluator.score_many(patterns, batches)
 
     remaining = max(0, start.count(FULL) - num_full - len(done))
     hooks.search_started(remaining, len(start) - len(layout.fixed_shared) - 1)
@@ -479,6 +490,7 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
         base_score, steps = greedy_search(
             start, num_full, _Observed(), layout.fixed_shared, opts.search, done=done,
             on_step=on_step, on_candidate=hooks.candidate, allowed=lambda p: family.runs(p, positions) is None,
+            race=Race(opts.race_alpha, opts.race_first),
         )
         final = steps[-1].pattern if steps else start
         if final.count(FULL) > num_full:
@@ -537,6 +549,11 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
             "steps": len(steps),
             "candidates_scored": sum(len(s.scores) for s in steps),
             "full_sweeps": sum(s.swept for s in steps),
+            # Sequences scored, summed over candidates: fewer than candidates x sequences where a race dropped some.
+            "candidate_sequences": sum(len(sc.seq_losses) for s in steps for sc in s.scores.values()),
+            "decided_se": DECIDED_SE,
+            "undecided_steps": [s.step for s in steps if not s.confidence.decided],
+            **({"race": {"alpha": opts.race_alpha, "first_sequences": opts.race_first}} if opts.search == "race" else {}),
         },
         "provenance": {
             "model": opts.model,

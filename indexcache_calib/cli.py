@@ -103,7 +103,9 @@ def calibrate(
     num_samples: int = typer.Option(8, help="Calibration sequences."),
     seed: Seed = 0,
     batch_size: BatchSize = 1,
-    search: str = typer.Option("fast", help="fast (prefix reuse + lazy re-scoring), exact (Algorithm 1's answer bit for bit, prefix reuse only) or naive (Algorithm 1, full forwards)."),
+    search: str = typer.Option("fast", help="fast (prefix reuse + lazy re-scoring), race (Algorithm 1's candidates raced over calibration sequences), exact (Algorithm 1's answer bit for bit, prefix reuse only) or naive (Algorithm 1, full forwards)."),
+    race_alpha: float = typer.Option(0.05, help="--search race: chance per step of dropping the candidate Algorithm 1 would choose."),
+    race_first: int = typer.Option(4, help="--search race: sequences every candidate is scored on first (then doubling)."),
     text_field: TextField = "text",
     overlap: bool = typer.Option(True, "--overlap/--no-overlap", help="Measure top-k overlap of shared layers (runs their own indexers)."),
     indexer_chunk: IndexerChunk = None,
@@ -131,7 +133,7 @@ def calibrate(
         overlap=overlap, indexer_chunk=indexer_chunk, cache_device=cache_device, device_map=device_map,
         dtype=dtype, max_memory=max_memory, offload_dir=offload_dir, trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle, resume=resume, overwrite=overwrite, plots=plots,
-        start_pattern=start_pattern, cache_budget=cache_budget,
+        start_pattern=start_pattern, cache_budget=cache_budget, race_alpha=race_alpha, race_first=race_first,
     )
     if target is None and num_full is None:
         opts.target = "1/4"
@@ -207,6 +209,11 @@ def _print_summary(layer_map: dict, run_dir) -> None:
     search, work = layer_map["search"], layer_map["environment"]["work"]
     table.add_row("search", f"{search['strategy']}: {search['steps']} steps, {search['candidates_scored']} candidates scored, {work['layer_forwards']} layer-forwards")
     out.print(table)
+    from indexcache_calib.deploy import undecided_line
+
+    undecided = undecided_line(layer_map["path"])
+    if undecided:
+        out.print(undecided, markup=False)
     # Plain lines, never wrapped or cut, so they can be copied.
     out.print(f"layer map: {run_dir / 'layer_map.json'}", markup=False)
     from indexcache_calib.deploy import consumers_note, export, lm_family

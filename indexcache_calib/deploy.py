@@ -517,6 +517,35 @@ def apply(lm: dict, model: ModelInfo, out: Path, overwrite: bool = False) -> App
 # -- show ------------------------------------------------------------------------------------------
 
 
+UNDECIDED = "undecided: more calibration sequences would separate these layers"
+
+
+def margin_note(step: dict, short: bool = False) -> str:
+    """'layer 5 over layer 7 by 0.8 SE' (short: '0.8 SE over layer 7') for a path entry that records its
+    runner-up."""
+    chosen = step.get("chosen", (step.get("flipped") or [None])[0])
+    if step.get("runner_up") is None:
+        return "the only candidate" if short else f"layer {chosen}, the only candidate"
+    gap, se = step.get("gap"), step.get("gap_se")
+    if se is None:
+        by = f"{gap:+.2g} nats (one sequence: no standard error)"
+    elif se == 0:
+        by = "a tie" if gap == 0 else f"{gap:.2g} nats on every sequence"
+    else:
+        by = f"{gap / se:.1f} SE"
+    if short:
+        return f"{by} over layer {step['runner_up']}"
+    return f"layer {chosen} over layer {step['runner_up']} by {by}"
+
+
+def undecided_line(path_rows: list[dict]) -> str | None:
+    """One line naming the steps decided by less than 2 SE, or None when every step was decided."""
+    rows = [r for r in path_rows if not r.get("decided", True)]
+    if not rows:
+        return None
+    return f"{UNDECIDED}: " + "; ".join(f"step {r['step']} ({margin_note(r)})" for r in rows)
+
+
 def summary(lm: dict, path: Path | None = None) -> dict:
     """What `show` draws, as data. Rows are pattern positions, named by their decoder layer."""
     pattern = lm["pattern"]
@@ -539,6 +568,9 @@ def summary(lm: dict, path: Path | None = None) -> dict:
         steps.append({
             "step": entry.get("step"), "num_full": entry["num_full"], "flipped": flipped,
             "loss": entry["loss"], "delta": entry["loss"] - all_full, "pattern": p,
+            # How surely the step's choice beat the runner-up (absent in layer maps written before this was recorded).
+            "runner_up": entry.get("runner_up"), "gap": entry.get("gap"), "gap_se": entry.get("gap_se"),
+            "decided": entry.get("decided", True),
         })
         previous = p
     searched = {s["num_full"]: s["loss"] for s in steps}
@@ -549,6 +581,7 @@ def summary(lm: dict, path: Path | None = None) -> dict:
         }
         for ratio, u in sorted((lm.get("uniform") or {}).items(), key=lambda kv: -kv[1]["num_full"])
     ]
+    undecided = [s for s in steps if not s["decided"]]
     return {
         "layer_map": str(path) if path else None,
         "family": lm.get("family"),
@@ -561,5 +594,8 @@ def summary(lm: dict, path: Path | None = None) -> dict:
         "layers": layers,
         "path": steps,
         "uniform": uniform,
+        # Steps whose choice beat the runner-up by less than 2 paired standard errors over the calibration
+        # sequences: more sequences would separate these layers.
+        "undecided_steps": [s["step"] for s in undecided],
         "provenance": lm.get("provenance") or {},
     }

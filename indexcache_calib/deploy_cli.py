@@ -14,6 +14,7 @@ from indexcache_calib import cli_common as _common
 from indexcache_calib.errors import CalibError
 
 F_STYLE, S_STYLE = "bold white on green4", "black on grey70"
+UNDECIDED_STYLE = "yellow"
 
 
 def _print(text: str) -> None:
@@ -148,6 +149,8 @@ def _draw(data: dict) -> None:
     from rich.table import Table
     from rich.text import Text
 
+    from indexcache_calib.deploy import UNDECIDED, margin_note
+
     out = _common.out
     pattern, n = data["pattern"], len(data["pattern"])
     every_layer = data["positions"] == list(range(n))
@@ -183,13 +186,19 @@ def _draw(data: dict) -> None:
     for col in ("step", "layer -> S", "full", "loss", "delta", "note"):
         steps.add_column(col, justify="left" if col in ("step", "note") else "right")
     for s in data["path"]:
-        note = "this layer map" if s["pattern"] == pattern else ""
-        steps.add_row(str(s["step"]), ",".join(map(str, s["flipped"])), str(s["num_full"]), f"{s['loss']:.5f}", f"{s['delta']:+.5f}", note)
+        notes = ["this layer map"] if s["pattern"] == pattern else []
+        if not s["decided"]:
+            notes.append(f"undecided: {margin_note(s, short=True)}")
+        steps.add_row(str(s["step"]), ",".join(map(str, s["flipped"])), str(s["num_full"]), f"{s['loss']:.5f}",
+                      f"{s['delta']:+.5f}", Text("; ".join(notes), style="" if s["decided"] else UNDECIDED_STYLE))
     for u in data["uniform"]:
         searched = u["searched_loss_same_num_full"]
         note = "" if searched is None else f"searched {searched - u['loss']:+.5f}"
         steps.add_row(f"uniform {u['ratio']}", "", str(u["num_full"]), f"{u['loss']:.5f}", f"{u['delta']:+.5f}", note)
     out.print(steps)
+    if data["undecided_steps"]:
+        out.print(Text(f"{len(data['undecided_steps'])} of {len(data['path']) - 1} steps {UNDECIDED} "
+                       "(each beat its runner-up by less than 2 paired standard errors)", style=UNDECIDED_STYLE))
 
     prov = Table(title="provenance", title_justify="left", show_header=False)
     prov.add_column("key")

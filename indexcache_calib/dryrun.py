@@ -14,11 +14,22 @@ def size_str(n: float) -> str:
     return f"{int(n)} B"
 
 
+# A race's typical step, as measured on tiny-dsa with 64 calibration sequences of 512 tokens (bench race):
+# a dropped candidate used 14 sequences on average, 2.6 candidates per step ran through every sequence
+# (the winner and its near-ties), and the winner's whole score repeated 0.6 of a candidate's full run.
+# Estimates only: how many candidates tie depends on the model and the data.
+RACE_DROPPED_SEQUENCES = 14
+RACE_FINALISTS = 2.6
+RACE_WINNER_REPEAT = 0.6
+
+
 def search_work(num_layers: int, fixed: frozenset[int], num_full: int, search: str, samples: int,
-                positions: list[int] | None = None) -> dict:
-    """Patterns scored and decoder-layer forwards (per sequence x samples). Exact for naive. For exact and
-    fast, an upper bound and a typical count, since how far each candidate runs depends on the picks; fast
-    sweeps once, then typically re-scores 4 candidates per step (more only when the ranking is in doubt).
+                positions: list[int] | None = None, race_first: int = 4) -> dict:
+    """Patterns scored and decoder-layer forwards (per sequence x samples). Exact for naive. For the
+    others, an upper bound and a typical count, since how far each candidate runs, and how many are
+    re-scored or raced to the end, depends on the scores: fast sweeps once, then typically re-scores 4
+    candidates per step; race typically drops all but RACE_FINALISTS candidates per step after
+    RACE_DROPPED_SEQUENCES sequences.
     `positions`: the decoder layer of each pattern position (default: every layer); `fixed` are positions."""
     positions = list(range(num_layers)) if positions is None else positions
     cands = [positions[p] for p in range(1, len(positions)) if p not in fixed]
@@ -35,6 +46,16 @@ def search_work(num_layers: int, fixed: frozenset[int], num_full: int, search: s
         typical = num_layers + mean_tail * (naive_patterns + steps)
         return {"patterns": 1 + naive_patterns, "layer_forwards_at_most": int(upper * samples),
                 "layer_forwards_typical": int(typical * samples)}
+    if search == "race":
+        if samples <= race_first:  # nothing to race: Algorithm 1's steps
+            return search_work(num_layers, fixed, num_full, "exact", samples, positions)
+        finalists = min(RACE_FINALISTS * steps, naive_patterns)
+        dropped = min(RACE_DROPPED_SEQUENCES, samples) * (naive_patterns - finalists)
+        typical = num_layers * samples + mean_tail * (dropped + (finalists + RACE_WINNER_REPEAT * steps) * samples)
+        # At most: every candidate on every sequence, and each winner once more, whole.
+        return {"patterns_at_most": 1 + naive_patterns + steps,
+                "layer_forwards_at_most": int((upper + mean_tail * steps) * samples),
+                "layer_forwards_typical": int(min(typical, (upper + mean_tail * steps) * samples))}
     typical = num_layers + sweep + (min(4, len(cands)) * mean_tail + mean_tail) * max(0, steps - 1)
     return {
         "patterns_at_most": 1 + naive_patterns,
@@ -94,7 +115,16 @@ def plan(opts, ckpt, num_full: int) -> dict:
     if opts.search != "naive" and opts.cache_device != "none":
         p = len(ckpt.positions)
         cache = (p - 1) * samples * s * hidden * elem + 2 * p * samples * s * ckpt.budget * 4
-    work = search_work(n, fixed, num_full, opts.search, samples, ckpt.positions)
+    from indexcache_calib.search import SEARCHES
+
+    race_first = getattr(opts, "race_first", 4)
+    work = search_work(n, fixed, num_full, opts.search, samples, ckpt.positions, race_first)
+    # Every search's work on this config, for choosing one: layer-forwards (per sequence) and tokens.
+    by_search = {}
+    for name in SEARCHES:
+        w = search_work(n, fixed, num_full, name, samples, ckpt.positions, race_first)
+        lf = w.get("layer_forwards", w.get("layer_forwards_typical"))
+        by_search[name] = {"layer_forwards": lf, "tokens": lf * s, "estimate": "exact" if name == "naive" else "typical"}
     warnings = []
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if cache and opts.cache_device == "cpu" and cache > host // 2:
@@ -116,6 +146,7 @@ def plan(opts, ckpt, num_full: int) -> dict:
         "activation_cache_device": opts.cache_device if cache else "none",
         "search": opts.search,
         "work": work,
+        "work_by_search": by_search,
     }
 
 
@@ -136,5 +167,9 @@ def describe(p: dict) -> list[tuple[str, str]]:
         rows.append(("search (naive)", f"{w['patterns']} patterns, {w['layer_forwards']:,} layer-forwards"))
     else:
         rows.append((f"search ({p['search']})", f"typically {w['layer_forwards_typical']:,} layer-forwards, at most {w['layer_forwards_at_most']:,}"))
+    naive = p["work_by_search"]["naive"]["tokens"]
+    for name, v in p["work_by_search"].items():
+        kind = "" if v["estimate"] == "exact" else "typically "
+        rows.append((f"  tokens if {name}", f"{kind}{v['tokens']:,} through decoder layers ({v['tokens'] / naive:.3f} of naive)"))
     rows += [("warning", w) for w in p["warnings"]]
     return rows

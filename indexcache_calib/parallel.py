@@ -65,15 +65,18 @@ class ParallelEvaluator:
     def __init__(self, runner, world: World):
         self.runner, self.world = runner, world
         self.parallel = world.size
+        self.num_batches, self.batch_size = runner.num_batches, runner.batch_size
 
     def set_base(self, pattern: str) -> Score:
         return self.runner.set_base(pattern)
 
-    def score(self, pattern: str) -> Score:
-        return self.score_many([pattern])[0]
+    def score(self, pattern: str, batches: list[int] | None = None) -> Score:
+        return self.score_many([pattern], batches)[0]
 
-    def score_many(self, patterns: list[str]) -> list[Score]:
-        mine = {i: self.runner.score(p) for i, p in enumerate(patterns) if i % self.world.size == self.world.rank}
+    def score_many(self, patterns: list[str], batches: list[int] | None = None) -> list[Score]:
+        """Score each pattern on every batch, or only on `batches` (a race's round)."""
+        extra = {} if batches is None else {"batches": batches}
+        mine = {i: self.runner.score(p, **extra) for i, p in enumerate(patterns) if i % self.world.size == self.world.rank}
         merged = gather_dict(mine)
         return [merged[i] for i in range(len(patterns))]
 

@@ -16,7 +16,7 @@ from indexcache_calib import artifact as art
 LOSS_PLOT = "loss_vs_full.png"
 PATTERN_PLOT = "pattern.png"
 OVERLAP_PLOT = "overlap.png"
-FULL_COLOUR, SHARED_COLOUR, FIXED_COLOUR = "#1f77b4", "#e8e8e8", "#9a9a9a"
+FULL_COLOUR, SHARED_COLOUR, FIXED_COLOUR, UNDECIDED_COLOUR = "#1f77b4", "#e8e8e8", "#9a9a9a", "#ff7f0e"
 DPI = 120
 
 
@@ -54,6 +54,13 @@ def loss_plot(layer_map: dict, path: Path) -> Path:
     steps = sorted(layer_map["path"], key=lambda p: p["num_full"])
     ax.plot([p["num_full"] for p in steps], [p["loss"] for p in steps], marker="o", color=FULL_COLOUR,
             label="greedy search path")
+    undecided = [p for p in steps if not p.get("decided", True)]
+    if undecided:
+        # Steps whose choice beat the runner-up by less than 2 paired standard errors: another draw of
+        # calibration sequences could have flipped them.
+        ax.scatter([p["num_full"] for p in undecided], [p["loss"] for p in undecided], marker="o", s=110,
+                   facecolors="none", edgecolors=UNDECIDED_COLOUR, linewidths=1.6, zorder=3,
+                   label="undecided step (< 2 paired SE over the runner-up)")
     ax.axhline(layer_map["loss"]["all_full"], color="#555555", linestyle=":", linewidth=1, label="all Full")
     for i, (ratio, u) in enumerate(sorted(layer_map.get("uniform", {}).items(), key=lambda kv: -kv[1]["num_full"])):
         ax.scatter([u["num_full"]], [u["loss"]], marker="s", s=50, color="#d62728", zorder=3,

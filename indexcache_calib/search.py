@@ -1,4 +1,4 @@
-"""Greedy layer selection (the paper's Algorithm 1) and a cheaper variant with the same answer.
+"""Greedy layer selection (the paper's Algorithm 1) and cheaper searches that take its decisions.
 
 Pure logic: everything model-specific sits behind an `Evaluator`, so the search is tested with fakes.
 A search is a list of `Step`s; replaying finished steps (from a checkpoint) and continuing gives the
@@ -8,19 +8,47 @@ same result as an uninterrupted run, because every decision depends only on the 
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Protocol
 
 from indexcache_calib.pattern import FULL, flip, full_layers
+from indexcache_calib.stats import mean_se, paired_differences, t_quantile
 
-SEARCHES = ("fast", "exact", "naive")
+SEARCHES = ("fast", "race", "exact", "naive")
+DECIDED_SE = 2.0  # a step is decided when its choice beats every other candidate by at least this many paired SE
+RACE_ORDER_SEED = 0  # the fixed order in which a race visits calibration batches
 
 
 @dataclass
 class Score:
-    loss: float  # mean per-token LM loss over every calibration token
+    loss: float  # mean per-token LM loss over the calibration tokens scored
     seq_losses: list[float] = field(default_factory=list)  # per calibration sequence, for paired comparisons
     overlap: float | None = None  # mean top-k overlap of the shared layers with their own indexer's choice
+    sequences: list[int] | None = None  # the calibration sequences `seq_losses` are; None: every one, in order
+
+    def by_sequence(self) -> dict[int, float]:
+        ids = self.sequences if self.sequences is not None else range(len(self.seq_losses))
+        return dict(zip(ids, self.seq_losses))
+
+
+@dataclass
+class Confidence:
+    """How surely a step's choice beats the other candidates scored at that step."""
+
+    runner_up: int | None  # the candidate the choice beats by the fewest paired standard errors
+    gap: float | None  # mean over shared sequences of runner-up minus chosen loss (nats/token)
+    se: float | None  # its standard error (None with fewer than two shared sequences)
+    sequences: int  # sequences the comparison shares
+    decided: bool  # gap >= DECIDED_SE * se, or no other candidate
+
+    @property
+    def z(self) -> float | None:
+        if self.gap is None or self.se is None:
+            return None
+        if self.se == 0:
+            return math.inf if self.gap > 0 else 0.0 if self.gap == 0 else -math.inf
+        return self.gap / self.se
 
 
 @dataclass
@@ -37,6 +65,10 @@ class Step:
     def loss(self) -> float:
         return self.scores[self.chosen].loss
 
+    @property
+    def confidence(self) -> Confidence:
+        return confidence(self.scores, self.chosen)
+
     def to_json(self) -> dict:
         d = asdict(self)
         d["scores"] = {str(k): asdict(v) for k, v in sorted(self.scores.items())}
@@ -48,12 +80,39 @@ class Step:
         return Step(d["step"], d["base"], d["base_loss"], scores, d["chosen"], d["pattern"], d["swept"])
 
 
+@dataclass(frozen=True)
+class Race:
+    """Settings of `search="race"`: every candidate is scored on a growing share of the calibration
+    batches (first `first` sequences, then twice as many each round, in a fixed shuffled order) and
+    dropped once it is worse than the step's current best by more than a bound; the survivors and the
+    winner are scored on every sequence.
+
+    The bound is a one-sided Student t test on the paired per-sequence differences, with the finite
+    population correction (the question is about the mean over *these* calibration sequences, so the
+    standard error shrinks to 0 as they are all seen), at level `alpha / (looks x (candidates - 1))`:
+    by the union bound, the chance that a step drops the candidate with the lowest loss over every
+    sequence (Algorithm 1's choice) is at most `alpha`, however many rounds and candidates it has.
+    """
+
+    alpha: float = 0.05
+    first: int = 4
+
+    def __post_init__(self):
+        if not 0.0 < self.alpha < 0.5:
+            raise ValueError("race alpha must be in (0, 0.5)")
+        if self.first < 2:
+            raise ValueError("a race's first round needs at least 2 sequences")
+
+
 class Evaluator(Protocol):
     def score(self, pattern: str) -> Score: ...
 
     # Called once per step with the committed pattern before its candidates are scored, so an
     # evaluator can cache what every candidate shares with it (layer inputs before the flipped layer).
     def set_base(self, pattern: str) -> Score: ...
+
+    # For search="race" only: `num_batches`, `batch_size`, and `score(pattern, batches=[...])`, which
+    # scores those batches (of `batch_size` consecutive sequences) and returns their sequences' losses.
 
 
 def candidates(pattern: str, fixed_shared: frozenset[int] = frozenset()) -> list[int]:
@@ -62,8 +121,10 @@ def candidates(pattern: str, fixed_shared: frozenset[int] = frozenset()) -> list
 
 
 def _pick(scores: dict[int, Score]) -> int:
-    # Lowest loss; ties go to the lower layer id so the result never depends on dict order.
-    return min(scores, key=lambda layer: (scores[layer].loss, layer))
+    # Lowest loss among the candidates scored on every sequence; ties go to the lower layer id so the
+    # result never depends on dict order.
+    complete = [layer for layer, sc in scores.items() if sc.sequences is None]
+    return min(complete, key=lambda layer: (scores[layer].loss, layer))
 
 
 def _neighbours(pattern: str, layer: int, cands: list[int]) -> list[int]:
@@ -71,6 +132,53 @@ def _neighbours(pattern: str, layer: int, cands: list[int]) -> list[int]:
     before = [c for c in cands if c < layer]
     after = [c for c in cands if c > layer]
     return ([before[-1]] if before else []) + ([after[0]] if after else [])
+
+
+def confidence(scores: dict[int, Score], chosen: int) -> Confidence:
+    """Compare the chosen candidate with every other one on the sequences both were scored on; the
+    runner-up is the one it beats by the fewest standard errors (without a standard error, by the
+    smallest gap)."""
+    best = scores[chosen].by_sequence()
+    rows = []
+    for layer, sc in scores.items():
+        if layer == chosen:
+            continue
+        d = paired_differences(sc.by_sequence(), best)
+        if not d:
+            continue
+        gap, se = mean_se(d)
+        c = Confidence(layer, gap, se, len(d), False)
+        rows.append(((-math.inf, gap) if c.z is None else (c.z, gap), layer, c))
+    if not rows:
+        return Confidence(None, None, None, len(best), True)
+    _, _, c = min(rows, key=lambda r: (r[0], r[1]))
+    c.decided = c.z is not None and c.z >= DECIDED_SE
+    return c
+
+
+def race_order(num_batches: int) -> list[int]:
+    """The order a race visits calibration batches: shuffled (packed sequences sit in corpus order, and
+    neighbours in a corpus are alike), the same for every step and every run."""
+    order = list(range(num_batches))
+    random.Random(RACE_ORDER_SEED).shuffle(order)
+    return order
+
+
+def race_rounds(num_batches: int, first_batches: int) -> list[int]:
+    """Batches seen after each round: first_batches, doubling, ending with every batch."""
+    rounds, r = [], max(1, first_batches)
+    while r < num_batches:
+        rounds.append(r)
+        r *= 2
+    return rounds + [num_batches]
+
+
+def _batch_sequences(evaluator, num_sequences: int) -> list[list[int]]:
+    size = max(1, getattr(evaluator, "batch_size", 1))
+    batches = [list(range(b, min(b + size, num_sequences))) for b in range(0, num_sequences, size)]
+    if len(batches) != evaluator.num_batches:
+        raise ValueError(f"{num_sequences} sequences in batches of {size} are not the evaluator's {evaluator.num_batches} batches")
+    return batches
 
 
 def greedy_search(
@@ -84,30 +192,37 @@ def greedy_search(
     on_candidate: Callable[[int, int, int], None] | None = None,
     rescore_best: int = 2,
     allowed: Callable[[str], bool] | None = None,
+    race: Race | None = None,
 ) -> tuple[Score, list[Step]]:
     """Flip one layer per step to S until `num_full` layers are full. Returns (score of `start`, steps).
 
     search="naive": every candidate is scored at every step (Algorithm 1).
     search="exact": the same decisions as naive; only the evaluator differs (it reuses prefixes).
     search="fast": after the first full sweep, each step re-scores the `rescore_best` candidates with
-    the lowest last-known delta plus the two full neighbours of the layer just committed, then keeps
-    re-scoring in order of last-known delta while any unscored candidate's last delta is below the
-    best fresh delta (its ranking is in doubt). Deltas are loss minus the step's base loss.
+    the lowest last-known delta plus the two full neighbours of the layer just committed, then every
+    candidate whose last-known delta, lowered by the largest fall per step seen among the re-scored
+    candidates times the steps since it was scored, comes within one paired standard error of the best
+    fresh delta. Deltas are loss minus the step's base loss.
+    search="race": every candidate at every step, raced over calibration sequences (see `Race`).
     `allowed`: patterns the target can run; a candidate whose flip it rejects is never scored, and the
     search stops early if no candidate is left.
     """
     if search not in SEARCHES:
         raise ValueError(f"unknown search {search!r}")
+    race = race or Race()
     steps = list(done or [])
     pattern = steps[-1].pattern if steps else start
     base_score = evaluator.set_base(start)
     start_score = base_score
     if steps:
         base_score = evaluator.set_base(pattern)
-    last_delta: dict[int, float] = {}
-    for s in steps:  # rebuild the fast search's memory from replayed steps
-        for layer, sc in s.scores.items():
-            last_delta[layer] = sc.loss - s.base_loss
+    # For the fast search: layer -> (delta, step it was scored at, per-sequence deltas), rebuilt from
+    # replayed steps (a step's base is the previous step's choice).
+    memory: dict[int, tuple[float, int, list[float]]] = {}
+    for i, s in enumerate(steps):
+        base_seqs = (steps[i - 1].scores[steps[i - 1].chosen] if i else start_score).seq_losses
+        _remember(memory, s.scores, s.base_loss, base_seqs, s.step)
+    group = max(1, getattr(evaluator, "parallel", 1))
     while pattern.count(FULL) > num_full:
         cands = candidates(pattern, fixed_shared)
         if allowed is not None:
@@ -115,45 +230,32 @@ def greedy_search(
         if not cands:
             break
         step_no = len(steps) + 1
-        scores: dict[int, Score] = {}
+        progress = {"done": 0}
 
-        def score(layers: list[int]) -> list[Score]:
+        def score(layers: list[int], batches: list[int] | None = None) -> list[Score]:
             if on_candidate:
-                on_candidate(step_no, len(scores), len(cands))
+                on_candidate(step_no, progress["done"], len(cands))
             patterns = [flip(pattern, layer) for layer in layers]
+            extra = {} if batches is None else {"batches": batches}
             if hasattr(evaluator, "score_many"):
-                return evaluator.score_many(patterns)
-            return [evaluator.score(p) for p in patterns]
+                out = evaluator.score_many(patterns, **extra)
+            else:
+                out = [evaluator.score(p, **extra) for p in patterns]
+            if batches is None:
+                progress["done"] += len(layers)
+            return out
 
-        if search != "fast" or not steps or any(c not in last_delta for c in cands):
-            scores.update(zip(cands, score(cands)))
+        chosen = None
+        if search == "race":
+            scores, chosen = _race(cands, score, evaluator, len(base_score.seq_losses), race, progress)
+        elif search == "fast" and steps and all(c in memory for c in cands):
+            scores = _lazy(pattern, cands, memory, step_no, steps[-1].chosen, base_score.loss, base_score.seq_losses,
+                           score, group, rescore_best)
         else:
-            ranked = sorted(cands, key=lambda c: (last_delta[c], c))
-            first = sorted(set(ranked[:rescore_best] + _neighbours(pattern, steps[-1].chosen, cands)))
-            scores.update(zip(first, score(first)))
-            doubt = [c for c in ranked if c not in scores]
-            group = max(1, getattr(evaluator, "parallel", 1))
-
-            def in_doubt(layer: int) -> bool:
-                return last_delta[layer] < min(sc.loss for sc in scores.values()) - base_score.loss
-
-            while doubt and in_doubt(doubt[0]):
-                batch = doubt[:group]
-                fresh = dict(zip(batch, score(batch)))
-                # Apply the one-at-a-time rule to the batch in order and keep only what it would have
-                # scored, so the answer never depends on how many workers score in parallel.
-                stopped = False
-                for layer in batch:
-                    if not in_doubt(layer):
-                        stopped = True
-                        break
-                    scores[layer] = fresh[layer]
-                if stopped:
-                    break
-                doubt = doubt[len(batch):]
-        for layer, sc in scores.items():
-            last_delta[layer] = sc.loss - base_score.loss
-        chosen = _pick(scores)
+            scores = dict(zip(cands, score(cands)))
+        _remember(memory, scores, base_score.loss, base_score.seq_losses, step_no)
+        if chosen is None:
+            chosen = _pick(scores)
         new_pattern = flip(pattern, chosen)
         step = Step(step_no, pattern, base_score.loss, scores, chosen, new_pattern, len(scores) == len(cands))
         steps.append(step)
@@ -165,19 +267,142 @@ def greedy_search(
     return start_score, steps
 
 
+def _remember(memory: dict, scores: dict[int, Score], base_loss: float, base_seqs: list[float], step_no: int) -> None:
+    for layer, sc in scores.items():
+        if sc.sequences is None:  # scored on every sequence
+            memory[layer] = (sc.loss - base_loss, step_no, [x - b for x, b in zip(sc.seq_losses, base_seqs)])
+
+
+def _lazy(pattern, cands, memory, step_no, last_chosen, base_loss, base_seqs, score, group, rescore_best) -> dict[int, Score]:
+    """The fast search's step: re-score the likely winners, then whatever stale delta could still win."""
+
+    def stale(c):
+        return memory[c][0]
+
+    def age(c):
+        return step_no - memory[c][1]
+
+    ranked = sorted(cands, key=lambda c: (stale(c), c))
+    neighbours = _neighbours(pattern, last_chosen, cands)
+    first = sorted(set(ranked[:rescore_best] + neighbours))
+    scores = dict(zip(first, score(first)))
+    fresh = {c: [x - b for x, b in zip(scores[c].seq_losses, base_seqs)] for c in scores}
+
+    def fall() -> float:
+        # The largest fall of a delta per step among the re-scored candidates whose runs did not just
+        # merge (sharing a layer can lower other layers' deltas); 0 when every delta rose.
+        falls = [(stale(c) - (scores[c].loss - base_loss)) / age(c) for c in scores if c not in neighbours]
+        return max([0.0] + falls)
+
+    def spread(c, best) -> float:
+        # One paired standard error, over calibration sequences, of c's stale delta against the best's
+        # fresh one: a gap this small the calibration sequences cannot tell from a tie.
+        return mean_se([x - y for x, y in zip(memory[c][2], fresh[best])])[1] or 0.0
+
+    pending: dict[int, Score] = {}
+    while True:
+        leader = min(scores, key=lambda c: (scores[c].loss, c))
+        best = scores[leader].loss - base_loss
+        drop = fall()
+        bound = {c: stale(c) - drop * age(c) - spread(c, leader) for c in cands if c not in scores}
+        doubt = sorted((c for c in bound if bound[c] < best), key=lambda c: (bound[c], c))
+        if not doubt:
+            return scores
+        # One candidate at a time, always the most doubtful; with several workers the next few are
+        # scored together, but only the ones this rule reaches are kept, so the steps never depend on
+        # the number of workers.
+        layer = doubt[0]
+        if layer not in pending:
+            batch = [c for c in doubt if c not in pending][:group]
+            pending.update(zip(batch, score(batch)))
+        scores[layer] = pending[layer]
+        fresh[layer] = [x - b for x, b in zip(scores[layer].seq_losses, base_seqs)]
+
+
+def _race(cands, score, evaluator, num_sequences: int, race: Race, progress: dict) -> tuple[dict[int, Score], int | None]:
+    """Algorithm 1's step with early stopping: every candidate is scored on a growing set of sequences
+    and dropped once the bound says it is worse than the current best over *all* sequences.
+    Returns (scores, chosen); chosen is None where every candidate was scored whole."""
+    if len(cands) == 1:
+        return dict(zip(cands, score(cands))), None
+    batch_seqs = _batch_sequences(evaluator, num_sequences)
+    num_batches = len(batch_seqs)
+    order = race_order(num_batches)
+    rounds = race_rounds(num_batches, math.ceil(race.first / len(batch_seqs[0])))
+    if len(rounds) == 1:  # too few sequences to race: Algorithm 1's step
+        return dict(zip(cands, score(cands))), None
+    q_level = race.alpha / ((len(rounds) - 1) * (len(cands) - 1))
+    seen: dict[int, dict[int, float]] = {c: {} for c in cands}
+    full: dict[int, Score] = {}
+    alive = list(cands)
+
+    def mean(c: int) -> float:
+        return math.fsum(seen[c].values()) / len(seen[c])
+
+    done = 0
+    for r in rounds:
+        new = order[done:r]
+        final = r == num_batches
+        partial = list(alive)
+        if final:
+            # The current leader is the likely winner, and the winner needs a score on every batch in
+            # one piece (its layer inputs become the next step's cache): score it whole now.
+            leader = min(alive, key=lambda c: (mean(c), c))
+            full[leader] = score([leader])[0]
+            seen[leader] = full[leader].by_sequence()
+            partial.remove(leader)
+        if partial:
+            for c, sc in zip(partial, score(partial, batches=new)):
+                ids = [i for b in new for i in batch_seqs[b]]
+                if len(sc.seq_losses) != len(ids):
+                    raise ValueError("a partial score returned a different number of sequences than its batches hold")
+                seen[c].update(zip(ids, sc.seq_losses))
+        done = r
+        if final:
+            break
+        best = min(alive, key=lambda c: (mean(c), c))
+        n = len(seen[best])
+        q = t_quantile(q_level, n - 1)
+        kept = []
+        for c in alive:
+            if c != best:
+                gap, se = mean_se(paired_differences(seen[c], seen[best]), num_sequences)
+                if se is not None and gap - q * se > 0:
+                    continue
+            kept.append(c)
+        progress["done"] += len(alive) - len(kept)
+        alive = kept
+        if len(alive) == 1:
+            break
+    winner = min(alive, key=lambda c: (full[c].loss if c in full else mean(c), c))
+    if winner not in full:
+        full[winner] = score([winner])[0]
+    scores = {}
+    for c in cands:
+        if c in full:
+            scores[c] = full[c]
+        else:
+            ids = sorted(seen[c])
+            losses = [seen[c][i] for i in ids]
+            scores[c] = Score(math.fsum(losses) / len(losses), losses, None,
+                              None if len(ids) == num_sequences else ids)
+    return scores, winner
+
+
 def paired(a: Score, b: Score) -> tuple[float, float | None]:
-    """Mean over sequences of a - b (two Scores on the same tokens) and its standard error
-    (None with fewer than two sequences)."""
-    d = [x - y for x, y in zip(a.seq_losses, b.seq_losses)]
-    mean = math.fsum(d) / len(d)
-    if len(d) < 2:
-        return mean, None
-    return mean, math.sqrt(math.fsum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+    """Mean over the sequences both were scored on of a - b, and its standard error (None with fewer
+    than two sequences)."""
+    return mean_se(paired_differences(a.by_sequence(), b.by_sequence()))
 
 
 def path(start: str, start_loss: float, steps: list[Step]) -> list[dict]:
-    """The committed pattern after every step: one pattern per number of full layers, nested F-sets."""
+    """The committed pattern after every step: one pattern per number of full layers, nested F-sets,
+    with how surely each step's choice beat the runner-up."""
     rows = [{"num_full": start.count(FULL), "pattern": start, "loss": start_loss, "step": 0}]
     for s in steps:
-        rows.append({"num_full": s.pattern.count(FULL), "pattern": s.pattern, "loss": s.loss, "step": s.step})
+        c = s.confidence
+        rows.append({
+            "num_full": s.pattern.count(FULL), "pattern": s.pattern, "loss": s.loss, "step": s.step,
+            "chosen": s.chosen, "runner_up": c.runner_up, "gap": c.gap, "gap_se": c.se, "decided": c.decided,
+        })
     return rows

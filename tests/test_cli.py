@@ -49,7 +49,16 @@ def test_calibrate_end_to_end(arch, glm_dir, dsv32_dir, text_data, tmp_path):
 
     trace = pd.read_csv(out / TRACE)
     assert trace.groupby("step")["chosen"].sum().tolist() == [1, 1, 1, 1]
-    assert set(trace.columns) >= {"step", "candidate", "loss", "delta_vs_all_full", "mean_overlap", "chosen"}
+    assert set(trace.columns) >= {"step", "candidate", "loss", "delta_vs_all_full", "mean_overlap", "chosen",
+                                  "sequences", "gap_vs_chosen", "gap_se", "runner_up", "decided"}
+    # Per-step confidence: the runner-up's paired gap and its SE, in the trace and along the path alike.
+    assert (trace["sequences"] == 3).all() and trace.loc[trace["chosen"], "gap_vs_chosen"].isna().all()
+    for row, step in zip(trace[trace["runner_up"]].itertuples(), lm["path"][1:]):
+        assert (row.step, row.candidate) == (step["step"], step["runner_up"])
+        assert row.gap_vs_chosen == pytest.approx(step["gap"], rel=1e-8) and row.gap_vs_chosen >= 0
+        assert row.gap_se == pytest.approx(step["gap_se"], rel=1e-8)
+        assert row.decided == step["decided"] == (step["gap"] >= 2 * step["gap_se"])
+    assert lm["search"]["undecided_steps"] == [p["step"] for p in lm["path"][1:] if not p["decided"]]
 
 
 def test_naive_exact_and_fast_agree_on_the_tiny_model(glm_dir, text_data, tmp_path):
@@ -67,10 +76,73 @@ def test_naive_exact_and_fast_agree_on_the_tiny_model(glm_dir, text_data, tmp_pa
 
 
 def test_summary_goes_to_stdout_and_progress_to_stderr(glm_dir, text_data, tmp_path):
+    from indexcache_calib.deploy import undecided_line
+
     r = calibrate("--model", str(glm_dir), "--data", str(text_data), "--num-full", "4", "--out", str(tmp_path / "r"), *BASE)
     assert r.exit_code == 0
     assert "pattern" in r.stdout and "layer_map.json" in r.stdout
     assert "step 1:" in r.stderr and "step 1:" not in r.stdout
+    # The summary names the steps decided by less than 2 SE (random weights and 3 sequences: some are).
+    lm = json.loads((tmp_path / "r" / LAYER_MAP).read_text())
+    line = undecided_line(lm["path"])
+    assert line and line in r.stdout and "more calibration sequences would separate these layers" in line
+    assert all(f"step {s}" in line for s in lm["search"]["undecided_steps"])
+
+
+def test_race_takes_exacts_decided_steps_and_scores_every_winner_whole(glm_dir, text_data, tmp_path):
+    import pandas as pd
+
+    args = ["--model", str(glm_dir), "--data", str(text_data), "--num-full", "2", "--seq-len", "48", "--num-samples", "8",
+            "--batch-size", "1", "--no-plots"]
+    maps, traces = {}, {}
+    for search, extra in (("exact", []), ("race", ["--race-first", "2", "--race-alpha", "0.2"])):
+        r = calibrate(*args, "--search", search, *extra, "--out", str(tmp_path / search))
+        assert r.exit_code == 0, r.stderr
+        maps[search] = json.loads((tmp_path / search / LAYER_MAP).read_text())
+        traces[search] = pd.read_csv(tmp_path / search / TRACE)
+    race, exact = traces["race"], traces["exact"]
+    assert maps["race"]["search"]["race"] == {"alpha": 0.2, "first_sequences": 2}
+    assert (race.loc[race["chosen"], "sequences"] == 8).all() and (race["sequences"] >= 2).all()
+    assert maps["race"]["search"]["candidate_sequences"] == race["sequences"].sum() <= exact["sequences"].sum()
+    for r_step, e_step in zip(maps["race"]["path"][1:], maps["exact"]["path"][1:]):
+        if e_step["decided"]:
+            assert r_step["chosen"] == e_step["chosen"]
+        if r_step["chosen"] != e_step["chosen"]:
+            break
+        assert r_step["loss"] == e_step["loss"]  # the committed loss is exact's, bit for bit
+
+
+def test_race_resumes_from_its_checkpoint(glm_dir, text_data, tmp_path):
+    import shutil
+
+    from indexcache_calib.artifact import CHECKPOINT
+
+    args = ["--model", str(glm_dir), "--data", str(text_data), "--num-full", "1", "--seq-len", "48", "--num-samples", "8",
+            "--batch-size", "1", "--no-plots", "--search", "race", "--race-first", "2"]
+    whole = tmp_path / "whole"
+    assert calibrate(*args, "--out", str(whole)).exit_code == 0
+    part = tmp_path / "part"
+    shutil.copytree(whole, part)
+    checkpoint = json.loads((part / CHECKPOINT).read_text())
+    checkpoint["steps"] = checkpoint["steps"][:2]
+    (part / CHECKPOINT).write_text(json.dumps(checkpoint))
+    (part / LAYER_MAP).unlink()
+    r = calibrate(*args, "--out", str(part), "--resume")
+    assert r.exit_code == 0, r.stderr
+    a, b = (json.loads((d / LAYER_MAP).read_text()) for d in (whole, part))
+    assert b["environment"]["resumed_steps"] == 2
+    a.pop("environment"), b.pop("environment")
+    assert a == b and (whole / TRACE).read_bytes() == (part / TRACE).read_bytes()
+
+
+@pytest.mark.parametrize("flag,value,expect", [
+    ("--race-alpha", "0.7", "--race-alpha 0.7 is not between 0 and 0.5"),
+    ("--race-first", "1", "--race-first must be at least 2"),
+    ("--search", "quick", "unknown --search 'quick'"),
+])
+def test_bad_search_settings_are_refused(flag, value, expect, glm_dir, text_data, tmp_path):
+    r = calibrate("--model", str(glm_dir), "--data", str(text_data), "--out", str(tmp_path / "r"), *BASE, flag, value)
+    assert r.exit_code == 2 and expect in one_error_line(r)
 
 
 def _non_dsa(tmp_path):

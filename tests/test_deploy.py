@@ -282,3 +282,18 @@ def test_show_draws_and_json_carries_the_same_data(run_dir, layer_map, tmp_path)
     assert {u["ratio"] for u in data["uniform"]} == set(layer_map["uniform"])
     (tmp_path / "other.json").write_text('{"schema": "other"}')
     assert "not an indexcache layer map" in error_lines(invoke("show", tmp_path / "other.json"))[0]
+
+
+def test_show_marks_the_steps_decided_by_less_than_two_standard_errors(layer_map, tmp_path):
+    lm = json.loads(json.dumps(layer_map))
+    for step in lm["path"][1:]:
+        step.update({"runner_up": 9, "gap": 0.01, "gap_se": 0.001, "decided": True})
+    lm["path"][2].update({"runner_up": 4, "gap": 0.0015, "gap_se": 0.001, "decided": False})
+    (tmp_path / "lm.json").write_text(json.dumps(lm))
+    data = json.loads(invoke("show", tmp_path / "lm.json", "--json").stdout)
+    assert data["undecided_steps"] == [2] and [s["decided"] for s in data["path"]].count(False) == 1
+    r = invoke("show", tmp_path / "lm.json")
+    assert r.exit_code == 0, r.stderr
+    squeezed = "".join(c for c in r.stdout if not c.isspace() and c not in "│┃")
+    assert "undecided:1.5SEoverlayer4" in squeezed  # the step's row in the path table
+    assert "1 of 4 steps undecided: more calibration sequences would separate these layers" in " ".join(r.stdout.split())

@@ -168,3 +168,14 @@ def test_plots_are_byte_stable_and_leave_no_temp_files(tmp_path):
     old = tmp_path / "old"
     old.mkdir()
     assert [p.name for p in calibration_plots(_layer_map(uniform=False), old)] == [LOSS_PLOT, PATTERN_PLOT]
+
+
+def test_loss_plot_marks_undecided_steps(tmp_path):
+    from indexcache_calib.plots import loss_plot
+
+    decided, undecided = _layer_map(), _layer_map()
+    undecided["path"][2]["decided"] = False
+    a, b = loss_plot(decided, tmp_path / "a.png"), loss_plot(undecided, tmp_path / "b.png")
+    assert_png(b)
+    assert a.read_bytes() != b.read_bytes()
+    assert loss_plot(undecided, tmp_path / "c.png").read_bytes() == b.read_bytes()

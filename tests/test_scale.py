@@ -103,6 +103,14 @@ def test_dry_run_loads_no_weights_and_counts_the_naive_work(glm_dir, tmp_path):
                                 "--num-samples", "4", "--num-full", "2", "--search", "exact", "--dry-run", "--json"])
     work = json.loads(exact.stdout)["work"]
     assert work["patterns"] == 15 and work["layer_forwards_typical"] < plan["work"]["layer_forwards"]
+    # Every search's work side by side, in tokens through decoder layers.
+    by = plan["work_by_search"]
+    assert by["naive"] == {"layer_forwards": 15 * 6 * 4, "tokens": 15 * 6 * 4 * 48, "estimate": "exact"}
+    assert by["race"]["tokens"] == by["exact"]["tokens"]  # 4 sequences: nothing to race
+    many = runner.invoke(app, ["calibrate", "--model", str(cfg_only), "--data", "x", "--seq-len", "48",
+                               "--num-samples", "64", "--num-full", "2", "--dry-run", "--json"])
+    by = json.loads(many.stdout)["work_by_search"]
+    assert by["race"]["tokens"] < by["exact"]["tokens"] < by["naive"]["tokens"]
     chunked = runner.invoke(app, ["calibrate", "--model", str(cfg_only), "--data", "x", "--seq-len", "48",
                                   "--num-full", "2", "--indexer-chunk", "12", "--dry-run", "--json"])
     assert json.loads(chunked.stdout)["indexer_peak_per_layer"] * 4 == plan["indexer_peak_per_layer"]

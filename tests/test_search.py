@@ -1,11 +1,13 @@
 """The greedy search against fake evaluators whose answers are known."""
 
 import itertools
+import math
 
 import pytest
 
-from indexcache_calib.pattern import FULL, full_layers
-from indexcache_calib.search import Score, Step, candidates, greedy_search, path
+from indexcache_calib.pattern import FULL, flip, full_layers
+from indexcache_calib.search import Race, Score, Step, candidates, confidence, greedy_search, path, race_order, race_rounds
+from indexcache_calib.stats import mean_se, t_quantile
 
 
 class Additive:
@@ -121,3 +123,213 @@ def test_candidates():
     assert candidates("FFSFS") == [1, 3]
     assert candidates("FFSFS", frozenset({3})) == [1]
     assert FULL == "F"
+
+
+# -- the fast search where sharing a layer lowers other layers' deltas ------------------------------
+
+class FallingDeltas(Additive):
+    """Every pair of shared layers lowers the loss by `fall`: each step lowers every remaining candidate's
+    delta by the same amount, so a delta last measured k steps ago overstates the present one by k x fall."""
+
+    def __init__(self, costs, fall):
+        super().__init__(costs)
+        self.fall = fall
+
+    def loss(self, pattern):
+        k = pattern.count("S")
+        return super().loss(pattern) - self.fall * k * (k - 1) / 2
+
+
+@pytest.mark.parametrize("costs,fall", [
+    ([0, 0.2, 0.73, 0.69, 0.95, 0.34, 0.33, 0.76, 0.69, 0.37], 0.07),
+    ([0, 0.97, 0.11, 0.76, 0.24, 0.99, 0.12, 0.89, 0.71, 0.87], 0.1),
+    ([0, 0.74, 0.86, 0.26, 1.0, 0.27, 0.7, 0.18, 0.78, 0.24], 0.07),
+])
+def test_fast_search_rescores_stale_deltas_that_may_have_fallen(costs, fall):
+    # Trusting stale deltas picks another layer than Algorithm 1 on each of these (checked when they were
+    # chosen): a candidate last scored several steps ago looks worse than it now is.
+    naive, fast = FallingDeltas(costs, fall), FallingDeltas(costs, fall)
+    _, s_naive = greedy_search("F" * 10, 2, naive, search="naive")
+    _, s_fast = greedy_search("F" * 10, 2, fast, search="fast")
+    assert [s.chosen for s in s_fast] == [s.chosen for s in s_naive]
+    assert len(fast.scored) < len(naive.scored)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_fast_search_matches_naive_whenever_deltas_fall_alike(seed):
+    import random
+
+    rng = random.Random(seed)
+    costs, fall = [0] + [rng.uniform(0.1, 1.0) for _ in range(11)], rng.uniform(0, 0.1)
+    _, s_naive = greedy_search("F" * 12, 2, FallingDeltas(costs, fall), search="naive")
+    _, s_fast = greedy_search("F" * 12, 2, FallingDeltas(costs, fall), search="fast")
+    assert [s.chosen for s in s_fast] == [s.chosen for s in s_naive]
+
+
+class Drifting:
+    """Per-sequence losses where every pair of shared layers moves each sequence's loss by its own small
+    amount: deltas drift from step to step, by different amounts for different layers and sequences,
+    and most candidates are within a few standard errors of each other (like the 48-layer model)."""
+
+    def __init__(self, costs, num_sequences, seed):
+        import random
+
+        rng = random.Random(seed)
+        n = len(costs)
+        self.costs, self.num_sequences, self.scored = costs, num_sequences, 0
+        self.wobble = [[0.02 * rng.gauss(0, 1) for _ in range(num_sequences)] for _ in range(n)]
+        self.pair = {(a, b): [0.01 * rng.gauss(0, 1) for _ in range(num_sequences)] for a in range(n) for b in range(a + 1, n)}
+
+    def seq_loss(self, pattern, j):
+        shared = [i for i, c in enumerate(pattern) if c == "S"]
+        own = sum(self.costs[i] + self.wobble[i][j] for i in shared)
+        return 1.0 + own + sum(self.pair[(a, b)][j] for x, a in enumerate(shared) for b in shared[x + 1:])
+
+    def set_base(self, pattern):
+        losses = [self.seq_loss(pattern, j) for j in range(self.num_sequences)]
+        return Score(math.fsum(losses) / len(losses), losses)
+
+    def score(self, pattern):
+        self.scored += 1
+        return self.set_base(pattern)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_fast_search_rescores_candidates_the_sequences_cannot_tell_from_the_best(seed):
+    # Trusting stale deltas (even lowered by the largest fall seen) forks from Algorithm 1 on most of these
+    # draws (checked when they were written); re-scoring whatever is within one paired SE of the best does not.
+    import random
+
+    costs = [0] + [random.Random(seed).uniform(0.0, 0.05) for _ in range(13)]
+    naive, fast = Drifting(costs, 8, seed), Drifting(costs, 8, seed)
+    _, s_naive = greedy_search("F" * 14, 2, naive, search="naive")
+    _, s_fast = greedy_search("F" * 14, 2, fast, search="fast")
+    assert [s.chosen for s in s_fast] == [s.chosen for s in s_naive]
+    assert fast.scored < naive.scored
+
+
+# -- per-step confidence -------------------------------------------------------------------------------
+
+def test_confidence_names_the_candidate_beaten_by_the_fewest_standard_errors():
+    chosen = Score(1.0, [1.0, 1.0, 1.0, 1.0])
+    steady = Score(1.15, [1.1, 1.2, 1.1, 1.2])  # gap 0.15, SE 0.0289: 5.2 SE
+    noisy = Score(1.05, [1.0, 1.2, 0.9, 1.1])  # gap 0.05, SE 0.0645: 0.77 SE
+    c = confidence({3: chosen, 5: steady, 7: noisy}, 3)
+    assert c.runner_up == 7 and c.sequences == 4 and not c.decided
+    assert c.gap == pytest.approx(0.05) and c.se == pytest.approx(0.0645497, rel=1e-5)
+    c = confidence({3: chosen, 5: steady}, 3)
+    assert c.runner_up == 5 and c.decided and c.z == pytest.approx(0.15 / 0.0288675, rel=1e-5)
+    # Only the sequences both were scored on are compared (a race's dropped candidate).
+    partial = Score(1.3, [1.3, 1.3], sequences=[2, 0])
+    c = confidence({3: chosen, 9: partial}, 3)
+    assert (c.runner_up, c.sequences, c.gap, c.se) == (9, 2, pytest.approx(0.3), 0.0) and c.decided
+    assert confidence({3: chosen}, 3).decided  # nothing else to choose
+
+
+def test_t_quantiles_and_the_finite_population_standard_error():
+    assert t_quantile(0.025, 3) == pytest.approx(3.182446, rel=1e-6)
+    assert t_quantile(0.005, 10) == pytest.approx(3.169273, rel=1e-6)
+    assert t_quantile(0.001, 30) == pytest.approx(3.385185, rel=1e-6)
+    d = [0.1, 0.3, 0.2, 0.4]
+    assert mean_se(d)[1] == pytest.approx(0.0645497, rel=1e-5)
+    assert mean_se(d, population=4)[1] == 0.0  # every value seen: the mean is known
+    assert mean_se(d, population=8)[1] == pytest.approx(0.0645497 * (4 / 7) ** 0.5, rel=1e-5)
+
+
+# -- racing over calibration sequences -----------------------------------------------------------------
+
+class Noisy:
+    """Per-sequence losses: a shared layer i costs costs[i] plus a wobble of size `noise` that differs by
+    sequence (fixed by the seed). Scores whole or on some batches, counting sequences scored."""
+
+    def __init__(self, costs, num_sequences, noise, seed=0, batch_size=1):
+        import random
+
+        rng = random.Random(seed)
+        self.costs, self.batch_size = costs, batch_size
+        self.wobble = [[noise * rng.gauss(0, 1) for _ in range(num_sequences)] for _ in costs]
+        self.num_sequences = num_sequences
+        self.num_batches = -(-num_sequences // batch_size)
+        self.sequences_scored = 0
+
+    def seq_loss(self, pattern, j):
+        return 1.0 + sum(self.costs[i] + self.wobble[i][j] for i, c in enumerate(pattern) if c == "S")
+
+    def _score(self, pattern, ids):
+        losses = [self.seq_loss(pattern, j) for j in ids]
+        return Score(math.fsum(losses) / len(losses), losses)
+
+    def score(self, pattern, batches=None):
+        if batches is None:
+            ids = list(range(self.num_sequences))
+        else:
+            ids = [j for b in batches for j in range(b * self.batch_size, min((b + 1) * self.batch_size, self.num_sequences))]
+        self.sequences_scored += len(ids)
+        return self._score(pattern, ids)
+
+    def set_base(self, pattern):
+        return self._score(pattern, list(range(self.num_sequences)))
+
+
+def test_race_takes_algorithm_1s_decisions_for_a_fraction_of_the_sequences():
+    costs = [0, 0.05, 0.30, 0.10, 0.60, 0.20, 0.45, 0.15, 0.80, 0.35]
+    naive, raced = Noisy(costs, 64, 0.02), Noisy(costs, 64, 0.02)
+    _, s_naive = greedy_search("F" * 10, 2, naive, search="naive")
+    _, s_race = greedy_search("F" * 10, 2, raced, search="race")
+    assert all(s.confidence.decided for s in s_naive)
+    assert [s.chosen for s in s_race] == [s.chosen for s in s_naive]
+    assert raced.sequences_scored < 0.5 * naive.sequences_scored
+    for r, n in zip(s_race, s_naive):
+        # The winner is scored on every sequence, exactly as Algorithm 1 scores it; losers on fewer.
+        assert r.scores[r.chosen] == n.scores[n.chosen] and r.loss == n.loss
+        dropped = [c for c, sc in r.scores.items() if sc.sequences is not None]
+        assert dropped and all(len(r.scores[c].seq_losses) < 64 for c in dropped)
+        order = race_order(64)
+        for c in dropped:  # a dropped candidate saw a prefix of the race order, and those losses are exact
+            ids = r.scores[c].sequences
+            assert sorted(order[: len(ids)]) == ids
+            assert r.scores[c].seq_losses == [naive.seq_loss(flip(r.base, c), j) for j in ids]
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_race_matches_algorithm_1_on_every_decided_step_of_a_noisy_search(seed):
+    import random
+
+    rng = random.Random(seed)
+    costs = [0] + [rng.uniform(0.0, 0.2) for _ in range(9)]
+    _, s_naive = greedy_search("F" * 10, 2, Noisy(costs, 48, 0.05, seed), search="naive")
+    _, s_race = greedy_search("F" * 10, 2, Noisy(costs, 48, 0.05, seed), search="race")
+    for r, n in zip(s_race, s_naive):
+        if n.confidence.decided:
+            assert r.chosen == n.chosen
+        if r.chosen != n.chosen:
+            break  # the paths part at a step no number of these sequences decides
+
+
+def test_race_in_batches_maps_every_loss_to_its_sequence():
+    costs = [0, 0.05, 0.30, 0.10, 0.60, 0.20]
+    ev = Noisy(costs, 21, 0.05, batch_size=4)  # 6 batches, the last holding one sequence
+    _, steps = greedy_search("F" * 6, 2, ev, search="race", race=Race(first=8))
+    for s in steps:
+        for c, sc in s.scores.items():
+            assert sc.seq_losses == [ev.seq_loss(flip(s.base, c), j) for j in sorted(sc.by_sequence())]
+
+
+def test_race_resumes_from_recorded_steps():
+    costs = [0, 0.05, 0.30, 0.10, 0.60, 0.20, 0.45, 0.15]
+    whole = Noisy(costs, 32, 0.05)
+    _, all_steps = greedy_search("F" * 8, 2, whole, search="race")
+    replayed = [Step.from_json(s.to_json()) for s in all_steps[:3]]
+    resumed = Noisy(costs, 32, 0.05)
+    _, steps = greedy_search("F" * 8, 2, resumed, search="race", done=replayed)
+    assert [s.to_json() for s in steps] == [s.to_json() for s in all_steps]
+    assert resumed.sequences_scored < whole.sequences_scored
+
+
+def test_race_rounds_double_and_the_order_is_fixed():
+    assert race_rounds(64, 4) == [4, 8, 16, 32, 64]
+    assert race_rounds(10, 4) == [4, 8, 10]
+    assert race_rounds(4, 4) == [4]
+    assert race_order(16) == race_order(16) and sorted(race_order(16)) == list(range(16))
+    with pytest.raises(ValueError):
+        Race(first=1)
