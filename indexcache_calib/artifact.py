@@ -114,9 +114,10 @@ TRACE_COLUMNS = [
 ]
 
 
-def trace_rows(baseline_loss: float, steps: list[Step]) -> list[dict]:
-    """One row per (step, candidate). `sequences` is how many calibration sequences scored the candidate
-    (fewer than all where a race dropped it); `gap_vs_chosen` is its loss minus the chosen candidate's,
+def trace_rows(baseline_loss: float, steps: list[Step], positions: list[int] | None = None) -> list[dict]:
+    """One row per (step, candidate), the candidate named by its decoder layer (`positions` maps pattern
+    positions to decoder layers; default: the same). `sequences` is how many calibration sequences scored
+    the candidate (fewer than all where a race dropped it); `gap_vs_chosen` is its loss minus the chosen candidate's,
     paired over the sequences both were scored on, with its standard error `gap_se`; `runner_up` marks
     the candidate the choice beats by the fewest standard errors, and `decided` whether it beats it by
     at least two."""
@@ -131,7 +132,7 @@ def trace_rows(baseline_loss: float, steps: list[Step]) -> list[dict]:
             rows.append({
                 "step": s.step,
                 "num_full_after": s.pattern.count("F"),
-                "candidate": layer,
+                "candidate": layer if positions is None else positions[layer],
                 "loss": sc.loss,
                 "delta_vs_all_full": sc.loss - baseline_loss,
                 "delta_vs_step_base": sc.loss - s.base_loss,
@@ -147,10 +148,10 @@ def trace_rows(baseline_loss: float, steps: list[Step]) -> list[dict]:
     return rows
 
 
-def write_trace(path: Path, baseline_loss: float, steps: list[Step]) -> None:
+def write_trace(path: Path, baseline_loss: float, steps: list[Step], positions: list[int] | None = None) -> None:
     import pandas as pd
 
-    frame = pd.DataFrame(trace_rows(baseline_loss, steps), columns=TRACE_COLUMNS)
+    frame = pd.DataFrame(trace_rows(baseline_loss, steps, positions), columns=TRACE_COLUMNS)
     atomic_write(path, frame.to_csv(index=False, float_format="%.9g", lineterminator="\n"))
 
 

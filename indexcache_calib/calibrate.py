@@ -455,7 +455,7 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
             "fingerprint": fp, "baseline_loss": baseline[0].loss if baseline else None,
             "steps": [s.to_json() for s in steps],
         })
-        art.write_trace(run_dir / art.TRACE, baseline[0].loss, steps)
+        art.write_trace(run_dir / art.TRACE, baseline[0].loss, steps, prep.layout.positions)
 
     all_steps = list(done)
 
@@ -539,7 +539,7 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
             "final": final_score.loss,
             "delta": final_score.loss - all_full_loss,
         },
-        "path": path(start, base_score.loss, steps),
+        "path": path(start, base_score.loss, steps, positions),
         "uniform": uniform,
         "engines": engine_args(family, final, positions, layout.num_layers),
         "consumers": consumer_keys(family, final, positions, layout.num_layers, composite),

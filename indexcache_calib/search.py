@@ -395,14 +395,16 @@ def paired(a: Score, b: Score) -> tuple[float, float | None]:
     return mean_se(paired_differences(a.by_sequence(), b.by_sequence()))
 
 
-def path(start: str, start_loss: float, steps: list[Step]) -> list[dict]:
+def path(start: str, start_loss: float, steps: list[Step], positions: list[int] | None = None) -> list[dict]:
     """The committed pattern after every step: one pattern per number of full layers, nested F-sets,
-    with how surely each step's choice beat the runner-up."""
+    with how surely each step's choice beat the runner-up (both named by decoder layer: `positions` maps
+    pattern positions to decoder layers; default: the same)."""
+    layer = (lambda p: p) if positions is None else (lambda p: None if p is None else positions[p])
     rows = [{"num_full": start.count(FULL), "pattern": start, "loss": start_loss, "step": 0}]
     for s in steps:
         c = s.confidence
         rows.append({
             "num_full": s.pattern.count(FULL), "pattern": s.pattern, "loss": s.loss, "step": s.step,
-            "chosen": s.chosen, "runner_up": c.runner_up, "gap": c.gap, "gap_se": c.se, "decided": c.decided,
+            "chosen": layer(s.chosen), "runner_up": layer(c.runner_up), "gap": c.gap, "gap_se": c.se, "decided": c.decided,
         })
     return rows

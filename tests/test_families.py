@@ -5,6 +5,7 @@ and calibrate, export and validate run end to end."""
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 from conftest import one_error_line
@@ -257,6 +258,10 @@ def test_deepseek_v4_pattern_covers_only_its_compressed_sparse_layers(tmp_path):
     write_docs(tmp_path / "data.jsonl")
     lm = _calibrate(path, tmp_path / "run")
     assert lm["positions"] == [1, 3, 5] and len(lm["pattern"]) == 3 and lm["pattern"][0] == "F"
+    # The search's choices are named by decoder layer, in the path and in the trace alike.
+    trace = pd.read_csv(tmp_path / "run" / "search_trace.csv")
+    assert set(trace["candidate"]) == {3, 5} and lm["path"][1]["chosen"] in (3, 5)
+    assert trace.loc[trace["chosen"], "candidate"].tolist() == [s["chosen"] for s in lm["path"][1:]]
     r = runner.invoke(app, ["export", str(tmp_path / "run"), "--engine", "vllm", "--json"])
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["overrides"] == {"index_topk_pattern": lm["pattern"], "use_index_cache": True}
