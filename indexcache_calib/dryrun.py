@@ -14,10 +14,14 @@ def size_str(n: float) -> str:
     return f"{int(n)} B"
 
 
-# A race's typical step, as measured on tiny-dsa with 64 calibration sequences of 512 tokens (bench race):
-# a dropped candidate used 14 sequences on average, 2.6 candidates per step ran through every sequence
-# (the winner and its near-ties), and the winner's whole score repeated 0.6 of a candidate's full run.
-# Estimates only: how many candidates tie depends on the model and the data.
+# Typical counts, measured on the embedded models; estimates only, since how many candidates are in
+# doubt or tie depends on the model and the data.
+# The fast search's steps after its first sweep re-score this share of the candidates exact would: 0.43-0.59
+# with 4 to 64 calibration sequences (bench draws, bench race).
+FAST_RESCORED = 0.5
+# A race's typical step, on tiny-dsa with 64 calibration sequences of 512 tokens (bench race): a dropped
+# candidate used 14 sequences on average, 2.6 candidates per step ran through every sequence (the winner
+# and its near-ties), and the winner's whole score repeated 0.6 of a candidate's full run.
 RACE_DROPPED_SEQUENCES = 14
 RACE_FINALISTS = 2.6
 RACE_WINNER_REPEAT = 0.6
@@ -27,9 +31,9 @@ def search_work(num_layers: int, fixed: frozenset[int], num_full: int, search: s
                 positions: list[int] | None = None, race_first: int = 4) -> dict:
     """Patterns scored and decoder-layer forwards (per sequence x samples). Exact for naive. For the
     others, an upper bound and a typical count, since how far each candidate runs, and how many are
-    re-scored or raced to the end, depends on the scores: fast sweeps once, then typically re-scores 4
-    candidates per step; race typically drops all but RACE_FINALISTS candidates per step after
-    RACE_DROPPED_SEQUENCES sequences.
+    re-scored or raced to the end, depends on the scores: fast sweeps once, then typically re-scores
+    FAST_RESCORED of each step's candidates; race typically drops all but RACE_FINALISTS candidates per
+    step after RACE_DROPPED_SEQUENCES sequences.
     `positions`: the decoder layer of each pattern position (default: every layer); `fixed` are positions."""
     positions = list(range(num_layers)) if positions is None else positions
     cands = [positions[p] for p in range(1, len(positions)) if p not in fixed]
@@ -56,7 +60,9 @@ def search_work(num_layers: int, fixed: frozenset[int], num_full: int, search: s
         return {"patterns_at_most": 1 + naive_patterns + steps,
                 "layer_forwards_at_most": int((upper + mean_tail * steps) * samples),
                 "layer_forwards_typical": int(min(typical, (upper + mean_tail * steps) * samples))}
-    typical = num_layers + sweep + (min(4, len(cands)) * mean_tail + mean_tail) * max(0, steps - 1)
+    # fast: one full sweep, then a share of each step's candidates re-scored (those whose stale delta
+    # could still win, see search._lazy).
+    typical = num_layers + sweep + mean_tail * (FAST_RESCORED * (naive_patterns - len(cands)) + max(0, steps - 1))
     return {
         "patterns_at_most": 1 + naive_patterns,
         "layer_forwards_at_most": int(upper * samples),
