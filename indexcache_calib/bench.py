@@ -433,8 +433,25 @@ def bench_race(args) -> None:
     fast, race = result["searches"]["fast"], result["searches"]["race"]
     result["race_vs_fast_tokens"] = race["tokens"] / fast["tokens"]
     result["race_vs_fast_wall"] = race["wall_s"] / fast["wall_s"]
+    result["race_settings"] = race_settings(ref, n, fast["layer_forwards"])
     _save("race", result)
     print_race(result)
+
+
+RACE_SETTINGS = [(alpha, first) for alpha in (0.05, 0.2, 0.4) for first in (2, 4, 8)]
+
+
+def race_settings(ref: dict, num_layers: int, fast_layer_forwards: int) -> list[dict]:
+    """The race replayed on exact's recorded trace at other settings (--race-alpha, --race-first): how its
+    cost moves with the error bound. A replay stays valid while the race keeps exact's choices."""
+    from indexcache_calib.search import Race
+
+    rows = []
+    for alpha, first in RACE_SETTINGS:
+        r = replay(ref, num_layers, "race", race=Race(alpha, first))
+        rows.append({"alpha": alpha, "first": first, "left_exact_path_at": r["left_path_at"],
+                     "vs_exact": r["layer_forwards"] / ref["layer_forwards"], "vs_fast": r["layer_forwards"] / fast_layer_forwards})
+    return rows
 
 
 def print_race(r: dict) -> None:
@@ -451,6 +468,11 @@ def print_race(r: dict) -> None:
         print(f"| {name} | {s['tokens']:,} | {s['vs_exact']:.3f} | {s['candidates_scored']} | {s['candidates_on_every_sequence']} | "
               f"{s['wall_s']:.0f} s | {same} | {gaps} | {fork} | {'yes' if s['meets_bar'] else 'NO'} |")
     print(f"race / fast: {r['race_vs_fast_tokens']:.3f} of the tokens, {r['race_vs_fast_wall']:.3f} of the wall time (target: at most 1/3 of the tokens)")
+    print("\nThe race replayed on exact's trace at other settings (layer-forwards; 'left' is the first step where it chose otherwise)")
+    print("| --race-alpha | --race-first | vs exact | vs fast | left exact's path |")
+    print("|---|---|---|---|---|")
+    for row in r.get("race_settings", []):
+        print(f"| {row['alpha']} | {row['first']} | {row['vs_exact']:.3f} | {row['vs_fast']:.3f} | {row['left_exact_path_at'] or 'never'} |")
 
 
 # -- projection ------------------------------------------------------------------------------------

@@ -333,3 +333,24 @@ def test_race_rounds_double_and_the_order_is_fixed():
     assert race_order(16) == race_order(16) and sorted(race_order(16)) == list(range(16))
     with pytest.raises(ValueError):
         Race(first=1)
+
+
+def test_a_search_replayed_on_a_recorded_exact_trace_makes_the_same_decisions_and_counts_its_work():
+    """bench replays searches on exact's recorded trace (per-sequence losses of every candidate of every
+    step); the replay must decide as the search does live, and charge each candidate from its own layer."""
+    from dataclasses import asdict
+
+    from indexcache_calib.bench import replay
+
+    costs = [0, 0.05, 0.30, 0.10, 0.60, 0.20, 0.45, 0.15, 0.80, 0.35]
+    base, steps = greedy_search("F" * 10, 2, Noisy(costs, 64, 0.02), search="exact")
+    trace = {"base": asdict(base), "steps": [s.to_json() for s in steps], "floor": 2}
+    for search, opts in (("exact", {}), ("fast", {}), ("race", {"race": Race(0.05, 4)})):
+        live_ev = Noisy(costs, 64, 0.02)
+        _, live = greedy_search("F" * 10, 2, live_ev, search=search, **opts)
+        r = replay(trace, 10, search, **opts)
+        assert r["left_path_at"] is None and [s.chosen for s in r["steps"]] == [s.chosen for s in live]
+    # exact: every candidate of every step runs from its own layer to the last, on all 64 sequences.
+    runs = sum(10 - c for s in steps for c in s.scores)
+    assert replay(trace, 10, "exact")["layer_forwards"] >= runs * 64
+    assert replay(trace, 10, "race", race=Race(0.05, 4))["layer_forwards"] < replay(trace, 10, "exact")["layer_forwards"]
