@@ -392,6 +392,18 @@ def print_draws(spec: str, samples_list, seq: int, seeds) -> None:
             print(f"| {r['sequences']} | {r['seed']} | {len(r['exact_undecided_steps'])} of {r['exact_steps']} | {name} | "
                   f"{s['vs_exact']:.3f} | {s['vs_naive']:.3f} | {same} | {cells} | {fork} | {'yes' if s['meets_bar'] else 'NO'} |")
     names = sorted({name for r in rows for name in r["searches"]})
+    print(f"\n{spec}, summary: every search against exact, per number of calibration sequences")
+    print("| sequences | search | draws | same F-set at 1/2, 1/4 and 1/8 | meets the bar | layer-forwards vs exact (min-max) | vs naive (min-max) |")
+    print("|---|---|---|---|---|---|---|")
+    for samples in samples_list:
+        for name in names:
+            runs = [r["searches"][name] for r in rows if r["sequences"] == samples and name in r["searches"]]
+            if not runs:
+                continue
+            same = sum(all(row["identical"] for row in s["ratios"].values()) for s in runs)
+            ex, nv = [s["vs_exact"] for s in runs], [s["vs_naive"] for s in runs]
+            print(f"| {samples} | {name} | {len(runs)} | {same} of {len(runs)} | {sum(s['meets_bar'] for s in runs)} of {len(runs)} | "
+                  f"{min(ex):.2f}-{max(ex):.2f} | {min(nv):.2f}-{max(nv):.2f} |")
     for name in names:
         runs = [r["searches"][name] for r in rows if name in r["searches"]]
         met = sum(s["meets_bar"] for s in runs)
