@@ -57,6 +57,24 @@ def write_json(path: Path, obj) -> None:
     atomic_write(path, dumps(obj))
 
 
+def _short(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 16 else text[:12] + "..."
+
+
+def changed_settings(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """What differs between two fingerprints, as sorted dotted keys with old and new values:
+    `settings.lr (0.001 -> 0.01)`."""
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_settings(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k} ({_short(a)} -> {_short(b)})")
+    return out
+
+
 def default_run_name(model_spec: str, data_path: str, target_label: str) -> str:
     model = Path(model_spec.rstrip("/")).name or model_spec
     data = Path(data_path).stem

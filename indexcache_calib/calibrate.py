@@ -328,7 +328,7 @@ def read_checkpoint(run_dir: Path) -> dict:
 
 def check_fingerprint(run_dir: Path, saved: dict, fp: dict) -> None:
     if saved != fp:
-        changed = sorted(_diff(saved, fp))
+        changed = art.changed_settings(saved, fp)
         raise CalibError(
             f"cannot resume {run_dir}: {'; '.join(changed)} changed since the checkpoint was written",
             hint="resume with the same model, data and settings, or start again with --overwrite",
@@ -341,22 +341,6 @@ def check_resume_settings(run_dir: Path, saved: dict, opts: Options, config_sha:
     early = {k: saved.get(k) for k in ("settings", "tool_version", "config_sha256")}
     now = {"settings": opts.fingerprint_fields(), "tool_version": __version__, "config_sha256": config_sha}
     check_fingerprint(run_dir, early, now)
-
-
-def _short(value) -> str:
-    text = value if isinstance(value, str) else json.dumps(value)
-    return text if len(text) <= 16 else text[:12] + "..."
-
-
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _diff(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            out.append(f"{prefix}{k} ({_short(va)} -> {_short(vb)})")
-    return out
 
 
 def versions() -> dict:

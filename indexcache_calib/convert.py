@@ -67,25 +67,13 @@ def read_source_config(spec: str) -> tuple[object, Path, dict]:
     """(ModelSource, directory, raw config.json) of a local glm4_moe_lite checkpoint; refuses anything else."""
     from indexcache_calib import model as mdl
 
-    source = mdl.resolve(spec)
-    path = mdl.config_path(source)
-    if path is None:
-        if source.is_local:
-            raise CalibError(f"{source.location} is not a model directory (no config.json)")
-        raise CalibError(f"model {source.location!r} is not in the local Hugging Face cache",
-                         hint=f"download it first (hf download {source.location}) or pass a local checkpoint directory")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CalibError(f"cannot read {path}: {e}")
-    if not isinstance(raw, dict):
-        raise CalibError(f"{path} is not a JSON object")
+    source, directory, raw = mdl.read_config_json(spec)
     model_type = raw.get("model_type", "?")
     if model_type != SOURCE_TYPE:
         already = " It already has lightning indexers: calibrate or distill it directly." if "index_topk" in raw else ""
         raise CalibError(f"dsa-convert converts {SOURCE_TYPE} checkpoints (GLM-4.7-Flash); {spec} is model_type {model_type}.{already}",
                          hint="pass a glm4_moe_lite checkpoint directory or the glm-4.7-flash alias")
-    return source, path.parent, raw
+    return source, directory, raw
 
 
 def dsa_config(raw: dict, index_topk: int, index_heads: int, index_head_dim: int):

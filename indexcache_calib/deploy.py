@@ -145,23 +145,11 @@ class ModelInfo:
 
 def read_model(spec: str) -> ModelInfo:
     """The model's config and its weight names; no weights are loaded."""
-    source = mdl.resolve(spec)
-    path = mdl.config_path(source)
-    if path is None:
-        if source.is_local:
-            raise CalibError(f"{source.location} is not a model directory (no config.json)")
-        raise CalibError(f"model {source.location!r} is not in the local Hugging Face cache",
-                         hint=f"download it first (hf download {source.location}) or pass a local checkpoint directory")
+    source, directory, config = mdl.read_config_json(spec)
     try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CalibError(f"cannot read {path}: {e}")
-    if not isinstance(config, dict):
-        raise CalibError(f"{path} is not a JSON object")
-    try:
-        return ModelInfo(spec, path.parent, config, mdl.inspect_checkpoint(source))
+        return ModelInfo(spec, directory, config, mdl.inspect_checkpoint(source))
     except CalibError as e:
-        return ModelInfo(spec, path.parent, config, None, e.message)
+        return ModelInfo(spec, directory, config, None, e.message)
 
 
 # -- validate --------------------------------------------------------------------------------------

@@ -189,22 +189,10 @@ def distill(opts: DistillOptions, hooks: tl.Hooks = tl.Hooks(), warn=lambda t: N
 def _read(spec: str):
     from indexcache_calib import model as mdl
 
-    source = mdl.resolve(spec)
-    path = mdl.config_path(source)
-    if path is None:
-        if source.is_local:
-            raise CalibError(f"{source.location} is not a model directory (no config.json)")
-        raise CalibError(f"model {source.location!r} is not in the local Hugging Face cache",
-                         hint=f"download it first (hf download {source.location}) or pass a local checkpoint directory")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CalibError(f"cannot read {path}: {e}")
-    if not isinstance(raw, dict):
-        raise CalibError(f"{path} is not a JSON object")
+    source, directory, raw = mdl.read_config_json(spec)
     if raw.get("auto_map"):
         raise CalibError(f"{spec} ships its own model code (auto_map); distill runs transformers' own classes only")
-    return source, path.parent, raw
+    return source, directory, raw
 
 
 def load_with_pattern(directory: Path, config, sub, fam: Family, pattern: str, dtype: str, device_map: str):

@@ -96,6 +96,21 @@ def _raw_config(source: ModelSource) -> dict | None:
         raise CalibError(f"{path} is not valid JSON") from None
 
 
+def read_config_json(spec: str) -> tuple[ModelSource, Path, dict]:
+    """A checkpoint's config.json as written, before transformers reads it: (source, directory, dict)."""
+    source = resolve(spec)
+    path = config_path(source)
+    if path is None:
+        raise _not_found(source)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CalibError(f"cannot read {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise CalibError(f"{path} is not a JSON object")
+    return source, path.parent, raw
+
+
 def config_path(source: ModelSource) -> Path | None:
     if source.is_local:
         p = Path(source.location) / "config.json"

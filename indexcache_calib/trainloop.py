@@ -146,17 +146,6 @@ class Trained:
     batched_scores_max_diff: float | None = None
 
 
-def _mismatch(saved: dict, now: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(saved) | set(now)):
-        a, b = saved.get(key), now.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _mismatch(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}")
-    return out
-
-
 def check_resume(out: Path, fingerprint: dict) -> None:
     """Before anything is loaded: --resume needs a saved state made from the same inputs and settings."""
     path = out / STATE_DIR / STATE
@@ -181,7 +170,7 @@ def load_state(state_dir: Path, fingerprint: dict, tensors: bool = True) -> tupl
                 "wall_s": float(meta.get("wall_s", 0.0))}
     except (OSError, KeyError, ValueError) as e:
         raise CalibError(f"cannot read the training state {path}: {e}", hint="start again with --overwrite")
-    diff = _mismatch(saved, fingerprint)
+    diff = art.changed_settings(saved, fingerprint)
     if diff:
         raise CalibError(f"--resume refused: the run in {state_dir.parent} was started with other inputs or settings "
                          f"({', '.join(diff)})", hint="rerun with the original options, or --overwrite to start again",
