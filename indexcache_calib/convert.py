@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from indexcache_calib import trainloop as tl
-from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, CalibError
+from indexcache_calib.errors import CalibError
 from indexcache_calib.warmup import base_model, decoder_layers, dense, paired, sequence_losses, topk_mass, use_eager
 
 SOURCE_TYPE = "glm4_moe_lite"
@@ -207,11 +207,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- the command
 
 def convert(opts: ConvertOptions, hooks: tl.Hooks = tl.Hooks(), warn=lambda t: None) -> dict:
-    from transformers import AutoTokenizer
-
     from indexcache_calib.calibrate import versions
-    from indexcache_calib.data import file_sha256, tokens_sha256
-    from indexcache_calib.model import config_sha256
 
     t_start = time.time()
     source, src_dir, raw = read_source_config(opts.model)
@@ -221,53 +217,12 @@ def convert(opts: ConvertOptions, hooks: tl.Hooks = tl.Hooks(), warn=lambda t: N
     head_dim = opts.index_head_dim if opts.index_head_dim is not None else defaults["index_head_dim"]
     seq_len = opts.seq_len if opts.seq_len is not None else 2 * topk
     config = dsa_config(raw, topk, heads, head_dim)
-    check_numbers(opts, seq_len, topk, config)
-    out = Path(opts.out).expanduser()
-    tl.check_out(out, src_dir, opts.resume, opts.overwrite)
-    tl.source_weight_files(src_dir)  # safetensors present
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(src_dir), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise CalibError(f"cannot load the tokenizer of {opts.model}: {str(e).splitlines()[0]}")
-    windows = tl.training_windows(opts.data, tokenizer, seq_len, opts.text_field, warn)
-    eval_ids = None
-    if opts.eval_data:
-        eval_ids = tl.training_windows(opts.eval_data, tokenizer, seq_len, opts.text_field, warn)[: opts.eval_samples]
-    settings = tl.Settings(opts.steps, opts.batch_size, seq_len, opts.lr, opts.seed, opts.checkpoint_every)
-    fingerprint = {
-        "command": "dsa-convert", "source_config_sha256": config_sha256(source), "source_weights": tl.weights_fingerprint(src_dir),
-        "data_sha256": file_sha256(opts.data), "tokens_sha256": tokens_sha256(windows),
-        "settings": {k: v for k, v in tl.settings_dict(settings).items() if k != "checkpoint_every"},
-        "indexer": {"index_topk": topk, "index_n_heads": heads, "index_head_dim": head_dim}, "dtype": opts.dtype,
-    }
-    if opts.resume:
-        tl.check_resume(out, fingerprint)
-    existed = out.exists()
-    state_dir = tl.prepare_out(out, opts.resume, opts.overwrite)
-    try:
+    tl.check_numbers(opts, seq_len, topk, config)
+    out, windows, eval_ids, settings, fingerprint = tl.prepare_training(
+        "dsa-convert", opts, source, src_dir, seq_len, warn,
+        indexer={"index_topk": topk, "index_n_heads": heads, "index_head_dim": head_dim})
+    with tl.output_dir(out, opts.resume, opts.overwrite) as state_dir:
         return _run(opts, hooks, source, src_dir, config, windows, eval_ids, settings, fingerprint, state_dir, out, t_start, versions())
-    except (torch.OutOfMemoryError, MemoryError):
-        raise CalibError("out of memory", hint="lower --seq-len or --batch-size, or use a device with more memory",
-                         exit_code=EXIT_OUT_OF_MEMORY) from None
-    finally:
-        if not existed and not (state_dir / tl.STATE).is_file() and not tl.is_model_dir(out):
-            import shutil
-
-            shutil.rmtree(out, ignore_errors=True)
-
-
-def check_numbers(opts, seq_len: int, topk: int, config) -> None:
-    for name in ("steps", "batch_size", "checkpoint_every", "eval_samples"):
-        if getattr(opts, name) < 1:
-            raise CalibError(f"--{name.replace('_', '-')} must be at least 1")
-    if not opts.lr > 0:
-        raise CalibError("--lr must be positive")
-    if seq_len <= topk:
-        raise CalibError(f"--seq-len {seq_len} is not above index_topk {topk}: every key would be selected, so the "
-                         "indexer's choice would never matter", hint=f"use --seq-len of at least {2 * topk}, or a smaller --index-topk")
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if max_pos and seq_len > max_pos:
-        raise CalibError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_pos}")
 
 
 def _run(opts, hooks, source, src_dir, config, windows, eval_ids, settings, fingerprint, state_dir, out, t_start, versions):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from indexcache_calib import trainloop as tl
-from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, CalibError
+from indexcache_calib.errors import CalibError
 from indexcache_calib.pattern import FULL, SHARED, full_layers, indexer_types, uniform_pattern, validate_pattern
 from indexcache_calib.warmup import full_groups, indexer_param_names, paired, sequence_losses, use_eager
 
@@ -133,11 +133,7 @@ def _load_config(directory: Path, fam: Family):
 
 
 def distill(opts: DistillOptions, hooks: tl.Hooks = tl.Hooks(), warn=lambda t: None) -> dict:
-    from transformers import AutoTokenizer
-
     from indexcache_calib.calibrate import versions
-    from indexcache_calib.data import file_sha256, tokens_sha256
-    from indexcache_calib.model import config_sha256
 
     t_start = time.time()
     source, src_dir, raw = _read(opts.model)
@@ -149,41 +145,12 @@ def distill(opts: DistillOptions, hooks: tl.Hooks = tl.Hooks(), warn=lambda t: N
     pattern, origin = read_pattern(opts, n, fixed)
     topk = int(sub.index_topk)
     seq_len = opts.seq_len if opts.seq_len is not None else 2 * topk
-    from indexcache_calib.convert import check_numbers
-
-    check_numbers(opts, seq_len, topk, sub)
-    out = Path(opts.out).expanduser()
-    tl.check_out(out, src_dir, opts.resume, opts.overwrite)
-    tl.source_weight_files(src_dir)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(src_dir), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise CalibError(f"cannot load the tokenizer of {opts.model}: {str(e).splitlines()[0]}")
-    windows = tl.training_windows(opts.data, tokenizer, seq_len, opts.text_field, warn)
-    eval_ids = None
-    if opts.eval_data:
-        eval_ids = tl.training_windows(opts.eval_data, tokenizer, seq_len, opts.text_field, warn)[: opts.eval_samples]
-    settings = tl.Settings(opts.steps, opts.batch_size, seq_len, opts.lr, opts.seed, opts.checkpoint_every)
-    fingerprint = {
-        "command": "distill", "source_config_sha256": config_sha256(source), "source_weights": tl.weights_fingerprint(src_dir),
-        "data_sha256": file_sha256(opts.data), "tokens_sha256": tokens_sha256(windows), "pattern": pattern,
-        "settings": {k: v for k, v in tl.settings_dict(settings).items() if k != "checkpoint_every"}, "dtype": opts.dtype,
-    }
-    if opts.resume:
-        tl.check_resume(out, fingerprint)
-    existed = out.exists()
-    state_dir = tl.prepare_out(out, opts.resume, opts.overwrite)
-    try:
+    tl.check_numbers(opts, seq_len, topk, sub)
+    out, windows, eval_ids, settings, fingerprint = tl.prepare_training("distill", opts, source, src_dir, seq_len, warn,
+                                                                        pattern=pattern)
+    with tl.output_dir(out, opts.resume, opts.overwrite) as state_dir:
         return _run(opts, hooks, src_dir, raw, fam, model_type, config, sub, pattern, origin, windows, eval_ids, settings,
                     fingerprint, state_dir, out, t_start, versions())
-    except (torch.OutOfMemoryError, MemoryError):
-        raise CalibError("out of memory", hint="lower --seq-len or --batch-size, or use a device with more memory",
-                         exit_code=EXIT_OUT_OF_MEMORY) from None
-    finally:
-        if not existed and not (state_dir / tl.STATE).is_file() and not tl.is_model_dir(out):
-            import shutil
-
-            shutil.rmtree(out, ignore_errors=True)
 
 
 def _read(spec: str):

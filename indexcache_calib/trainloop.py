@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Callable
 import torch
 
 from indexcache_calib import artifact as art
-from indexcache_calib.errors import EXIT_RESUME_MISMATCH, CalibError
+from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, EXIT_RESUME_MISMATCH, CalibError
 from indexcache_calib.warmup import IndexerOptimizer, freeze_all_but, indexer_param_names, indexer_step, lr_at
 
 STATE_DIR = ".indexcache-train"  # inside --out while training; removed once the model is written
@@ -102,6 +103,70 @@ def prepare_out(out: Path, resume: bool, overwrite: bool) -> Path:
     except OSError as e:
         raise CalibError(f"cannot write to output directory {out}: {e.strerror or e}")
     return out / STATE_DIR
+
+
+@contextmanager
+def output_dir(out: Path, resume: bool, overwrite: bool):
+    """Create --out (after `check_out`) for the body, which gets the state directory; out of memory becomes
+    one line, and a directory this run created is removed unless it holds a state or a finished model."""
+    existed = out.exists()
+    state_dir = prepare_out(out, resume, overwrite)
+    try:
+        yield state_dir
+    except (torch.OutOfMemoryError, MemoryError):
+        raise CalibError("out of memory", hint="lower --seq-len or --batch-size, or use a device with more memory",
+                         exit_code=EXIT_OUT_OF_MEMORY) from None
+    finally:
+        if not existed and not (state_dir / STATE).is_file() and not is_model_dir(out):
+            shutil.rmtree(out, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- before the weights load
+
+def check_numbers(opts, seq_len: int, topk: int, config) -> None:
+    for name in ("steps", "batch_size", "checkpoint_every", "eval_samples"):
+        if getattr(opts, name) < 1:
+            raise CalibError(f"--{name.replace('_', '-')} must be at least 1")
+    if not opts.lr > 0:
+        raise CalibError("--lr must be positive")
+    if seq_len <= topk:
+        raise CalibError(f"--seq-len {seq_len} is not above index_topk {topk}: every key would be selected, so the "
+                         "indexer's choice would never matter", hint=f"use --seq-len of at least {2 * topk}, or a smaller --index-topk")
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos and seq_len > max_pos:
+        raise CalibError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_pos}")
+
+
+def prepare_training(command: str, opts, source, src_dir: Path, seq_len: int, warn, **fingerprint_extra):
+    """Everything cheap, before any weights load: --out checked, the tokenizer, the training and held-out
+    windows, the settings, and the fingerprint (checked against the saved state on --resume).
+    Returns (out, windows, eval_ids or None, settings, fingerprint)."""
+    from transformers import AutoTokenizer
+
+    from indexcache_calib.data import file_sha256, tokens_sha256
+    from indexcache_calib.model import config_sha256
+
+    out = Path(opts.out).expanduser()
+    check_out(out, src_dir, opts.resume, opts.overwrite)
+    source_weight_files(src_dir)  # safetensors present
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src_dir), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CalibError(f"cannot load the tokenizer of {opts.model}: {str(e).splitlines()[0]}")
+    windows = training_windows(opts.data, tokenizer, seq_len, opts.text_field, warn)
+    eval_ids = None
+    if opts.eval_data:
+        eval_ids = training_windows(opts.eval_data, tokenizer, seq_len, opts.text_field, warn)[: opts.eval_samples]
+    settings = Settings(opts.steps, opts.batch_size, seq_len, opts.lr, opts.seed, opts.checkpoint_every)
+    fingerprint = {
+        "command": command, "source_config_sha256": config_sha256(source), "source_weights": weights_fingerprint(src_dir),
+        "data_sha256": file_sha256(opts.data), "tokens_sha256": tokens_sha256(windows),
+        "settings": {k: v for k, v in settings_dict(settings).items() if k != "checkpoint_every"}, "dtype": opts.dtype,
+        **fingerprint_extra,
+    }
+    if opts.resume:
+        check_resume(out, fingerprint)
+    return out, windows, eval_ids, settings, fingerprint
 
 
 # ----------------------------------------------------------------------------- the loop
