@@ -11,13 +11,15 @@ from typing import Callable
 
 from indexcache_calib import __version__
 from indexcache_calib import artifact as art
-from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, EXIT_RESUME_MISMATCH, CalibError
+from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, EXIT_RESUME_MISMATCH, CalibError, is_out_of_memory
 from indexcache_calib.pattern import (
     FULL, SHARED, full_layers, indexer_types, resolve_num_full, source_layers, uniform_pattern, validate_pattern,
 )
 from indexcache_calib.search import DECIDED_SE, SEARCHES, Race, Score, Step, greedy_search, path
 
-OOM_HINT = "lower --seq-len, --num-samples or --batch-size, set --indexer-chunk, give more --max-memory, or use --cache-device cpu|disk"
+ATTENTION_PATHS = ("auto", "sparse", "dense")
+OOM_HINT = ("lower --seq-len, --num-samples or --batch-size, use --attention sparse where the family allows it, set "
+            "--indexer-chunk, give more --max-memory, or use --cache-device cpu|disk")
 
 
 @dataclass
@@ -49,14 +51,16 @@ class Options:
     cache_budget: str | None = None  # e.g. "64GiB": a larger prefix cache goes to disk
     race_alpha: float = 0.05  # --search race: chance per step of dropping Algorithm 1's choice
     race_first: int = 4  # --search race: sequences in the first round
+    attention: str = "auto"  # sparse, dense, or auto: sparse where the family passes its selection as indices
 
-    def fingerprint_fields(self) -> dict:
+    def fingerprint_fields(self, ckpt) -> dict:
         # What must not change between a run and its resume. The target may: F-sets are nested, so a
-        # resumed run can stop later or earlier on the same path.
+        # resumed run can stop later or earlier on the same path. The attention path is recorded as
+        # resolved: `auto` and the path it picks are one run.
         fields = ("seq_len", "num_samples", "seed", "batch_size", "search", "text_field", "dtype", "start_pattern")
         if self.search == "race":
             fields += ("race_alpha", "race_first")
-        return {k: getattr(self, k) for k in fields}
+        return {**{k: getattr(self, k) for k in fields}, "attention": attention_for(self, ckpt)}
 
 
 @dataclass
@@ -97,15 +101,26 @@ def dry_run(opts: Options) -> dict:
     check_for_family(opts, ckpt)
     num_full, _ = search_plan(opts, ckpt)
     opts.cache_device, why = resolved_cache_device(opts)
-    estimate = plan(opts, ckpt, num_full)
+    estimate = plan(opts, ckpt, num_full, attention_for(opts, ckpt))
     if why:
         estimate["warnings"].insert(0, why)
     return estimate
 
 
+def attention_for(opts: Options, ckpt) -> str:
+    """The attention path the run takes: `sparse` where the family's attention consumes its selection,
+    `dense` where it cannot (and `--attention sparse` there is refused, with the reason)."""
+    why = ckpt.family.dense_only
+    if opts.attention == "sparse" and why:
+        raise CalibError(f"--attention sparse is not possible for {ckpt.family.name}: {why}",
+                         hint="use --attention dense (or auto); calibrate at the longest length the dense path fits")
+    return "dense" if opts.attention == "dense" or why else "sparse"
+
+
 def check_for_family(opts: Options, ckpt) -> None:
     """What depends on the model family, checked before any weights load."""
     check_seq_len(opts, ckpt)
+    attention_for(opts, ckpt)
     if opts.indexer_chunk and not ckpt.family.chunks:
         raise CalibError(
             f"--indexer-chunk {opts.indexer_chunk} is not possible for {ckpt.family.name}: its indexer cannot score "
@@ -142,6 +157,8 @@ def check_options(opts: Options) -> None:
             raise CalibError(f"--{name.replace('_', '-')} must be at least 1")
     if opts.indexer_chunk is not None and opts.indexer_chunk < 0:
         raise CalibError("--indexer-chunk must be 0 (one call) or a number of query rows")
+    if opts.attention not in ATTENTION_PATHS:
+        raise CalibError(f"unknown --attention {opts.attention!r}", hint=f"use one of {', '.join(ATTENTION_PATHS)}")
     if not 0 < opts.race_alpha < 0.5:
         raise CalibError(f"--race-alpha {opts.race_alpha} is not between 0 and 0.5", hint="use e.g. 0.05")
     if opts.race_first < 2:
@@ -191,6 +208,7 @@ def prepare(opts: Options, hooks: Hooks, ids=None, check_config=None, ckpt=None,
 
     from indexcache_calib import data as dat
     from indexcache_calib import model as mdl
+    from indexcache_calib.attention import set_attention
     from indexcache_calib.runner import self_check
 
     check_placement(opts)
@@ -228,6 +246,7 @@ def prepare(opts: Options, hooks: Hooks, ids=None, check_config=None, ckpt=None,
         source, opts.device_map, opts.dtype, max_memory, opts.offload_dir, opts.trust_remote_code, opts.allow_pickle, ckpt
     )
     layout = mdl.find_dsa(model, ckpt, opts.model)
+    set_attention(model, attention_for(opts, ckpt))
     check = self_check(model, layout, ids, opts.model, opts.indexer_chunk)
     return Prepared(source, model, layout, tokenizer, ids, available, data_sha, skipped, ckpt, check)
 
@@ -307,7 +326,7 @@ def fingerprint(opts: Options, prep: Prepared, config_sha: str | None) -> dict:
     return {
         "config_sha256": config_sha,
         "tokens_sha256": tokens_sha256(prep.ids),
-        "settings": opts.fingerprint_fields(),
+        "settings": opts.fingerprint_fields(prep.checkpoint),
         "tool_version": __version__,
         "num_layers": prep.layout.num_layers,
     }
@@ -336,10 +355,10 @@ def check_fingerprint(run_dir: Path, saved: dict, fp: dict) -> None:
         )
 
 
-def check_resume_settings(run_dir: Path, saved: dict, opts: Options, config_sha: str | None) -> None:
+def check_resume_settings(run_dir: Path, saved: dict, opts: Options, config_sha: str | None, ckpt) -> None:
     """The parts of the fingerprint known before any data or weights load."""
     early = {k: saved.get(k) for k in ("settings", "tool_version", "config_sha256")}
-    now = {"settings": opts.fingerprint_fields(), "tool_version": __version__, "config_sha256": config_sha}
+    now = {"settings": opts.fingerprint_fields(ckpt), "tool_version": __version__, "config_sha256": config_sha}
     check_fingerprint(run_dir, early, now)
 
 
@@ -378,7 +397,7 @@ def calibrate(opts: Options, hooks: Hooks | None = None) -> tuple[dict, Path]:
     existed = run_dir.exists()
     saved = read_checkpoint(run_dir) if opts.resume else None
     if saved is not None:
-        check_resume_settings(run_dir, saved["fingerprint"], opts, mdl.config_sha256(source))
+        check_resume_settings(run_dir, saved["fingerprint"], opts, mdl.config_sha256(source), ckpt)
     art.check_run_dir(run_dir, opts.resume, opts.overwrite)
     world.barrier()  # every rank has checked before rank 0 changes anything
     if world.is_main:
@@ -386,7 +405,9 @@ def calibrate(opts: Options, hooks: Hooks | None = None) -> tuple[dict, Path]:
     hooks.started(run_dir)
     try:
         return _calibrate(opts, hooks, run_dir, t_start, saved, world, ckpt)
-    except (torch.OutOfMemoryError, MemoryError):
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
         raise CalibError("out of memory", hint=OOM_HINT, exit_code=EXIT_OUT_OF_MEMORY) from None
     finally:
         if world.is_main:

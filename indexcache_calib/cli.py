@@ -13,7 +13,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from indexcache_calib.cli_common import (
-    EXIT_SIGINT, AllowPickle, BatchSize, DeviceMap, Dtype, IndexerChunk, MaxMemory, Model, OffloadDir, Seed, TextField,
+    EXIT_SIGINT, AllowPickle, Attention, BatchSize, DeviceMap, Dtype, IndexerChunk, MaxMemory, Model, OffloadDir, Seed, TextField,
     TrustRemoteCode, _quiet_libraries, err, handled, out,
 )
 
@@ -109,6 +109,7 @@ def calibrate(
     text_field: TextField = "text",
     overlap: bool = typer.Option(True, "--overlap/--no-overlap", help="Measure top-k overlap of shared layers (runs their own indexers)."),
     indexer_chunk: IndexerChunk = None,
+    attention: Attention = "auto",
     cache_device: str = typer.Option("cpu", help="Where cached layer inputs live: cpu, gpu, disk, or none."),
     cache_budget: Optional[str] = typer.Option(None, help="Most memory the layer-input cache may take (e.g. 64GiB); past it the cache goes to disk."),
     device_map: DeviceMap = "auto",
@@ -134,6 +135,7 @@ def calibrate(
         dtype=dtype, max_memory=max_memory, offload_dir=offload_dir, trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle, resume=resume, overwrite=overwrite, plots=plots,
         start_pattern=start_pattern, cache_budget=cache_budget, race_alpha=race_alpha, race_first=race_first,
+        attention=attention,
     )
     if target is None and num_full is None:
         opts.target = "1/4"

@@ -18,7 +18,7 @@ import torch
 
 from indexcache_calib import artifact as art
 from indexcache_calib.calibrate import OOM_HINT, Hooks, Options, Prepared, all_full_pattern, check_options, make_runner, prepare
-from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, CalibError
+from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, CalibError, is_out_of_memory
 from indexcache_calib.pattern import FULL, check_pattern, uniform_pattern
 from indexcache_calib.sharing import install_sharing, sharing_state
 
@@ -29,7 +29,9 @@ OVERLAP_CSV = "overlap.csv"
 def _memory_errors():
     try:
         yield
-    except (torch.OutOfMemoryError, MemoryError):
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
         raise CalibError("out of memory", hint=OOM_HINT, exit_code=EXIT_OUT_OF_MEMORY) from None
 
 

@@ -75,7 +75,7 @@ def _streams(text) -> int:
     return int(getattr(text, "hc_mult", None) or getattr(text, "hc_count", None) or 1)
 
 
-def plan(opts, ckpt, num_full: int) -> dict:
+def plan(opts, ckpt, num_full: int, attention: str = "dense") -> dict:
     """Memory and work estimates for `opts` on the checkpoint `ckpt` (a `model.Checkpoint`)."""
     import torch
     from accelerate import init_empty_weights
@@ -108,13 +108,17 @@ def plan(opts, ckpt, num_full: int) -> dict:
         per_device[str(device)] = per_device.get(str(device), 0) + sizes[name]
     elem = torch.tensor([], dtype=dtype).element_size()
     b, s = opts.batch_size, opts.seq_len
-    heads = getattr(text, "index_n_heads", 1)
+    heads = getattr(text, "index_n_heads", None) or getattr(text, "indexer_n_heads", None) or 1
     from indexcache_calib.sharing import auto_chunk
 
     rows = auto_chunk(b, heads, s) if opts.indexer_chunk is None else (opts.indexer_chunk or s)
     rows = min(rows, s)
     indexer_peak = b * rows * heads * s * 4 + b * rows * s * 4  # fp32 per-head scores + summed scores
-    mask = b * s * s * elem  # the model's own [B, 1, S, T] additive mask, kept per batch
+    # Dense: the model's own [B, 1, S, T] mask, kept per batch. Sparse: masks come a block of rows at a
+    # time, at most one attention chunk's worth (attention.CHUNK_BYTES) besides the indexer's rows.
+    from indexcache_calib.attention import CHUNK_BYTES
+
+    mask = b * s * s * elem if attention == "dense" else min(b * s * s, CHUNK_BYTES)
     samples = opts.num_samples
     hidden = text.hidden_size * _streams(text)
     cache = 0
@@ -147,6 +151,7 @@ def plan(opts, ckpt, num_full: int) -> dict:
         "dtype": str(dtype).replace("torch.", ""),
         "indexer_peak_per_layer": indexer_peak,
         "indexer_rows_per_call": rows,
+        "attention": attention,
         "attention_mask_per_batch": mask,
         "activation_cache": cache,
         "activation_cache_device": opts.cache_device if cache else "none",
@@ -165,7 +170,10 @@ def describe(p: dict) -> list[tuple[str, str]]:
         rows.append((f"  on {device}", size_str(size)))
     rows += [
         ("indexer peak", f"{size_str(p['indexer_peak_per_layer'])} per layer call ({p['indexer_rows_per_call']} query rows; --indexer-chunk lowers it)"),
-        ("attention mask", f"{size_str(p['attention_mask_per_batch'])} per batch"),
+        ("attention", p["attention"] + (" (top-k gathered per query chunk; no [seq, seq] tensor)" if p["attention"] == "sparse"
+                                        else " (the model's own path: [seq, seq] masks)")),
+        ("attention mask", f"{size_str(p['attention_mask_per_batch'])} per batch"
+                           + (" at most, a block of rows at a time" if p["attention"] == "sparse" else "")),
         ("activation cache", f"{size_str(p['activation_cache'])} on {p['activation_cache_device']}"),
     ]
     w = p["work"]

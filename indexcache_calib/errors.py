@@ -12,3 +12,12 @@ class CalibError(Exception):
         self.message = message
         self.hint = hint
         self.exit_code = exit_code
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError and the CPU allocator's RuntimeError alike: an
+    allocation that failed is out of memory wherever it happens."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())

@@ -178,6 +178,9 @@ class Family:
     usable: Callable = lambda text: None  # text config -> why a checkpoint of this family cannot be calibrated
     budget_words: Callable = lambda t: f"index_topk {t.index_topk}"  # the budget, as the config names it
     note: str = ""
+    # None: its attention passes the selection as `indices=` to a registered implementation, so the sparse
+    # path (`attention.py`) runs it; else why it cannot, and the family stays on the dense path.
+    dense_only: str | None = None
 
     def seq_len_floor(self, text_config) -> int:
         """Calibration sequences must be longer than this (in tokens) for sharing to change anything."""
@@ -206,22 +209,29 @@ FAMILIES = (
     Family("glm5_next", ("glm5_next", "glm5_next_text"), "self_attn.indexer", layers_of_type("indexed_attention"),
            selection=PADDED_TOKENS, native_key="indexer_types", library_runs=shared_follows_full_layer,
            min_full=min_full_shared_follows_full, engines=("transformers",),
+           dense_only="its attention turns the top-k into a dense [seq, keys] mask on every implementation "
+                      "(build_attention_mask_from_topk) and passes no indices",
            note="linear-attention layers have no indexer; the library hands top-k only to the next layer"),
     # Selects compressed KV entries (one per `rate` tokens); only compressed-sparse layers have an indexer,
     # all at the same rate. vLLM's pattern covers exactly those layers, in order.
     Family("deepseek_v4", ("deepseek_v4",), "self_attn.compressor.indexer", layers_of_type("compressed_sparse_attention"),
            selection=COMPRESSED, floor=lambda t: int(t.index_topk) * _csa_rate(t), engines=("vllm",),
            engine_pattern="positions",
+           dense_only="its attention turns the selected compressed entries into a dense [seq, compressed keys] bias on "
+                      "every implementation and passes no indices",
            budget_words=lambda t: f"index_topk {t.index_topk} compressed entries of {_csa_rate(t)} tokens each",
            note="only compressed-sparse layers have an indexer (heavily-compressed and sliding layers have none)"),
     Family("minimax_m3_vl", ("minimax_m3_vl", "minimax_m3_vl_text"), "self_attn.indexer", layers_of_type("minimax_m3_sparse"),
            selection=BLOCKS, budget=lambda t: int(t.index_topk_blocks),
            floor=lambda t: int(t.index_topk_blocks) * int(t.index_block_size),
            budget_words=lambda t: f"index_topk_blocks {t.index_topk_blocks} of index_block_size {t.index_block_size} tokens",
+           dense_only="its attention passes per-index-head key blocks (block_indices) with local blocks, which the "
+                      "sparse kernel does not read yet",
            note="only minimax_m3_sparse layers have an indexer; it selects key blocks per index head"),
     Family("qwen4_exp", ("qwen4_exp", "qwen4_exp_text"), "self_attn.indexer", layers_of_type("indexed_attention"),
            selection=MASK, budget=lambda t: int(t.indexer_budget),
            floor=lambda t: int(t.indexer_budget) + int(t.indexer_compress_ratio) - 1, usable=_qsa_configured,
+           dense_only="its indexer itself returns a boolean [seq, keys] mask",
            budget_words=lambda t: f"indexer_budget {t.indexer_budget} plus up to {int(t.indexer_compress_ratio) - 1} recent tokens",
            note="only indexed_attention layers have an indexer (linear-attention layers have none); it selects a token mask"),
 )

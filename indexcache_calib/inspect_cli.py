@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 
 from indexcache_calib.cli_common import (
-    AllowPickle, BatchSize, DeviceMap, Dtype, IndexerChunk, MaxMemory, Model, OffloadDir, Seed, TextField, TrustRemoteCode,
+    AllowPickle, Attention, BatchSize, DeviceMap, Dtype, IndexerChunk, MaxMemory, Model, OffloadDir, Seed, TextField,
+    TrustRemoteCode,
 )
 
 DATA_HELP = "JSONL (text or messages), .txt, .parquet/.csv, or a saved datasets dir."
@@ -27,6 +28,7 @@ def overlap(
     batch_size: BatchSize = 1,
     text_field: TextField = "text",
     indexer_chunk: IndexerChunk = None,
+    attention: Attention = "auto",
     device_map: DeviceMap = "auto",
     dtype: Dtype = "auto",
     max_memory: MaxMemory = None,
@@ -43,7 +45,7 @@ def overlap(
         model=model, data=data, out=out_dir, seq_len=seq_len, num_samples=num_samples, seed=seed,
         batch_size=batch_size, text_field=text_field, indexer_chunk=indexer_chunk, device_map=device_map,
         dtype=dtype, max_memory=max_memory, offload_dir=offload_dir, trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
+        allow_pickle=allow_pickle, attention=attention,
     )
     with handled():
         _quiet_libraries()
@@ -82,6 +84,7 @@ def evaluate(
     text_field: TextField = "text",
     overlap: bool = typer.Option(True, "--overlap/--no-overlap", help="Measure top-k overlap of shared layers (runs their own indexers)."),
     indexer_chunk: IndexerChunk = None,
+    attention: Attention = "auto",
     device_map: DeviceMap = "auto",
     dtype: Dtype = "auto",
     max_memory: MaxMemory = None,
@@ -100,6 +103,7 @@ def evaluate(
         model=model, data=data, seq_len=seq_len, num_samples=num_samples, seed=seed, batch_size=batch_size,
         text_field=text_field, overlap=overlap, indexer_chunk=indexer_chunk, device_map=device_map, dtype=dtype,
         max_memory=max_memory, offload_dir=offload_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+        attention=attention,
     )
     with handled():
         _quiet_libraries()

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from indexcache_calib.errors import CalibError
+from indexcache_calib.attention import SPARSE, attention_path, current, lazy_masks
+from indexcache_calib.errors import CalibError, is_out_of_memory
 from indexcache_calib.pattern import FULL, source_layers
 from indexcache_calib.search import Score
 from indexcache_calib.sharing import install_sharing, sharing_state
@@ -283,7 +284,8 @@ class PatternRunner:
             if p0 > 0:
                 driver.start, driver.replay, driver.into = self.layout.num_layers, (driver.last_output, {}), None
             keep = torch.arange(p0, p1, device=ids.device)
-            logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits.float()
+            with lazy_masks():  # the sparse path's masks come a block of rows at a time
+                logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits.float()
             labels = ids[:, p0 + 1 : p1 + 1].to(logits.device)
             ce = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
             sums += ce.double().sum(dim=1).cpu()
@@ -416,39 +418,54 @@ class PatternRunner:
 # only the reduction order differs; a wrong mask, RoPE or head moves the loss by far more.
 SELF_CHECK_TOLERANCE = 1e-4
 SELF_CHECK_LOGITS_BYTES = 1 << 30
+# On the sparse path the reference is the model's own dense forward, which builds [seq, seq] masks: the
+# check runs on a prefix the dense path affords, long enough that most rows see more keys than the budget.
+SELF_CHECK_DENSE_TOKENS = 2048
+
+
+def self_check_tokens(layout, vocab: int, seq: int, sparse: bool) -> int:
+    floor = layout.family.seq_len_floor(layout.text)
+    cut = max(floor + 2, SELF_CHECK_LOGITS_BYTES // (4 * vocab))
+    if sparse:
+        cut = min(cut, max(SELF_CHECK_DENSE_TOKENS, 2 * floor))
+    return min(seq, cut)
 
 
 @torch.no_grad()
 def self_check(model, layout, ids: torch.Tensor, name: str, indexer_chunk: int | None = None) -> dict:
     """The all-Full loss of the first calibration sequence as this tool computes it, against the model's
-    own `forward(input_ids, labels=...)`. A difference means the tool would report wrong numbers for
-    this model: refuse. The sequence is cut where the model's own full logits would pass 1 GiB."""
+    own `forward(input_ids, labels=...)` on its dense attention. On the sparse path this checks the
+    sparse kernel and the mask placeholders too. A difference means the tool would report wrong numbers
+    for this model: refuse. The sequence is cut where the model's own full logits would pass 1 GiB and,
+    on the sparse path, where the dense reference's masks would grow large (`SELF_CHECK_DENSE_TOKENS`)."""
     vocab = int(model.get_output_embeddings().weight.shape[0])
-    seq = ids.shape[1]
-    cut = max(layout.family.seq_len_floor(layout.text) + 2, SELF_CHECK_LOGITS_BYTES // (4 * vocab))
-    row = ids[:1, : min(seq, cut)]
+    path = "sparse" if current(model) == SPARSE else "dense"
+    row = ids[:1, : self_check_tokens(layout, vocab, ids.shape[1], path == "sparse")]
     all_full = "".join("S" if p in layout.fixed_shared else FULL for p in range(layout.num_positions))
-    what = f"self-check failed for {name} ({type(model).__name__}, {layout.family.name})"
+    what = f"self-check failed for {name} ({type(model).__name__}, {layout.family.name}, {path} attention)"
+    hint = ("rerun with --attention dense, and report the model_type and transformers version" if path == "sparse"
+            else "report the model_type and transformers version; this model is not supported as it is")
     try:
         ours = PatternRunner(model, layout, row, measure_overlap=False, indexer_chunk=indexer_chunk, cache_device="none").score(all_full).loss
     except (RuntimeError, TypeError, ValueError, AttributeError, IndexError, KeyError) as e:
+        if is_out_of_memory(e):
+            raise
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise CalibError(
-            f"{what}: the model's forward does not run as its adapter describes it ({type(e).__name__}: {first})",
-            hint="report the model_type and transformers version; this model is not supported as it is",
+            f"{what}: the model's forward does not run as its adapter describes it ({type(e).__name__}: {first})", hint=hint,
         ) from None
     device = model.get_input_embeddings().weight.device
     row = row.to(device) if device.type != "meta" else row
-    theirs = float(model(input_ids=row, labels=row, use_cache=False).loss)
+    with attention_path(model, "dense"):
+        theirs = float(model(input_ids=row, labels=row, use_cache=False).loss)
     diff = abs(ours - theirs)
     if not math.isfinite(theirs) or diff > SELF_CHECK_TOLERANCE * max(1.0, abs(theirs)):
         raise CalibError(
             f"{what}: the all-Full loss of the first "
             f"calibration sequence is {ours:.6f} as indexcache computes it but {theirs:.6f} from the model's own forward "
-            f"(difference {diff:.2e}), so its numbers for this model would be wrong",
-            hint="report the model_type and transformers version; this model is not supported as it is",
+            f"(difference {diff:.2e}), so its numbers for this model would be wrong", hint=hint,
         )
-    return {"tokens": int(row.shape[1]), "tool_loss": ours, "model_loss": theirs, "difference": diff}
+    return {"tokens": int(row.shape[1]), "attention": path, "tool_loss": ours, "model_loss": theirs, "difference": diff}
 
 
 def cache_bytes_estimate(layout, num_samples: int, seq_len: int, hidden_size: int, dtype_bytes: int) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from indexcache_calib.attention import is_lazy, mask_rows, materialize
 from indexcache_calib.families import FULL
 
 
@@ -71,6 +72,8 @@ def auto_chunk(batch: int, heads: int, seq: int) -> int:
 
 
 def _rows(value, axis: int, q0: int, q1: int):
+    if is_lazy(value):  # a mask placeholder of the sparse path: build just these rows
+        return mask_rows(value, q0, q1, axis)
     if isinstance(value, torch.Tensor):
         index = [slice(None)] * value.dim()
         index[axis] = slice(q0, q1)
@@ -84,9 +87,10 @@ def run_indexer(indexer, args: tuple, kwargs: dict, chunks: dict, chunk: int | N
     """The layer's own selection, called with the arguments the model gave it. With `chunk` rows and a
     family whose query-axis arguments are known (`chunks`), queries are scored `chunk` rows at a time so
     the fp32 score tensor is [B, chunk, H, T] instead of [B, S, H, T]; each row, and so its top-k, is the
-    one of the single call. `chunk` None picks rows automatically (see `auto_chunk`); 0 makes one call."""
+    one of the single call. `chunk` None picks rows automatically (see `auto_chunk`); 0 makes one call.
+    A mask placeholder of the sparse path becomes the real rows each call needs."""
     if not chunks or chunk == 0:
-        return indexer(*args, **kwargs)
+        return indexer(*(materialize(a) for a in args), **{k: materialize(v) for k, v in kwargs.items()})
     signature = inspect.signature(type(indexer).forward)
     named = signature.bind(None, *args, **kwargs).arguments
     named.pop(next(iter(signature.parameters)))  # self
@@ -95,9 +99,9 @@ def run_indexer(indexer, args: tuple, kwargs: dict, chunks: dict, chunk: int | N
     if chunk is None:
         chunk = auto_chunk(hidden.shape[0], getattr(indexer, "n_heads", 64), seq)
     if chunk >= seq:
-        return indexer(*args, **kwargs)
+        return indexer(**{k: materialize(v) for k, v in named.items()})
     keys, kwarg = _KeySource(), _cache_kwarg(signature.parameters)
-    try:
+    try:  # stops at the keys, before the mask is read: a placeholder can pass as it is
         indexer(**{**named, kwarg: keys})
     except _Captured:
         pass

@@ -1,0 +1,177 @@
+"""The sparse attention path: top-k attention that consumes the indexer's selection, in bounded memory.
+
+transformers' DSA attention modules fold the top-k into a dense `[batch, 1, seq, keys]` mask only on the
+`eager`/`sdpa` paths; under any other registered implementation they pass the selection as `indices=`.
+`sparse_attention` is registered through the library's own `AttentionInterface` under `SPARSE`: it gathers
+each query's selected keys and attends to exactly those the dense path would (the mask's causality and
+window, `-1` padding, rows that see fewer keys than the budget), a chunk of query rows at a time. Layers
+without a selection (a family's sliding-window layers) attend densely, also a chunk of rows at a time.
+
+The causal mask is the other `[seq, keys]` tensor. The mask function registered under `SPARSE` returns the
+library's own `sdpa_mask`, except inside `lazy_masks()`: there it returns a stride-0 placeholder that
+remembers the library's arguments, and `mask_rows` builds any block of rows with `sdpa_mask` itself. Only
+code that knows the placeholder runs inside `lazy_masks()`: the pattern runner, whose indexer proxies and
+this attention ask for rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+SPARSE = "indexcache_sparse"
+# Bound on one query chunk's working tensors (gathered keys and values, logits, probabilities, mask rows).
+CHUNK_BYTES = 256 << 20
+
+_lazy_depth = 0
+
+
+@contextlib.contextmanager
+def lazy_masks():
+    """Inside, masks built for `SPARSE` are placeholders that `mask_rows` expands a block at a time."""
+    global _lazy_depth
+    _lazy_depth += 1
+    try:
+        yield
+    finally:
+        _lazy_depth -= 1
+
+
+def _sparse_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
+                 use_vmap=False, device="cpu", **kwargs):
+    args = dict(batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset, mask_function=mask_function,
+                attention_mask=attention_mask, use_vmap=use_vmap, device=device)
+    if not _lazy_depth:
+        return sdpa_mask(q_length=q_length, q_offset=q_offset, allow_is_causal_skip=False, **args)
+    base = torch.ones((), dtype=torch.bool, device=device)
+    # The arguments ride on the 0-dim base: every view the model takes of the placeholder shares it.
+    base._indexcache_rows = functools.partial(_rows_of, args, q_offset)
+    return base.expand(batch_size, 1, q_length, kv_length)
+
+
+def _rows_of(args: dict, q_offset, q0: int, q1: int) -> torch.Tensor:
+    return sdpa_mask(q_length=q1 - q0, q_offset=q_offset + q0, allow_is_causal_skip=False, **args)
+
+
+def is_lazy(mask) -> bool:
+    return isinstance(mask, torch.Tensor) and mask._base is not None and hasattr(mask._base, "_indexcache_rows")
+
+
+def mask_rows(mask: torch.Tensor, q0: int, q1: int, axis: int) -> torch.Tensor:
+    """Rows q0..q1 (on the query `axis`) of a mask, a placeholder or a real tensor alike. A placeholder's
+    view that dropped the head axis ([B, S, T], as indexers take it) gets its rows without it too."""
+    if not is_lazy(mask):
+        index = [slice(None)] * mask.dim()
+        index[axis] = slice(q0, q1)
+        return mask[tuple(index)]
+    rows = mask._base._indexcache_rows(q0, q1)
+    return rows[:, 0] if mask.dim() == 3 else rows
+
+
+def materialize(mask):
+    """A real tensor for a placeholder (its whole [seq, keys]); anything else as it is."""
+    if not is_lazy(mask):
+        return mask
+    return mask_rows(mask, 0, mask.shape[-2], mask.dim() - 2)
+
+
+def _bias(rows: torch.Tensor | None, q0: int, q1: int, total: int, kv_length: int, device) -> torch.Tensor:
+    """Additive fp32 bias [B or 1, 1, c, T] from mask rows: boolean (True attends) or additive. No mask
+    means causal, as `sdpa` reads a missing mask for more than one query."""
+    if rows is None:
+        q = torch.arange(q0, q1, device=device).view(-1, 1) + (kv_length - total)
+        rows = torch.arange(kv_length, device=device).view(1, -1) <= q
+        rows = rows.view(1, 1, q1 - q0, kv_length)
+    if rows.dtype == torch.bool:
+        return torch.zeros(rows.shape, dtype=torch.float32, device=rows.device).masked_fill_(~rows, float("-inf"))
+    return rows.float()
+
+
+def _chunk_rows(per_row: int) -> int:
+    return max(1, CHUNK_BYTES // max(1, per_row))
+
+
+def sparse_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, indices=None, s_aux=None,
+                     **kwargs):
+    """query [B, Hq, S, D], key [B, Hkv, T, D], value [B, Hkv, T, Dv], `indices` [B, S, k] (ids of keys, -1
+    padded) or None; returns ([B, S, Hq, Dv], None) like the library's eager attention. `s_aux` is a per-head
+    sink logit that takes part in the softmax and attends to nothing."""
+    if dropout and module.training:
+        raise ValueError(f"{SPARSE} attention has no dropout")
+    batch, heads, seq, dim = query.shape
+    kv_heads, kv_length, v_dim = key.shape[1], key.shape[2], value.shape[-1]
+    group = heads // kv_heads
+    scaling = dim ** -0.5 if scaling is None else scaling
+    size = query.element_size()
+    if indices is not None:
+        k = indices.shape[-1]
+        per_row = batch * (kv_heads * k * (dim + v_dim) * size + heads * k * 4 * 3 + 8 * k) + kv_length * 5
+    else:
+        per_row = batch * heads * kv_length * 4 * 3 + kv_length * 5
+    rows = _chunk_rows(per_row)
+    sink = None if s_aux is None else s_aux.float().view(1, kv_heads, group, 1, 1)
+    outputs = []
+    for q0 in range(0, seq, rows):
+        q1 = min(q0 + rows, seq)
+        c = q1 - q0
+        masked = None if attention_mask is None else mask_rows(attention_mask, q0, q1, 2)
+        bias = _bias(masked, q0, q1, seq, kv_length, query.device)[:, 0]  # [B or 1, c, T]
+        q = query[:, :, q0:q1].reshape(batch, kv_heads, group, c, dim)
+        if indices is None:
+            logits = torch.einsum("bhgcd,bhtd->bhgct", q, key).float() * scaling + bias[:, None, None]
+            values = value
+        else:
+            ids = indices[:, q0:q1].to(device=query.device, dtype=torch.long)
+            valid = (ids >= 0) & (ids < kv_length)
+            ids = ids.clamp(0, kv_length - 1)
+            picked = bias.expand(batch, c, kv_length).gather(-1, ids).masked_fill(~valid, float("-inf"))
+            flat = ids.reshape(batch, 1, c * k, 1)
+            keys = key.gather(2, flat.expand(batch, kv_heads, c * k, dim)).view(batch, kv_heads, c, k, dim)
+            values = value.gather(2, flat.expand(batch, kv_heads, c * k, v_dim)).view(batch, kv_heads, c, k, v_dim)
+            logits = torch.einsum("bhgcd,bhckd->bhgck", q, keys).float() * scaling + picked[:, None, None]
+        if sink is not None:
+            logits = torch.cat([logits, sink.expand(*logits.shape[:-1], 1)], dim=-1)
+        probs = torch.softmax(logits, dim=-1)
+        if sink is not None:
+            probs = probs[..., :-1]
+        probs = probs.to(value.dtype)
+        if indices is None:
+            out = torch.einsum("bhgct,bhtv->bhgcv", probs, values)
+        else:
+            out = torch.einsum("bhgck,bhckv->bhgcv", probs, values)
+        outputs.append(out.reshape(batch, heads, c, v_dim))
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SPARSE, sparse_attention)
+AttentionMaskInterface.register(SPARSE, _sparse_mask)
+assert SPARSE in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+
+
+def current(model) -> str:
+    return model.config.get_text_config()._attn_implementation or model.config._attn_implementation
+
+
+def set_attention(model, path: str) -> str:
+    """Run the model's attention on the sparse path (`"sparse"`) or on the implementation it was loaded
+    with (`"dense"`); returns the implementation that was there. The loaded one is remembered on the model."""
+    previous = current(model)
+    dense = model.__dict__.setdefault("_indexcache_dense", previous if previous != SPARSE else "sdpa")
+    target = SPARSE if path == "sparse" else dense
+    if target != previous:
+        model.set_attn_implementation(target)
+    return previous
+
+
+@contextlib.contextmanager
+def attention_path(model, path: str):
+    previous = set_attention(model, path)
+    try:
+        yield
+    finally:
+        if current(model) != previous:
+            model.set_attn_implementation(previous)
