@@ -25,7 +25,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 
 SPARSE = "indexcache_sparse"
 # Bound on one query chunk's working tensors (gathered keys and values, logits, probabilities, mask rows).
-CHUNK_BYTES = 256 << 20
+CHUNK_BYTES = 64 << 20
 
 _lazy_depth = 0
 

@@ -114,17 +114,18 @@ def plan(opts, ckpt, num_full: int, attention: str = "dense") -> dict:
     rows = auto_chunk(b, heads, s) if opts.indexer_chunk is None else (opts.indexer_chunk or s)
     rows = min(rows, s)
     indexer_peak = b * rows * heads * s * 4 + b * rows * s * 4  # fp32 per-head scores + summed scores
-    # Dense: the model's own [B, 1, S, T] mask, kept per batch. Sparse: masks come a block of rows at a
-    # time, at most one attention chunk's worth (attention.CHUNK_BYTES) besides the indexer's rows.
+    # Dense: the model's own [B, 1, S, T] mask, kept per batch. Sparse: mask rows (and their fp32 bias)
+    # come a query chunk at a time, within one attention chunk (attention.CHUNK_BYTES).
     from indexcache_calib.attention import CHUNK_BYTES
 
-    mask = b * s * s * elem if attention == "dense" else min(b * s * s, CHUNK_BYTES)
+    mask = b * s * s * elem if attention == "dense" else min(b * s * s * 5, CHUNK_BYTES)
     samples = opts.num_samples
     hidden = text.hidden_size * _streams(text)
     cache = 0
     if opts.search != "naive" and opts.cache_device != "none":
-        p = len(ckpt.positions)
-        cache = (p - 1) * samples * s * hidden * elem + 2 * p * samples * s * ckpt.budget * 4
+        from indexcache_calib.runner import cache_bytes_estimate
+
+        cache = cache_bytes_estimate(len(ckpt.positions), ckpt.budget, samples, s, hidden, elem)
     from indexcache_calib.search import SEARCHES
 
     race_first = getattr(opts, "race_first", 4)
@@ -173,7 +174,7 @@ def describe(p: dict) -> list[tuple[str, str]]:
         ("attention", p["attention"] + (" (top-k gathered per query chunk; no [seq, seq] tensor)" if p["attention"] == "sparse"
                                         else " (the model's own path: [seq, seq] masks)")),
         ("attention mask", f"{size_str(p['attention_mask_per_batch'])} per batch"
-                           + (" at most, a block of rows at a time" if p["attention"] == "sparse" else "")),
+                           + (" at most, a query chunk of rows at a time" if p["attention"] == "sparse" else "")),
         ("activation cache", f"{size_str(p['activation_cache'])} on {p['activation_cache_device']}"),
     ]
     w = p["work"]

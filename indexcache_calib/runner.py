@@ -468,9 +468,12 @@ def self_check(model, layout, ids: torch.Tensor, name: str, indexer_chunk: int |
     return {"tokens": int(row.shape[1]), "attention": path, "tool_loss": ours, "model_loss": theirs, "difference": diff}
 
 
-def cache_bytes_estimate(layout, num_samples: int, seq_len: int, hidden_size: int, dtype_bytes: int) -> int:
-    """Prefix cache upper bound: one layer output per candidate position plus one selection per full
-    position. `hidden_size` counts every hyper-connection stream."""
-    hidden = (layout.num_positions - 1) * num_samples * seq_len * hidden_size * dtype_bytes
-    topk = 2 * layout.num_positions * num_samples * seq_len * layout.budget * 4
-    return hidden + topk
+def cache_bytes_estimate(num_positions: int, budget: int, num_samples: int, seq_len: int, hidden_size: int,
+                         dtype_bytes: int) -> int:
+    """Prefix cache upper bound, counted as `Counters.peak_cache_bytes` counts it: the committed pattern's
+    layer inputs (one per candidate position) and selections (one per full position), the same again for
+    the step's best candidate so far (kept to be adopted), and for the candidate in flight. `hidden_size`
+    counts every hyper-connection stream."""
+    hidden = (num_positions - 1) * num_samples * seq_len * hidden_size * dtype_bytes
+    topk = num_positions * num_samples * seq_len * budget * 4
+    return 3 * (hidden + topk)

@@ -1,0 +1,277 @@
+"""Long-context benchmarks: the attention paths side by side, and whether calibration length matters.
+
+  python -m indexcache_calib.bench_long memory    peak memory and wall of one all-Full forward and of one
+                                                  greedy step, dense vs sparse path, 2K to 32K tokens
+  python -m indexcache_calib.bench_long plan      what a long calibration of GLM-5 needs per length (--dry-run)
+  python -m indexcache_calib.bench_long lengths   calibrate the long model short and long, then score both
+                                                  patterns at the long length on held-out data
+
+Every measurement of `memory` runs in a fresh process under an address-space limit, so a path that does
+not fit says so instead of taking the host down. Results are printed and written under outputs/bench/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+OUT = Path("outputs/bench")
+LENGTHS = (2048, 4096, 8192, 16384, 32768)
+
+
+def _save(name: str, data) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{name}.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# -- memory and wall per length and path ---------------------------------------------------------
+
+def _memory_child(model_dir: str, seq: int, path: str, what: str) -> dict:
+    """One all-Full forward (`forward`) or one greedy step (`step`: the all-Full base, then every
+    candidate scored once, as the search's first step does) in this process; peak memory it added."""
+    import torch
+
+    from indexcache_calib.attention import set_attention
+    from indexcache_calib.model import load_with_layout
+    from indexcache_calib.runner import PatternRunner
+
+    model, layout = load_with_layout(model_dir, device_map="cpu")
+    set_attention(model, path)
+    ids = torch.randint(3, int(model.config.vocab_size), (1, seq), generator=torch.Generator().manual_seed(0))
+    all_full = "F" * layout.num_positions
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    if what == "forward":
+        run = PatternRunner(model, layout, ids, cache_device="none", measure_overlap=False)
+        loss = run.score(all_full).loss
+    else:
+        run = PatternRunner(model, layout, ids, cache_device="cpu")
+        loss = run.set_base(all_full).loss
+        for p in range(1, layout.num_positions):
+            run.score(all_full[:p] + "S" + all_full[p + 1:])
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_added_bytes": (after - before) * 1024, "peak_bytes": after * 1024, "wall_s": wall, "loss": loss,
+            "layer_forwards": run.counters.layer_forwards}
+
+
+def _random_model(directory: Path, layers: int, max_len: int) -> Path:
+    from indexcache_calib.testing import save_tiny
+
+    # The shape of the issue's measurement: hidden 128, index_topk 64, four indexer heads.
+    return save_tiny(directory, "glm", layers=layers, hidden=128, index_topk=64, index_n_heads=4, index_head_dim=32,
+                     max_position_embeddings=max_len, weight_std=0.05)
+
+
+def bench_memory(args) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="indexcache-bench-long-"))
+    model_dir = str(_random_model(tmp / "model", args.layers, max(args.lengths)))
+    limit = int(args.limit_gib * 2**30)
+    rows = []
+    for seq in args.lengths:
+        for what in ("forward", "step"):
+            for path in ("dense", "sparse"):
+                earlier = [r for r in rows if r["path"] == path and r["what"] == what and r["seq_len"] < seq]
+                if earlier and not earlier[-1]["fits"]:
+                    rows.append({"seq_len": seq, "what": what, "path": path, "fits": False, "skipped": True})
+                    continue
+                cmd = [sys.executable, "-m", "indexcache_calib.bench_long", "--threads", str(args.threads), "_memory-child",
+                       "--model-dir", model_dir, "--seq", str(seq), "--path", path, "--what", what]
+                p = subprocess.run(cmd, capture_output=True, text=True,
+                                   preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+                row = {"seq_len": seq, "what": what, "path": path, "fits": p.returncode == 0}
+                if p.returncode == 0:
+                    row.update(json.loads(p.stdout.strip().splitlines()[-1]))
+                else:
+                    row["error"] = (p.stderr.strip().splitlines() or ["?"])[-1][:200]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    result = {"model": f"random GlmMoeDsa, {args.layers} layers, hidden 128, index_topk 64, 4 indexer heads of dim 32",
+              "limit_bytes": limit, "threads": args.threads, "rows": rows}
+    _save(args.name, result)
+    print_memory(result)
+
+
+def print_memory(result: dict) -> None:
+    rows = result["rows"]
+    get = {(r["seq_len"], r["what"], r["path"]): r for r in rows}
+    gib = lambda r: f"{r['peak_added_bytes'] / 2**30:.2f} GiB" if r.get("fits") else f"over {result['limit_bytes'] / 2**30:.0f} GiB"
+    sec = lambda r: f"{r['wall_s']:.1f} s" if r.get("fits") else "-"
+    print(f"\n{result['model']}; one process per cell, {result['threads']} thread(s), peak resident memory the work added")
+    print("| tokens | forward dense | forward sparse | sparse / dense | step dense | step sparse | sparse / dense | same loss |")
+    print("|---|---|---|---|---|---|---|---|")
+    for seq in sorted({r["seq_len"] for r in rows}):
+        fd, fs, sd, ss = (get.get((seq, w, p), {}) for w, p in (("forward", "dense"), ("forward", "sparse"), ("step", "dense"), ("step", "sparse")))
+        ratio = lambda a, b: f"{b['peak_added_bytes'] / a['peak_added_bytes']:.2f} mem, {b['wall_s'] / a['wall_s']:.2f} wall" \
+            if a.get("fits") and b.get("fits") else "-"
+        same = "yes" if fd.get("fits") and fs.get("fits") and abs(fd["loss"] - fs["loss"]) <= 1e-5 * abs(fd["loss"]) else (
+            "-" if not fd.get("fits") else "NO")
+        print(f"| {seq:,} | {gib(fd)}, {sec(fd)} | {gib(fs)}, {sec(fs)} | {ratio(fd, fs)} | {gib(sd)}, {sec(sd)} | "
+              f"{gib(ss)}, {sec(ss)} | {ratio(sd, ss)} | {same} |")
+    sparse = [get[(s, "forward", "sparse")] for s in sorted({r["seq_len"] for r in rows}) if get.get((s, "forward", "sparse"), {}).get("fits")]
+    growth = [b["peak_added_bytes"] / a["peak_added_bytes"] for a, b in zip(sparse, sparse[1:])]
+    if growth:
+        print("sparse forward memory per doubling: " + ", ".join(f"x{g:.2f}" for g in growth))
+
+
+# -- what a long calibration of a published model needs, from its config alone ---------------------
+
+def bench_plan(args) -> None:
+    """`--dry-run` of GLM-5's configuration (transformers' `GlmMoeDsaConfig()`, no weights) per length
+    and attention path: the mask, the indexer's peak per call and the activation cache."""
+    from transformers import GlmMoeDsaConfig
+
+    from indexcache_calib.calibrate import Options, dry_run
+
+    tmp = Path(tempfile.mkdtemp(prefix="indexcache-plan-"))
+    config = GlmMoeDsaConfig(max_position_embeddings=max(args.lengths))
+    config.save_pretrained(tmp)
+    data = tmp / "data.txt"
+    data.write_text("x\n")
+    rows = []
+    for seq in args.lengths:
+        for path in ("dense", "sparse"):
+            p = dry_run(Options(model=str(tmp), data=str(data), target="1/4", seq_len=seq, num_samples=args.samples,
+                                dtype="bfloat16", device_map="cpu", attention=path))
+            rows.append({"seq_len": seq, "attention": path, "mask_per_batch": p["attention_mask_per_batch"],
+                         "indexer_peak": p["indexer_peak_per_layer"], "indexer_rows": p["indexer_rows_per_call"],
+                         "activation_cache": p["activation_cache"]})
+    result = {"model": "GlmMoeDsaConfig() (GLM-5), bfloat16", "samples": args.samples, "rows": rows}
+    _save("long_plan", result)
+    print_plan(result)
+
+
+def print_plan(result: dict) -> None:
+    from indexcache_calib.dryrun import size_str
+
+    get = {(r["seq_len"], r["attention"]): r for r in result["rows"]}
+    print(f"\n{result['model']}, {result['samples']} calibration sequence(s), --dry-run per length")
+    print("| tokens | mask per batch, dense | mask per batch, sparse | indexer peak per call | activation cache |")
+    print("|---|---|---|---|---|")
+    for seq in sorted({r["seq_len"] for r in result["rows"]}):
+        d, s = get[(seq, "dense")], get[(seq, "sparse")]
+        print(f"| {seq:,} | {size_str(d['mask_per_batch'])} | {size_str(s['mask_per_batch'])} | "
+              f"{size_str(s['indexer_peak'])} ({s['indexer_rows']:,} rows) | {size_str(s['activation_cache'])} |")
+
+
+# -- does calibration length matter? -------------------------------------------------------------
+
+def bench_lengths(args) -> None:
+    """Calibrate at a short and a long length, then score both searched patterns (and uniform) at the
+    long length on held-out data, per ratio: loss gap to all-Full, paired SE of the difference, and each
+    layer's top-k overlap."""
+    import torch
+
+    from indexcache_calib.attention import set_attention
+    from indexcache_calib.bench import _tokens
+    from indexcache_calib.calibrate import Hooks, Options, calibrate
+    from indexcache_calib.model import load_with_layout
+    from indexcache_calib.pattern import uniform_pattern
+    from indexcache_calib.runner import PatternRunner
+    from indexcache_calib.stats import mean_se, paired_differences
+
+    runs = {}
+    ratios = args.ratios
+    smallest = max(ratios)
+    for label, seq, samples in (("short", args.short, args.short_samples), ("long", args.long, args.long_samples)):
+        out = OUT / "lengths" / f"{label}_{seq}x{samples}"
+        opts = Options(model=args.model, data=args.data, target=f"1/{smallest}", out=str(out), seq_len=seq, num_samples=samples,
+                       plots=False, resume=(out / "checkpoint.json").exists(), overwrite=not (out / "checkpoint.json").exists())
+        t0 = time.perf_counter()
+        layer_map, _ = calibrate(opts, Hooks(message=lambda m: print(m, file=sys.stderr)))
+        runs[label] = {"seq_len": seq, "samples": samples, "wall_s": time.perf_counter() - t0,
+                       "patterns": {str(s["num_full"]): s["pattern"] for s in layer_map["path"]},
+                       "undecided_steps": layer_map["search"]["undecided_steps"]}
+    model, layout = load_with_layout(args.model, device_map="cpu")
+    set_attention(model, "sparse")
+    torch.set_num_threads(args.threads)
+    held = _tokens(args.model, args.heldout, args.long, args.heldout_samples)
+    runner = PatternRunner(model, layout, held, cache_device="none")
+    n = layout.num_positions
+    all_full = runner.score("F" * n)
+    table = []
+    for ratio in ratios:
+        full = math.ceil(n / ratio)
+        row = {"ratio": f"1/{ratio}", "num_full": full}
+        for label in ("short", "long"):
+            pattern = runs[label]["patterns"][str(full)]
+            score = runner.score(pattern)
+            row[label] = {"pattern": pattern, "loss": score.loss, "gap": score.loss - all_full.loss,
+                          "overlap": {str(k): v for k, v in runner.last_layer_overlap.items()}, "seq_losses": score.seq_losses}
+        uni = uniform_pattern(n, full)
+        u = runner.score(uni)
+        row["uniform"] = {"pattern": uni, "gap": u.loss - all_full.loss}
+        d = paired_differences(dict(enumerate(row["short"]["seq_losses"])), dict(enumerate(row["long"]["seq_losses"])))
+        row["short_minus_long"], row["paired_se"] = mean_se(d)
+        table.append(row)
+    result = {"model": args.model, "data": args.data, "heldout": args.heldout, "heldout_sequences": int(held.shape[0]),
+              "heldout_seq_len": args.long, "all_full_loss": all_full.loss,
+              "runs": runs, "table": table}
+    _save("lengths", result)
+    print_lengths(result)
+
+
+def print_lengths(r: dict) -> None:
+    s, l = r["runs"]["short"], r["runs"]["long"]
+    print(f"\n{r['model']}: calibrated on {s['samples']} x {s['seq_len']} and on {l['samples']} x {l['seq_len']} tokens; "
+          f"scored on {r['heldout_sequences']} held-out sequences of {r['heldout_seq_len']} tokens (all-Full {r['all_full_loss']:.5f})")
+    print("| ratio | short-calibrated gap | long-calibrated gap | short - long ± paired SE | uniform gap | same pattern |")
+    print("|---|---|---|---|---|---|")
+    for row in r["table"]:
+        se = f" ± {row['paired_se']:.5f}" if row["paired_se"] is not None else ""
+        print(f"| {row['ratio']} | {row['short']['gap']:+.5f} | {row['long']['gap']:+.5f} | {row['short_minus_long']:+.5f}{se} | "
+              f"{row['uniform']['gap']:+.5f} | {'yes' if row['short']['pattern'] == row['long']['pattern'] else 'no'} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("memory")
+    m.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
+    m.add_argument("--layers", type=int, default=4)
+    m.add_argument("--limit-gib", type=float, default=16.0, help="address-space limit of each measuring process")
+    m.add_argument("--name", default="long_memory", help="result file under outputs/bench/")
+    c = sub.add_parser("_memory-child")
+    c.add_argument("--model-dir")
+    c.add_argument("--seq", type=int)
+    c.add_argument("--path", choices=["dense", "sparse"])
+    c.add_argument("--what", choices=["forward", "step"])
+    pl = sub.add_parser("plan")
+    pl.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536, 131072, 200_000])
+    pl.add_argument("--samples", type=int, default=1)
+    ln = sub.add_parser("lengths")
+    ln.add_argument("--model", default="tiny-dsa-long")
+    ln.add_argument("--data", default="calibration_data/code.jsonl")
+    ln.add_argument("--heldout", default="calibration_data/code.heldout.jsonl")
+    ln.add_argument("--short", type=int, default=512, help="short calibration length (tokens)")
+    ln.add_argument("--short-samples", type=int, default=32)
+    ln.add_argument("--long", type=int, default=4096, help="long calibration and scoring length (tokens)")
+    ln.add_argument("--long-samples", type=int, default=4)
+    ln.add_argument("--heldout-samples", type=int, default=8)
+    ln.add_argument("--ratios", type=int, nargs="+", default=[2, 4, 8])
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    if args.cmd == "_memory-child":
+        print(json.dumps(_memory_child(args.model_dir, args.seq, args.path, args.what)))
+    else:
+        {"memory": bench_memory, "plan": bench_plan, "lengths": bench_lengths}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""What a long calibration needs, as `--dry-run` predicts it and as a run records it."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from indexcache_calib.artifact import LAYER_MAP
+from indexcache_calib.attention import CHUNK_BYTES
+from indexcache_calib.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("samples,seq", [(2, 48), (3, 64)])
+def test_dry_run_cache_estimate_bounds_what_the_run_records(glm_dir, text_data, tmp_path, samples, seq):
+    args = ["calibrate", "--model", str(glm_dir), "--data", str(text_data), "--seq-len", str(seq), "--num-samples",
+            str(samples), "--target", "1/3", "--out", str(tmp_path / "run"), "--no-plots"]
+    r = runner.invoke(app, args + ["--dry-run", "--json"])
+    assert r.exit_code == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["attention"] == "sparse"
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.stderr
+    recorded = json.loads((tmp_path / "run" / LAYER_MAP).read_text())["environment"]["work"]["peak_cache_bytes"]
+    # The same three parts counted the same way: an upper bound the run comes close to.
+    assert recorded <= plan["activation_cache"] <= 1.35 * recorded
+
+
+def test_dry_run_names_the_attention_path_and_its_mask(glm_dir, text_data):
+    base = ["calibrate", "--model", str(glm_dir), "--data", str(text_data), "--seq-len", "2048", "--dry-run", "--json"]
+    sparse = json.loads(runner.invoke(app, base).stdout)
+    dense = json.loads(runner.invoke(app, base + ["--attention", "dense"]).stdout)
+    assert (sparse["attention"], dense["attention"]) == ("sparse", "dense")
+    assert dense["attention_mask_per_batch"] == 2048 * 2048 * 4  # fp32 tiny model: the [1, 1, S, T] mask
+    assert sparse["attention_mask_per_batch"] <= CHUNK_BYTES
+    text = runner.invoke(app, base[:-1]).stdout
+    assert "top-k gathered per query chunk" in text.replace("\n", " ")
