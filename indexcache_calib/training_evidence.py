@@ -124,13 +124,13 @@ def run_distill(args, data_dir: Path, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from indexcache_calib.calibrate import Hooks, Options, calibrate
-    from indexcache_calib.distill import FAMILIES, DistillOptions, _load_config, distill, load_with_pattern
-    from indexcache_calib.model import resolve
+    from indexcache_calib.distill import DistillOptions, _load_config, distill, family_of, load_with_pattern
+    from indexcache_calib.model import read_config_json
     from indexcache_calib.pattern import FULL, uniform_pattern
     from indexcache_calib.warmup import sequence_losses, use_eager
 
-    src = Path(resolve(args.model).location)
-    fam = FAMILIES["glm_moe_dsa"]
+    _, src, raw = read_config_json(args.model)
+    _, fam = family_of(raw, args.model)  # the family distill itself would pick for this checkpoint
     config, sub = _load_config(src, fam)
     n = sub.num_hidden_layers
     every = args.every
