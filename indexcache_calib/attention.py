@@ -47,14 +47,30 @@ def _sparse_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
                 attention_mask=attention_mask, use_vmap=use_vmap, device=device)
     if not _lazy_depth:
         return sdpa_mask(q_length=q_length, q_offset=q_offset, allow_is_causal_skip=False, **args)
-    base = torch.ones((), dtype=torch.bool, device=device)
+    return _placeholder(args, q_offset, q_length)
+
+
+def _placeholder(args: dict, q_offset, q_length: int) -> torch.Tensor:
+    base = torch.ones((), dtype=torch.bool, device=args["device"])
     # The arguments ride on the 0-dim base: every view the model takes of the placeholder shares it.
     base._indexcache_rows = functools.partial(_rows_of, args, q_offset)
-    return base.expand(batch_size, 1, q_length, kv_length)
+    base._indexcache_args = (args, q_offset, q_length)
+    return base.expand(args["batch_size"], 1, q_length, args["kv_length"])
 
 
 def _rows_of(args: dict, q_offset, q0: int, q1: int) -> torch.Tensor:
     return sdpa_mask(q_length=q1 - q0, q_offset=q_offset + q0, allow_is_causal_skip=False, **args)
+
+
+def on_device(mask, device):
+    """The placeholder on `device`, still a placeholder: a plain `.to()` (accelerate moving a layer's
+    inputs) would write out all of its [seq, keys] and lose what it stands for. Anything else as it is."""
+    if not is_lazy(mask) or device is None or mask.device == torch.device(device):
+        return mask
+    args, q_offset, q_length = mask._base._indexcache_args
+    padding = args["attention_mask"]
+    moved = {**args, "device": device, "attention_mask": None if padding is None else padding.to(device)}
+    return _placeholder(moved, q_offset, q_length)
 
 
 def is_lazy(mask) -> bool:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from indexcache_calib.attention import SPARSE, attention_path, current, lazy_masks
+from indexcache_calib.attention import SPARSE, attention_path, current, lazy_masks, on_device
 from indexcache_calib.errors import CalibError, is_out_of_memory
 from indexcache_calib.pattern import FULL, source_layers
 from indexcache_calib.search import Score
@@ -190,7 +190,8 @@ class _Driver:
                     kwargs[name].clear()
                     kwargs[name].update(value)
             return output
-        out = layer(*args, **kwargs)
+        device = _execution_device(layer)
+        out = layer(*(on_device(a, device) for a in args), **{k: on_device(v, device) for k, v in kwargs.items()})
         hidden = out[0] if isinstance(out, (tuple, list)) else out
         runner.counters.layer_forwards += hidden.shape[0]
         runner.counters.tokens += hidden.shape[0] * hidden.shape[1]
@@ -204,6 +205,16 @@ class _Driver:
         if i == runner.layout.num_layers - 1:
             self.last_output = out
         return out
+
+
+def _execution_device(layer):
+    """Where a decoder layer runs: accelerate's hook says so for dispatched models; else its weights."""
+    hook = getattr(layer, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or [hook]:
+        if getattr(h, "execution_device", None) is not None:
+            return h.execution_device
+    param = next(layer.parameters(), None)
+    return None if param is None or param.device.type == "meta" else param.device
 
 
 @contextmanager
