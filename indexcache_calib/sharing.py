@@ -62,7 +62,7 @@ def _cache_kwarg(params) -> str:
 
 
 # Bound on the fp32 per-head score tensor of one indexer call when --indexer-chunk is left automatic.
-AUTO_SCORE_BYTES = 256 << 20  # the library also keeps a ReLU copy and the head-weighted sum: about 2.5x this
+AUTO_SCORE_BYTES = 64 << 20  # the library also keeps a ReLU copy and the head-weighted sum: about 2.5x this
 
 
 def auto_chunk(batch: int, heads: int, seq: int) -> int:
