@@ -9,6 +9,13 @@ Each domain gets `<domain>.jsonl` (calibration/training split) and
 deterministic: inputs are walked in sorted order, documents are chosen and split
 by SHA-256 of their id (no random numbers), and output is written sorted by id.
 
+A long-context split per domain, `<domain>-long.jsonl` and `<domain>-long.heldout.jsonl`,
+holds long documents from the same sources, for calibration at thousands of tokens:
+whole standard-library files over the short split's size cap (so never in it), and
+chapters of consecutive Info nodes in manual order. Long held-out text shares no
+document with any calibration split, short or long, and long calibration text none
+with the short held-out split.
+
     python -m indexcache_calib.recipes.build_data [--python-root DIR] [--info-root DIR] [--out DIR]
 """
 
@@ -37,6 +44,15 @@ CODE_SKIP_DIRS = {
 }
 CODE_MIN_BYTES, CODE_MAX_BYTES = 1_000, 32_000
 DOCS_MIN_CHARS = 400
+# Long split: whole files longer than the short split's cap (and no bigger than this), and Info
+# chapters of at least DOCS_LONG_MIN_CHARS of consecutive nodes. Per domain, about LONG_HELDOUT_BYTES
+# of held-out text first, then calibration text up to LONG_BUDGET bytes in all.
+CODE_LONG_MAX_BYTES = 128_000
+CODE_LONG_SKIP = {"html/entities.py"}  # a generated table
+DOCS_LONG_MIN_CHARS = 40_000
+LONG_MIN_CHARS = 16_000  # a long document shorter than this, once filtered, is left out
+LONG_BUDGET = 1_200_000
+LONG_HELDOUT_BYTES = 360_000
 # Index, licence and copying nodes are lists or legal text, not documentation prose.
 DOCS_SKIP_NODE = re.compile(r"^top$|index|licen[cs]e|copying|\bfdl\b|\bgpl\b", re.IGNORECASE)
 
@@ -63,6 +79,81 @@ def code_documents(python_root: str | Path) -> dict[str, str]:
         except UnicodeDecodeError:
             continue
     return docs
+
+
+def long_code_documents(python_root: str | Path) -> dict[str, str]:
+    """Standard-library files over CODE_MAX_BYTES (never in the short split) up to CODE_LONG_MAX_BYTES."""
+    root = Path(python_root)
+    docs: dict[str, str] = {}
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if any(part in CODE_SKIP_DIRS or part.startswith("config-") for part in rel.parts[:-1]):
+            continue
+        if rel.name.startswith("_sysconfigdata") or rel.as_posix() in CODE_LONG_SKIP:
+            continue
+        data = path.read_bytes()
+        if not CODE_MAX_BYTES < len(data) <= CODE_LONG_MAX_BYTES:
+            continue
+        try:
+            docs[rel.as_posix()] = data.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return docs
+
+
+def docs_chapters(manuals: dict[str, dict]) -> dict[str, list[str]]:
+    """Runs of consecutive nodes in manual order, each of at least DOCS_LONG_MIN_CHARS (a short tail joins
+    the run before it), keyed `<manual>/<first node>`; values are the node ids `<manual>/<node>` in order."""
+    chapters: dict[str, list[str]] = {}
+    for manual, info in manuals.items():
+        runs: list[list[str]] = []
+        run, size = [], 0
+        for node, text in info["nodes"].items():
+            run.append(node)
+            size += len(text)
+            if size >= DOCS_LONG_MIN_CHARS:
+                runs.append(run)
+                run, size = [], 0
+        if run:
+            if runs:
+                runs[-1].extend(run)
+            else:
+                runs.append(run)
+        for r in runs:
+            chapters[f"{manual}/{r[0]}"] = [f"{manual}/{n}" for n in r]
+    return chapters
+
+
+def long_split(units: dict[str, list[str]], domain: str, texts: dict[str, str], heldout_bytes: int,
+               budget_bytes: int, exclude_heldout: set[str] = frozenset(), exclude_calib: set[str] = frozenset()):
+    """Held-out long documents first (in order of SHA-256 of `"<domain>/long-heldout/<id>"`, until about
+    `heldout_bytes`), then calibration ones in order of `"<domain>/long-select/<id>"` up to `budget_bytes`
+    in all. A unit is a list of part ids (`texts` holds the parts): a file, or a chapter's nodes; a held-out unit leaves
+    out the parts in `exclude_heldout`, a calibration unit the parts in `exclude_calib`; parts are joined
+    by a blank line and units shorter than LONG_MIN_CHARS once filtered are left out."""
+    def text_of(unit, exclude):
+        return "\n".join(texts[p] for p in unit if p not in exclude)
+
+    heldout, calib, total = [], [], 0
+    held_ids: set[str] = set()
+    for uid in sorted(units, key=lambda u: _hash(domain, "long-heldout", u)):
+        if total >= heldout_bytes:
+            break
+        text = text_of(units[uid], exclude_heldout)
+        if len(text) >= LONG_MIN_CHARS:
+            heldout.append({"id": uid, "text": text})
+            held_ids.add(uid)
+            total += len(text.encode())
+    for uid in sorted(units, key=lambda u: _hash(domain, "long-select", u)):
+        if total >= budget_bytes:
+            break
+        if uid in held_ids:
+            continue
+        text = text_of(units[uid], exclude_calib)
+        if len(text) >= LONG_MIN_CHARS:
+            calib.append({"id": uid, "text": text})
+            total += len(text.encode())
+    return sorted(calib, key=lambda r: r["id"]), sorted(heldout, key=lambda r: r["id"])
 
 
 _INFO_NAME = re.compile(r"^(?P<manual>.+?)\.info(?:-(?P<part>\d+))?(?:\.gz)?$")
@@ -190,7 +281,8 @@ def _file_stats(path: Path, n_docs: int) -> dict:
 
 
 def build(out_dir: str | Path, python_root: str | Path, info_root: str | Path,
-          budget_bytes: int = DEFAULT_BUDGET, heldout_percent: int = DEFAULT_HELDOUT_PERCENT) -> dict:
+          budget_bytes: int = DEFAULT_BUDGET, heldout_percent: int = DEFAULT_HELDOUT_PERCENT,
+          long_budget_bytes: int = LONG_BUDGET, long_heldout_bytes: int = LONG_HELDOUT_BYTES) -> dict:
     """Write both domains, licence texts and README.md into `out_dir`; return the summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,6 +294,11 @@ def build(out_dir: str | Path, python_root: str | Path, info_root: str | Path,
     for split_name, records in zip(("", ".heldout"), select_and_split(code, "code", budget_bytes, heldout_percent)):
         write_jsonl(out / f"code{split_name}.jsonl", records)
         summary.setdefault("code", []).append(_file_stats(out / f"code{split_name}.jsonl", len(records)))
+    long_code = long_code_documents(python_root)
+    for split_name, records in zip(("", ".heldout"), long_split({d: [d] for d in long_code}, "code", long_code, long_heldout_bytes,
+                                                                long_budget_bytes)):
+        write_jsonl(out / f"code-long{split_name}.jsonl", records)
+        summary.setdefault("code-long", []).append(_file_stats(out / f"code-long{split_name}.jsonl", len(records)))
     psf = Path(python_root) / "LICENSE.txt"
     psf_notice = "Copyright (c) 2001 Python Software Foundation; All Rights Reserved"
     if psf.is_file():
@@ -214,20 +311,31 @@ def build(out_dir: str | Path, python_root: str | Path, info_root: str | Path,
     docs = {f"{m}/{node}": text for m, info in manuals.items() for node, text in info["nodes"].items()}
     if not docs:
         raise SystemExit(f"no GFDL Info manual found under {info_root}")
+    short_ids = {}
     for split_name, records in zip(("", ".heldout"), select_and_split(docs, "docs", budget_bytes, heldout_percent)):
         write_jsonl(out / f"docs{split_name}.jsonl", records)
         summary.setdefault("docs", []).append(_file_stats(out / f"docs{split_name}.jsonl", len(records)))
+        short_ids[split_name] = {r["id"] for r in records}
+    # Long held-out chapters leave out the nodes of the short calibration split, long calibration
+    # chapters those of the short held-out split.
+    for split_name, records in zip(("", ".heldout"), long_split(docs_chapters(manuals), "docs", docs, long_heldout_bytes,
+                                                                long_budget_bytes, exclude_heldout=short_ids[""],
+                                                                exclude_calib=short_ids[".heldout"])):
+        write_jsonl(out / f"docs-long{split_name}.jsonl", records)
+        summary.setdefault("docs-long", []).append(_file_stats(out / f"docs-long{split_name}.jsonl", len(records)))
     gfdl = next((info["gfdl"] for info in manuals.values() if info["gfdl"]), None)
     if gfdl:
         (out / "LICENSE.GFDL.txt").write_text(gfdl, encoding="utf-8")
 
     used = sorted({r.split("/", 1)[0] for r in docs})
     (out / "README.md").write_text(_readme(summary, python_root, info_root, manuals, used, psf_notice,
-                                           budget_bytes, heldout_percent), encoding="utf-8")
+                                           budget_bytes, heldout_percent, long_budget_bytes, long_heldout_bytes),
+                                   encoding="utf-8")
     return summary
 
 
-def _readme(summary, python_root, info_root, manuals, used, psf_notice, budget_bytes, heldout_percent) -> str:
+def _readme(summary, python_root, info_root, manuals, used, psf_notice, budget_bytes, heldout_percent,
+            long_budget_bytes=LONG_BUDGET, long_heldout_bytes=LONG_HELDOUT_BYTES) -> str:
     rows = []
     for domain, files in summary.items():
         for s in files:
@@ -254,6 +362,26 @@ sorted by `id`. `<domain>.jsonl` is the calibration (and training) split;
 Selection: documents are taken in order of SHA-256 of `"<domain>/select/<id>"` until about
 {budget_bytes:,} bytes of text per domain; each is held out when the first 32 bits of
 SHA-256 of `"<domain>/split/<id>"` modulo 100 are below {heldout_percent}. Texts that occur twice are kept once.
+
+## Long documents: `<domain>-long.jsonl` and `<domain>-long.heldout.jsonl`
+
+For calibration and evaluation at long sequence lengths (thousands of tokens), where the short
+splits' documents (a few hundred to a few thousand tokens each) would pack many unrelated texts
+into one sequence. Same sources and licences as below; the make target is `recalibrate-<domain>-long`.
+
+- code-long: whole standard-library files of more than {CODE_MAX_BYTES:,} and at most {CODE_LONG_MAX_BYTES:,} bytes
+  (so none is in the short code split), with the short split's exclusions and `{", ".join(sorted(CODE_LONG_SKIP))}` (a generated table).
+- docs-long: chapters of one manual, runs of consecutive Info nodes in the manual's order of at least
+  {DOCS_LONG_MIN_CHARS:,} characters (a shorter tail joins the run before it), nodes cleaned as below and
+  separated by a blank line; `id` is `<manual>/<first node>`. A held-out chapter leaves out the nodes
+  that are in `docs.jsonl`, a calibration chapter those in `docs.heldout.jsonl`, so no held-out node,
+  short or long, is in any calibration file (paragraphs a manual repeats in several nodes, such as
+  shared option descriptions, can still occur on both sides, as in the short split). A chapter leaves
+  a gap where a node was left out; calibration chapters repeat nodes of `docs.jsonl`.
+- Selection: held-out documents first, in order of SHA-256 of `"<domain>/long-heldout/<id>"`, until about
+  {long_heldout_bytes:,} bytes; then calibration documents in order of SHA-256 of `"<domain>/long-select/<id>"`
+  until about {long_budget_bytes:,} bytes in all. Documents under {LONG_MIN_CHARS:,} characters (after
+  leaving out nodes) are left out.
 
 ## code: Python standard library source
 
@@ -290,11 +418,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (default: calibration_data/)")
     p.add_argument("--budget-bytes", type=int, default=DEFAULT_BUDGET, help="text bytes per domain")
     p.add_argument("--heldout-percent", type=int, default=DEFAULT_HELDOUT_PERCENT)
+    p.add_argument("--long-budget-bytes", type=int, default=LONG_BUDGET, help="text bytes per domain of the long split")
+    p.add_argument("--long-heldout-bytes", type=int, default=LONG_HELDOUT_BYTES,
+                   help="text bytes per domain of the long held-out split")
     args = p.parse_args(argv)
-    summary = build(args.out, args.python_root, args.info_root, args.budget_bytes, args.heldout_percent)
+    summary = build(args.out, args.python_root, args.info_root, args.budget_bytes, args.heldout_percent,
+                    args.long_budget_bytes, args.long_heldout_bytes)
     for domain, files in summary.items():
         for s in files:
-            print(f"{domain:5s} {s['file']:22s} {s['documents']:5d} docs {s['bytes']:>10,} bytes  sha256 {s['sha256'][:16]}")
+            print(f"{domain:9s} {s['file']:26s} {s['documents']:5d} docs {s['bytes']:>10,} bytes  sha256 {s['sha256'][:16]}")
     return 0
 
 
