@@ -17,6 +17,22 @@ the model. Held-out losses, dense and all-F sparse, are reported per domain.
     python -m indexcache_calib.recipes.train_tiny --smoke --out /tmp/tiny   # seconds, for tests
     python -m indexcache_calib.recipes.train_tiny --arch glm4_moe_lite --layers 8 --out indexcache_calib/models/tiny-mla
 
+`--init-from DIR` continues training a saved GlmMoeDsa checkpoint (its tokenizer and weights; any
+architecture flag is ignored) at a new `--seq-len`, raising `max_position_embeddings` when needed;
+`--data-suffix=-long` trains on `<domain>-long.jsonl` (and evaluates on `<domain>-long.heldout.jsonl`);
+`--stages` picks the stages to run. tiny-dsa-long is tiny-dsa continued at 4096 tokens on the long split:
+
+    python -m indexcache_calib.recipes.train_tiny --init-from indexcache_calib/models/tiny-dsa --seq-len 4096 \
+        --data-suffix=-long --batch-size 1 --threads 1 --dense-attn sdpa --sparse-path gather --no-stage-evals \
+        --eval-initial --eval-seqs 4 --eval-every 0 --lr 3e-4 --sparse-lr 2e-4 \
+        --dense-minutes 7 --indexer-minutes 5 --sparse-minutes 14 --out indexcache_calib/models/tiny-dsa-long
+
+(about 40 minutes on the shared 2-core CPU; a batch of one sequence alternates domains from step to step).
+
+`--sparse-path gather` runs the sparse stage's LM forward on `indexcache_calib.attention`'s top-k
+attention (memory linear in length); the indexer KL's targets then come from a gradient-free eager
+forward with the same top-k, which is the same loss as the default single eager pass.
+
 `--arch glm4_moe_lite` trains the plain MLA architecture of GLM-4.7-Flash instead (stage 1 only): the
 source that `indexcache dsa-convert` turns into a DSA model.
 
@@ -105,8 +121,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-seqs", type=int, help="held-out sequences per domain for the reported losses")
     p.add_argument("--eval-every", type=int, help="steps between quick held-out checks (0: none)")
     p.add_argument("--tokenizer-docs", type=int, help="train the tokenizer on the first N documents per domain (0: all)")
+    p.add_argument("--init-from", help="continue training this saved GlmMoeDsa checkpoint (weights and tokenizer); "
+                                       "the architecture flags are ignored")
+    p.add_argument("--data-suffix", default="", help="read <domain><suffix>.jsonl and <domain><suffix>.heldout.jsonl "
+                                                     "(e.g. -long)")
+    p.add_argument("--stages", default="dense,indexer,sparse",
+                   help="comma-separated stages to run, in recipe order (glm_moe_dsa)")
+    p.add_argument("--dense-attn", choices=("eager", "sdpa"), default="eager",
+                   help="attention implementation of the dense stage (sdpa: less memory at long lengths)")
+    p.add_argument("--sparse-path", choices=("eager", "gather"), default="eager",
+                   help="sparse stage: eager top-k mask (default), or indexcache_calib.attention's gather-based "
+                        "top-k attention for the LM forward, with the indexer KL targets from a no-grad eager pass")
+    p.add_argument("--no-stage-evals", dest="stage_evals", action="store_false",
+                   help="skip the held-out evaluations after the dense and indexer stages (long sequences on a CPU)")
+    p.add_argument("--eval-initial", action="store_true", help="evaluate the --init-from checkpoint before training")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.stages = [st.strip() for st in args.stages.split(",") if st.strip()]
+    if not args.stages or any(st not in BUDGET_SHARE for st in args.stages):
+        p.error(f"--stages takes a comma-separated subset of {', '.join(BUDGET_SHARE)}")
+    if args.init_from and args.arch != "glm_moe_dsa":
+        p.error("--init-from continues a glm_moe_dsa checkpoint")
     for key, value in (SMOKE if args.smoke else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -124,8 +159,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------- data
 
-def load_texts(data_dir: Path, domain: str, heldout: bool) -> list[str]:
-    path = data_dir / f"{domain}{'.heldout' if heldout else ''}.jsonl"
+def load_texts(data_dir: Path, domain: str, heldout: bool, suffix: str = "") -> list[str]:
+    path = data_dir / f"{domain}{suffix}{'.heldout' if heldout else ''}.jsonl"
     with open(path, encoding="utf-8") as f:
         return [json.loads(line)["text"] for line in f if line.strip()]
 
@@ -153,19 +188,22 @@ def token_stream(tok: PreTrainedTokenizerFast, texts: list[str]) -> torch.Tensor
 
 
 class Windows:
-    """Seeded random training windows; each batch alternates domains so both are always present."""
+    """Seeded random training windows; rows alternate domains (counting across batches, so a batch of one
+    sequence alternates from step to step) and an even batch always holds both."""
 
     def __init__(self, streams: dict[str, torch.Tensor], seq_len: int, batch_size: int, seed: int):
         self.streams, self.seq_len, self.batch_size = streams, seq_len, batch_size
         self.gen = torch.Generator().manual_seed(seed)
         self.tokens = sum(len(s) for s in streams.values())
+        self.rows = 0
 
     def __next__(self) -> torch.Tensor:
         rows = []
         for i in range(self.batch_size):
-            s = self.streams[DOMAINS[i % len(DOMAINS)]]
+            s = self.streams[DOMAINS[(self.rows + i) % len(DOMAINS)]]
             start = int(torch.randint(0, len(s) - self.seq_len + 1, (1,), generator=self.gen))
             rows.append(s[start:start + self.seq_len])
+        self.rows += self.batch_size
         return torch.stack(rows)
 
 
@@ -201,6 +239,19 @@ def build_model(args, tok: PreTrainedTokenizerFast):
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, initializer_range=0.02,
     )
     return _scaled(GlmMoeDsaForCausalLM(config), layers)
+
+
+def load_init(args):
+    """The --init-from checkpoint, eager attention, `max_position_embeddings` raised to --seq-len if below;
+    the architecture arguments are set from its config."""
+    model = GlmMoeDsaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+    c = model.config
+    if c.max_position_embeddings < args.seq_len:
+        c.max_position_embeddings = args.seq_len
+    args.layers, args.hidden, args.heads = c.num_hidden_layers, c.hidden_size, c.num_attention_heads
+    args.index_topk, args.index_heads, args.vocab_size = c.index_topk, c.index_n_heads, c.vocab_size
+    model.set_attn_implementation("eager")
+    return model
 
 
 def _scaled(model, layers: int):
@@ -364,10 +415,14 @@ def train(args) -> dict:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls; weights and the rest stay fp32
     data_dir = Path(args.data)
 
-    train_texts = {d: load_texts(data_dir, d, heldout=False) for d in DOMAINS}
-    held_texts = {d: load_texts(data_dir, d, heldout=True) for d in DOMAINS}
-    tok_texts = [t for d in DOMAINS for t in (train_texts[d][: args.tokenizer_docs] if args.tokenizer_docs else train_texts[d])]
-    tok = train_tokenizer(tok_texts, args.vocab_size, max(4096, args.seq_len))
+    train_texts = {d: load_texts(data_dir, d, heldout=False, suffix=args.data_suffix) for d in DOMAINS}
+    held_texts = {d: load_texts(data_dir, d, heldout=True, suffix=args.data_suffix) for d in DOMAINS}
+    if args.init_from:
+        tok = PreTrainedTokenizerFast.from_pretrained(args.init_from)
+        tok.model_max_length = max(tok.model_max_length, args.seq_len)
+    else:
+        tok_texts = [t for d in DOMAINS for t in (train_texts[d][: args.tokenizer_docs] if args.tokenizer_docs else train_texts[d])]
+        tok = train_tokenizer(tok_texts, args.vocab_size, max(4096, args.seq_len))
     train_streams = {d: token_stream(tok, train_texts[d]) for d in DOMAINS}
     held_streams = {d: token_stream(tok, held_texts[d]) for d in DOMAINS}
     eval_windows = {}
@@ -378,13 +433,16 @@ def train(args) -> dict:
     print(f"tokenizer: {len(tok)} tokens; train tokens " + ", ".join(f"{d} {len(s):,}" for d, s in train_streams.items())
           + "; held-out tokens " + ", ".join(f"{d} {len(s):,}" for d, s in held_streams.items()), flush=True)
 
-    model = build_model(args, tok).to(args.device)
+    model = (load_init(args) if args.init_from else build_model(args, tok)).to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     dsa = args.arch == "glm_moe_dsa"
     print(f"{type(model).__name__}: {args.layers} layers, hidden {args.hidden}, {n_params:,} parameters "
           f"({n_params * 4 / 1e6:.1f} MB fp32), {f'index_topk {args.index_topk}, ' if dsa else ''}seq_len {args.seq_len}, "
           f"device {args.device}", flush=True)
     stages, evals = [], {}
+    if args.eval_initial:
+        evals["initial"] = evaluate(model, eval_windows, args, recall=dsa)
+        print(f"initial: {json.dumps(evals['initial'])}", flush=True)
 
     # 1. dense: the indexers are bypassed, so they neither cost time nor get gradients.
     main_ps, idx_ps = set_trainable(model, main=True, indexer=False)
@@ -395,11 +453,17 @@ def train(args) -> dict:
         loss.backward()
         return {"loss": loss.item()}
 
-    stages.append(run_stage("dense", args, model, decay_groups(main_ps, args.lr), dense_step,
-                            Windows(train_streams, args.seq_len, args.batch_size, args.seed * 1000 + 1),
-                            lambda: evaluate(model, quick_windows, args, modes=("dense",))))
-    evals["after_dense"] = evaluate(model, eval_windows, args, modes=("dense", "sparse") if dsa else ("dense",), recall=dsa)
-    print(f"after dense: {json.dumps(evals['after_dense'])}", flush=True)
+    if "dense" in args.stages or not dsa:
+        if args.dense_attn != "eager":
+            model.set_attn_implementation(args.dense_attn)
+        stages.append(run_stage("dense", args, model, decay_groups(main_ps, args.lr), dense_step,
+                                Windows(train_streams, args.seq_len, args.batch_size, args.seed * 1000 + 1),
+                                lambda: evaluate(model, quick_windows, args, modes=("dense",))))
+        model.set_attn_implementation("eager")
+        if args.stage_evals or not dsa:
+            evals["after_dense"] = evaluate(model, eval_windows, args, modes=("dense", "sparse") if dsa else ("dense",),
+                                            recall=dsa)
+            print(f"after dense: {json.dumps(evals['after_dense'])}", flush=True)
     if not dsa:  # glm4_moe_lite: no indexer; `indexcache dsa-convert` adds and warms them up
         return _save(args, model, tok, stages, evals, data_dir, train_streams, held_streams, eval_windows, n_params, t_start)
 
@@ -414,10 +478,12 @@ def train(args) -> dict:
         verified.append(True)
         return {"loss": res.loss}
 
-    stages.append(run_stage("indexer", args, model, decay_groups(idx_ps, args.indexer_lr), indexer_step,
-                            Windows(train_streams, args.seq_len, args.batch_size, args.seed * 1000 + 2)))
-    evals["after_indexer"] = evaluate(model, eval_windows, args, recall=True)
-    print(f"after indexer warm-up: {json.dumps(evals['after_indexer'])}", flush=True)
+    if "indexer" in args.stages:
+        stages.append(run_stage("indexer", args, model, decay_groups(idx_ps, args.indexer_lr), indexer_step,
+                                Windows(train_streams, args.seq_len, args.batch_size, args.seed * 1000 + 2)))
+        if args.stage_evals:
+            evals["after_indexer"] = evaluate(model, eval_windows, args, recall=True)
+            print(f"after indexer warm-up: {json.dumps(evals['after_indexer'])}", flush=True)
 
     # 3. sparse: top-k attention; LM loss trains the main weights, the KL over the selected keys
     # trains the indexers (their inputs are detached, as the top-k passes no gradient anyway).
@@ -437,10 +503,44 @@ def train(args) -> dict:
         loss.backward()
         return {"loss": loss.item(), "lm": lm.item(), "kl": float(kl.detach()) if torch.is_tensor(kl) else kl}
 
-    groups = decay_groups(main_ps, args.sparse_lr) + decay_groups(idx_ps, args.indexer_lr)
-    stages.append(run_stage("sparse", args, model, groups, sparse_step,
-                            Windows(train_streams, args.seq_len, args.batch_size, args.seed * 1000 + 3),
-                            lambda: evaluate(model, quick_windows, args, modes=("sparse",))))
+    def sparse_step_gather(x):
+        # The same loss as sparse_step in two passes: a no-grad eager forward with the library's indexers
+        # records each layer's indexer call, top-k and (top-k) attention probabilities; each indexer's KL
+        # over its selected keys is backpropagated one layer at a time; then the LM forward and backward run
+        # on the gather-based sparse attention with those top-k (memory linear in length).
+        calls, probs, topks = {}, {}, {}
+
+        def record(i, ix):
+            def forward(*a, **kw):
+                calls[i] = Call(a, kw)
+                _, topks[i] = warmup.index_scores(ix, calls[i], grad=False)
+                return topks[i]
+            return forward
+
+        with torch.no_grad(), warmup.swap_indexers(model, record), warmup.attention_probs(model, probs):
+            warmup.base_model(model)(input_ids=x, use_cache=False)
+        ixs, kl = warmup.indexers(model), 0.0
+        for i, topk in topks.items():
+            scores, _ = warmup.index_scores(ixs[i], calls[i])
+            chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, topk.long(), True)
+            loss_i, value = warmup.multi_layer_kl([probs.pop(i)], scores.masked_fill(~chosen, float("-inf")))
+            (args.kl_weight * loss_i / len(topks)).backward()
+            kl += value / len(topks)
+            del scores, loss_i
+        calls.clear()
+        with sparse_attention.attention_path(model, "sparse"), \
+                warmup.swap_indexers(model, lambda i, ix: (lambda *a, **kw: topks[i])):
+            lm = model(input_ids=x, labels=x).loss
+        lm.backward()
+        return {"loss": lm.item() + args.kl_weight * kl, "lm": lm.item(), "kl": kl}
+
+    if "sparse" in args.stages:
+        if args.sparse_path == "gather":
+            from indexcache_calib import attention as sparse_attention
+        groups = decay_groups(main_ps, args.sparse_lr) + decay_groups(idx_ps, args.indexer_lr)
+        stages.append(run_stage("sparse", args, model, groups, sparse_step_gather if args.sparse_path == "gather" else sparse_step,
+                                Windows(train_streams, args.seq_len, args.batch_size, args.seed * 1000 + 3),
+                                lambda: evaluate(model, quick_windows, args, modes=("sparse",))))
     set_trainable(model, main=True, indexer=True)
     # Final numbers use the library's own indexer forward (nothing replaced) for sparse.
     evals["final"] = evaluate(model, eval_windows, args, recall=True)
@@ -472,6 +572,9 @@ def _save(args, model, tok, stages, evals, data_dir, train_streams, held_streams
         "training": {"seq_len": args.seq_len, "batch_size": args.batch_size, "seed": args.seed,
                      "device": _device_name(args), "bf16_autocast": bool(args.bf16 and args.device == "cuda"),
                      "smoke": args.smoke, "kl_weight": args.kl_weight, "stages": stages,
+                     "init_from": _rel(Path(args.init_from)) if args.init_from else None,
+                     "max_position_embeddings": model.config.max_position_embeddings,
+                     "dense_attn": args.dense_attn, "sparse_path": args.sparse_path,
                      "total_wall_s": round(time.time() - t_start, 1)},
         "held_out_loss": evals,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -516,6 +619,20 @@ def model_card(log: dict) -> str:
                        f"(queries with more than {m['index_topk']} keys): {', '.join(f'{v:.2f}' for v in recall)}; "
                        f"the best possible top-{m['index_topk']} holds {', '.join(f'{v:.2f}' for v in ev['final']['oracle_recall'])}.\n")
     smoke = "\n**Smoke run: a few steps per stage, not a usable model.**\n" if t["smoke"] else ""
+    names = [s["stage"] for s in t["stages"]]
+    init = ""
+    if t.get("init_from"):
+        init = (f"\n**Continued training** of `{t['init_from']}` (its weights and tokenizer) at {t['seq_len']} tokens, "
+                f"`max_position_embeddings` {t['max_position_embeddings']}; stages run: {', '.join(names)}. "
+                "\"initial\" below is that checkpoint before any of it, on the same held-out sequences.\n")
+    paths = []
+    if t.get("dense_attn", "eager") != "eager" and "dense" in names:
+        paths.append(f"the dense stage ran on `{t['dense_attn']}` attention")
+    if t.get("sparse_path") == "gather" and "sparse" in names:
+        paths.append("the sparse stage's LM forward ran on `indexcache_calib.attention`'s gather-based top-k attention, "
+                     "the indexer KL targets on a gradient-free eager forward with the same top-k")
+    if paths:
+        init += "\nAttention: " + "; ".join(paths) + ".\n"
     return f"""# Tiny DSA checkpoint ({m['layers']} layers, hidden {m['hidden']})
 {smoke}
 A `GlmMoeDsaForCausalLM` (transformers' GLM-5 DSA architecture, unchanged) small enough for
@@ -525,7 +642,7 @@ tests and search benchmarks of IndexCache patterns. Trained by `indexcache_calib
 
 Load it with `AutoModelForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)`.
 All layers are `full` (every layer has its own indexer), so any F/S pattern can be searched.
-
+{init}
 ## Sizes
 
 - {m['parameters']:,} parameters, {m['weights_dtype']} weights (embeddings tied to the LM head).
