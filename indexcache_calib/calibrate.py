@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, EXIT_RESUME_MISMATCH, Ca
 from indexcache_calib.pattern import (
     FULL, SHARED, full_layers, indexer_types, resolve_num_full, source_layers, uniform_pattern, validate_pattern,
 )
-from indexcache_calib.search import DECIDED_SE, SEARCHES, Race, Score, Step, greedy_search, path
+from indexcache_calib.search import DECIDED_SE, SEARCHES, Race, Score, Step, greedy_search, path, race_summary
 
 ATTENTION_PATHS = ("auto", "sparse", "dense")
 OOM_HINT = ("lower --seq-len, --num-samples or --batch-size, use --attention sparse where the family allows it, set "
@@ -51,6 +52,7 @@ class Options:
     cache_budget: str | None = None  # e.g. "64GiB": a larger prefix cache goes to disk
     race_alpha: float = 0.05  # --search race: chance per step of dropping Algorithm 1's choice
     race_first: int = 4  # --search race: sequences in the first round
+    tolerance: str | float | None = None  # --search race: nats per step, or "auto" (see search.Race)
     attention: str = "auto"  # sparse, dense, or auto: sparse where the family passes its selection as indices
 
     def fingerprint_fields(self, ckpt) -> dict:
@@ -60,7 +62,11 @@ class Options:
         fields = ("seq_len", "num_samples", "seed", "batch_size", "search", "text_field", "dtype", "start_pattern")
         if self.search == "race":
             fields += ("race_alpha", "race_first")
-        return {**{k: getattr(self, k) for k in fields}, "attention": attention_for(self, ckpt)}
+        settings = {k: getattr(self, k) for k in fields}
+        if self.search == "race" and self.tolerance is not None:
+            # As parsed ("0.010" and "0.01" are one run); absent without one, as in older checkpoints.
+            settings["tolerance"] = parse_tolerance(self.tolerance)
+        return {**settings, "attention": attention_for(self, ckpt)}
 
 
 @dataclass
@@ -145,6 +151,20 @@ def check_seq_len(opts: Options, ckpt) -> None:
         raise CalibError(f"--seq-len {opts.seq_len} exceeds the model's max_position_embeddings {max_pos}")
 
 
+def parse_tolerance(value) -> float | str | None:
+    """--tolerance as the search takes it: None, "auto", or a finite number of nats >= 0."""
+    if value is None or value == "auto":
+        return value
+    try:
+        nats = float(value)
+    except (TypeError, ValueError):
+        nats = None
+    if nats is None or not math.isfinite(nats) or nats < 0:
+        raise CalibError(f"--tolerance {value} is not a number of nats >= 0 or 'auto'",
+                         hint="use e.g. --tolerance 0.001 (nats per step) or --tolerance auto")
+    return nats
+
+
 def check_options(opts: Options) -> None:
     from indexcache_calib.runner import CACHE_DEVICES
 
@@ -163,6 +183,16 @@ def check_options(opts: Options) -> None:
         raise CalibError(f"--race-alpha {opts.race_alpha} is not between 0 and 0.5", hint="use e.g. 0.05")
     if opts.race_first < 2:
         raise CalibError("--race-first must be at least 2 sequences", hint="a paired standard error needs two")
+    parse_tolerance(opts.tolerance)
+    if opts.tolerance is not None and opts.search != "race":
+        raise CalibError(f"--tolerance applies to --search race only, not --search {opts.search}",
+                         hint="add --search race, or leave --tolerance out")
+    if opts.search == "race" and -(-opts.race_first // opts.batch_size) >= -(-opts.num_samples // opts.batch_size):
+        raise CalibError(
+            f"--search race with {opts.num_samples} sequences and --race-first {opts.race_first}: the first round "
+            "already scores every sequence, so there is nothing to race",
+            hint="use --search exact (the same steps), more --num-samples, or a smaller --race-first",
+        )
     check_placement(opts)
 
 
@@ -363,6 +393,26 @@ def check_resume_settings(run_dir: Path, saved: dict, opts: Options, config_sha:
     check_fingerprint(run_dir, early, now)
 
 
+def race_section(opts: Options, steps: list[Step], positions: list[int]) -> dict:
+    """The layer map's race settings and, per step, what was dropped when and why; with a tolerance,
+    the tolerance (requested, and in nats per step), the confidence, and what it can have cost."""
+    tolerance = parse_tolerance(opts.tolerance)
+    summary = race_summary(steps, Race(opts.race_alpha, opts.race_first, tolerance), positions)
+    race = {"alpha": opts.race_alpha, "first_sequences": opts.race_first}
+    if tolerance is not None:
+        per_step = [r["tolerance"] for r in summary["steps"] if r["tolerance"] is not None]
+        race["confidence"] = 1 - opts.race_alpha
+        race["tolerance"] = {
+            "requested": tolerance,
+            "nats_per_step": per_step if tolerance == "auto" else tolerance,
+            "steps_ended_early": summary["steps_ended_early"],
+            # Against the greedy best at each step (not Algorithm 1's end point: the paths may part).
+            "given_away_at_most": summary["given_away_at_most"],
+            "steps_times_tolerance": summary["steps_times_tolerance"],
+        }
+    return {"race": race, "race_steps": summary["steps"]}
+
+
 def versions() -> dict:
     import accelerate
     import torch
@@ -496,7 +546,7 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
         base_score, steps = greedy_search(
             start, num_full, _Observed(), layout.fixed_shared, opts.search, done=done,
             on_step=on_step, on_candidate=hooks.candidate, allowed=lambda p: family.runs(p, positions) is None,
-            race=Race(opts.race_alpha, opts.race_first),
+            race=Race(opts.race_alpha, opts.race_first, parse_tolerance(opts.tolerance)),
         )
         final = steps[-1].pattern if steps else start
         if final.count(FULL) > num_full:
@@ -559,7 +609,7 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
             "candidate_sequences": sum(len(sc.seq_losses) for s in steps for sc in s.scores.values()),
             "decided_se": DECIDED_SE,
             "undecided_steps": [s.step for s in steps if not s.confidence.decided],
-            **({"race": {"alpha": opts.race_alpha, "first_sequences": opts.race_first}} if opts.search == "race" else {}),
+            **(race_section(opts, steps, positions) if opts.search == "race" else {}),
         },
         "provenance": {
             "model": opts.model,

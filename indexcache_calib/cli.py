@@ -106,6 +106,7 @@ def calibrate(
     search: str = typer.Option("fast", help="fast (prefix reuse + lazy re-scoring), race (Algorithm 1's candidates raced over calibration sequences), exact (Algorithm 1's answer bit for bit, prefix reuse only) or naive (Algorithm 1, full forwards)."),
     race_alpha: float = typer.Option(0.05, help="--search race: chance per step of dropping the candidate Algorithm 1 would choose."),
     race_first: int = typer.Option(4, help="--search race: sequences every candidate is scored on first (then doubling)."),
+    tolerance: Optional[str] = typer.Option(None, metavar="NATS|auto", help="--search race: end a step once every candidate left is, at confidence 1 - --race-alpha, within NATS of the best (auto: 2 paired SE over all sequences, per step)."),
     text_field: TextField = "text",
     overlap: bool = typer.Option(True, "--overlap/--no-overlap", help="Measure top-k overlap of shared layers (runs their own indexers)."),
     indexer_chunk: IndexerChunk = None,
@@ -135,7 +136,7 @@ def calibrate(
         dtype=dtype, max_memory=max_memory, offload_dir=offload_dir, trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle, resume=resume, overwrite=overwrite, plots=plots,
         start_pattern=start_pattern, cache_budget=cache_budget, race_alpha=race_alpha, race_first=race_first,
-        attention=attention,
+        tolerance=tolerance, attention=attention,
     )
     if target is None and num_full is None:
         opts.target = "1/4"
@@ -210,6 +211,13 @@ def _print_summary(layer_map: dict, run_dir) -> None:
     table.add_row("loss pattern", f"{loss['final']:.5f} (delta {loss['delta']:+.5f})")
     search, work = layer_map["search"], layer_map["environment"]["work"]
     table.add_row("search", f"{search['strategy']}: {search['steps']} steps, {search['candidates_scored']} candidates scored, {work['layer_forwards']} layer-forwards")
+    tol = search.get("race", {}).get("tolerance")
+    if tol:
+        per = f"{tol['requested']:.4g} nats" if tol["requested"] != "auto" else "auto (2 paired SE)"
+        ended = tol["steps_ended_early"]
+        table.add_row("tolerance", f"{per} per step at {search['race']['confidence']:.0%} confidence; {ended} step{'' if ended == 1 else 's'} "
+                      f"ended early: at most {tol['given_away_at_most']:.5f} nats given away vs the greedy best at each step "
+                      f"(steps x tolerance: {tol['steps_times_tolerance']:.5f})")
     out.print(table)
     from indexcache_calib.deploy import undecided_line
 

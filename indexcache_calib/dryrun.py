@@ -25,6 +25,9 @@ FAST_RESCORED = 0.5
 RACE_DROPPED_SEQUENCES = 14
 RACE_FINALISTS = 2.6
 RACE_WINNER_REPEAT = 0.6
+RACE_BASIS = (f"typical: extrapolated from shares measured on tiny-dsa at 64x512 (a dropped candidate used "
+              f"{RACE_DROPPED_SEQUENCES} sequences, {RACE_FINALISTS} per step ran to the end); at most: counted from "
+              "the config, as naive's count is")
 
 
 def search_work(num_layers: int, fixed: frozenset[int], num_full: int, search: str, samples: int,
@@ -136,6 +139,9 @@ def plan(opts, ckpt, num_full: int, attention: str = "dense") -> dict:
         w = search_work(n, fixed, num_full, name, samples, ckpt.positions, race_first)
         lf = w.get("layer_forwards", w.get("layer_forwards_typical"))
         by_search[name] = {"layer_forwards": lf, "tokens": lf * s, "estimate": "exact" if name == "naive" else "typical"}
+    if opts.search == "race" or by_search["race"]["layer_forwards"] != by_search["exact"]["layer_forwards"]:
+        by_search["race"]["basis"] = RACE_BASIS + (
+            "; the early end --tolerance allows is not in it" if getattr(opts, "tolerance", None) is not None else "")
     warnings = []
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if cache and opts.cache_device == "cpu" and cache > host // 2:
@@ -186,5 +192,7 @@ def describe(p: dict) -> list[tuple[str, str]]:
     for name, v in p["work_by_search"].items():
         kind = "" if v["estimate"] == "exact" else "typically "
         rows.append((f"  tokens if {name}", f"{kind}{v['tokens']:,} through decoder layers ({v['tokens'] / naive:.3f} of naive)"))
+    if "basis" in p["work_by_search"]["race"]:
+        rows.append(("  race's numbers", p["work_by_search"]["race"]["basis"]))
     rows += [("warning", w) for w in p["warnings"]]
     return rows

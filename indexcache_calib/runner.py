@@ -14,7 +14,7 @@ import math
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -232,11 +232,27 @@ def _slots(layout, driver: _Driver):
 
 @dataclass
 class _Candidate:
-    rank: tuple
+    """A candidate of the current step whose layer inputs are kept, so committing it runs nothing again:
+    the best whole score so far, or a race's partial scores, batch by batch. `sums`: the summed loss of
+    each sequence of each batch kept; `hits`/`total`: overlap counts of the layers from `start` on, over
+    those batches. `score` and `overlap` (the base's layers before `start` included) once it is whole."""
+
     pattern: str
-    score: Score
+    start: int
     store: _Store
-    overlap: tuple
+    score: Score | None = None
+    overlap: tuple = ({}, {})
+    sums: dict = field(default_factory=dict)
+    hits: dict = field(default_factory=dict)
+    total: dict = field(default_factory=dict)
+
+    @property
+    def rank(self) -> tuple:
+        return (self.score.loss, self.start)
+
+    def partial_mean(self) -> float:
+        sums = [x for v in self.sums.values() for x in v]
+        return math.fsum(sums) / len(sums) if sums else math.inf
 
 
 class PatternRunner:
@@ -267,6 +283,8 @@ class PatternRunner:
         self._base_overlap: tuple[dict, dict] = ({}, {})
         self._last_overlap: tuple[dict, dict] = ({}, {})
         self._best: _Candidate | None = None
+        self._pieces: dict[str, _Candidate] = {}  # a race's partial scores this step, by pattern
+        self._last_sums: list[float] = []  # summed loss per sequence of the last evaluation
         self._last_scored: tuple | None = None  # without a cache: the step's best candidate
         self._batches = [tokens[i : i + self.batch_size] for i in range(0, len(tokens), self.batch_size)]
         self.last_layer_overlap: dict[int, float] = {}
@@ -276,7 +294,8 @@ class PatternRunner:
         return len(self._batches)
 
     def note_cache(self, into: _Store) -> None:
-        held = self.store.bytes + (into.bytes if into is not self.store else 0) + (self._best.store.bytes if self._best else 0)
+        held = (self.store.bytes + (into.bytes if into is not self.store else 0) + (self._best.store.bytes if self._best else 0)
+                + sum(p.store.bytes for p in self._pieces.values()))
         self.counters.peak_cache_bytes = max(self.counters.peak_cache_bytes, held)
 
     # -- one forward -------------------------------------------------------------------------------
@@ -334,6 +353,7 @@ class PatternRunner:
                     state.current = self.store.get(("topk", positions[sources[flipped - 1]], b))
                 seq_sums += self._forward(self._batches[b])
         state.current, driver.replay, driver.into = None, None, None
+        self._last_sums = seq_sums
         per_token = self.tokens.shape[1] - 1
         overlaps = state.layer_overlap()
         score = Score(
@@ -371,12 +391,22 @@ class PatternRunner:
             self.base, self.base_score = pattern, score
             return score
         start = self._restart_layer(pattern)
+        best, self._best = self._best, None
+        if start > 0 and (best is None or best.pattern != pattern) and pattern in self._pieces:
+            # A race's winner that this process scored only in part (another process scored it whole):
+            # keep what was computed and run only its missing batches, while the old base is still whole.
+            if best is not None:
+                best.store.close()
+            best = self._complete(self._pieces[pattern])
+            del self._pieces[pattern]
+        for kept in self._pieces.values():
+            kept.store.close()
+        self._pieces = {}
         # Everything from the flipped layer on changes; the input of the flipped layer itself does not,
         # and is the starting point of the refresh.
         stale = [k for k in self.store.items if start == 0 or k[1] > start or (k[0] == "topk" and k[1] == start)]
         for key in stale:
             self.store.drop(key)
-        best, self._best = self._best, None
         if start > 0 and best is not None and best.pattern == pattern:
             # The committed pattern is the step's best candidate, whose layer inputs were kept while it
             # was scored: adopt them instead of running its layers again.
@@ -395,29 +425,96 @@ class PatternRunner:
 
     def score(self, pattern: str, batches: list[int] | None = None) -> Score:
         """Score `pattern` on every calibration batch, or only on `batches` (indices into the batches of
-        `batch_size` sequences): its `seq_losses` are then those batches' sequences, in that order."""
-        if batches is not None and list(batches) != list(range(self.num_batches)):
-            # A partial score is never the step's best candidate: committing needs every batch's inputs.
-            return self._evaluate(pattern, self._restart_layer(pattern), None, list(batches))
+        `batch_size` sequences): its `seq_losses` are then those batches' sequences, in that order.
+
+        A race scores a candidate batch by batch: what each partial score computed is kept (within the
+        room of one candidate's cache, the likeliest winners first), so scoring the winner whole, or
+        committing it, runs only the batches it has not been scored on."""
         start = self._restart_layer(pattern)
+        if batches is not None and list(batches) != list(range(self.num_batches)):
+            if start == 0:  # no cached base to start from: nothing worth keeping
+                return self._evaluate(pattern, 0, None, list(batches))
+            kept = self._pieces.pop(pattern, None)
+            if kept is not None and set(batches) & kept.sums.keys():  # scored again: start over
+                kept.store.close()
+                kept = None
+            self._pieces[pattern] = kept = kept or _Candidate(pattern, start, _Store(self.cache_device))
+            score = self._add_batches(kept, list(batches))
+            self._trim_pieces()
+            return score
         if start == 0:
             score = self._evaluate(pattern, 0, None)
             if self.store is None and (self._last_scored is None or score.loss < self._last_scored[1].loss):
                 self._last_scored = (pattern, score, self.last_layer_overlap)
             return score
+        if pattern in self._pieces:  # a race's candidate: only the batches it was not scored on run
+            candidate = self._complete(self._pieces[pattern])
+            del self._pieces[pattern]
+        else:
+            scratch = _Store(self.cache_device)
+            score = self._evaluate(pattern, start, scratch)
+            candidate = _Candidate(pattern, start, scratch, score, self._last_overlap)
         # Keep the layer inputs of the best candidate so far: it is the likely next base.
-        scratch = _Store(self.cache_device)
-        score = self._evaluate(pattern, start, scratch)
-        rank = (score.loss, start)
-        if self._best is None or rank < self._best.rank:
+        if self._best is None or candidate.rank < self._best.rank:
             if self._best is not None:
                 self._best.store.close()
-            self._best = _Candidate(rank, pattern, score, scratch, self._last_overlap)
+            self._best = candidate
         else:
-            scratch.close()
+            candidate.store.close()
+        return candidate.score
+
+    def _add_batches(self, kept: _Candidate, batches: list[int]) -> Score:
+        """Score `kept`'s pattern on `batches` from its flipped layer, and keep their layer inputs,
+        per-sequence sums and overlap counts with it."""
+        scratch = _Store(self.cache_device)
+        score = self._evaluate(kept.pattern, kept.start, scratch, batches)
+        kept.store.adopt(scratch)
+        sums = iter(self._last_sums)
+        for b in batches:
+            kept.sums[b] = [next(sums) for _ in range(len(self._batches[b]))]
+        hits, total = self._last_overlap
+        for i in total:
+            if i >= kept.start:  # earlier layers were not run: their counts are the base's
+                kept.hits[i] = kept.hits.get(i, 0.0) + hits.get(i, 0.0)
+                kept.total[i] = kept.total.get(i, 0.0) + total[i]
         return score
 
+    def _complete(self, kept: _Candidate) -> _Candidate:
+        """The whole score of a candidate kept in part: its missing batches run, the rest is reused. The
+        loss is summed from the same per-sequence sums as a whole evaluation's, so it is the same bits."""
+        missing = [b for b in range(self.num_batches) if b not in kept.sums]
+        if missing:
+            self._add_batches(kept, missing)
+        sums = [x for b in range(self.num_batches) for x in kept.sums[b]]
+        per_token = self.tokens.shape[1] - 1
+        base_hits, base_total = self._base_overlap
+        hits = {i: v for i, v in base_hits.items() if i < kept.start}
+        total = {i: v for i, v in base_total.items() if i < kept.start}
+        hits.update(kept.hits)
+        total.update(kept.total)
+        overlaps = {i: hits[i] / total[i] for i in sorted(total) if total[i]}
+        kept.score = Score(
+            loss=math.fsum(sums) / (per_token * len(sums)),
+            seq_losses=[x / per_token for x in sums],
+            overlap=(math.fsum(overlaps.values()) / len(overlaps)) if overlaps else None,
+        )
+        kept.overlap = (hits, total)
+        self.last_layer_overlap = overlaps
+        return kept
+
+    def _trim_pieces(self) -> None:
+        """Partial scores keep their layer inputs within the room of one whole candidate's cache (what
+        `cache_bytes_estimate` counts for the step's best): past it, the candidates with the highest mean
+        loss so far (a race drops those first) give theirs up, and are run again if one of them wins."""
+        room = max(0, self.store.bytes - (self._best.store.bytes if self._best else 0))
+        while self._pieces and sum(p.store.bytes for p in self._pieces.values()) > room:
+            worst = max(self._pieces.values(), key=lambda p: (p.partial_mean(), p.start))
+            self._pieces.pop(worst.pattern).store.close()
+
     def close(self) -> None:
+        for kept in self._pieces.values():
+            kept.store.close()
+        self._pieces = {}
         if self._best is not None:
             self._best.store.close()
             self._best = None

@@ -18,6 +18,19 @@ from indexcache_calib.stats import mean_se, paired_differences, t_quantile
 SEARCHES = ("fast", "race", "exact", "naive")
 DECIDED_SE = 2.0  # a step is decided when its choice beats every other candidate by at least this many paired SE
 RACE_ORDER_SEED = 0  # the fixed order in which a race visits calibration batches
+# `--tolerance auto`: this many paired standard errors of the step's differences over *every* calibration
+# sequence. A gap under DECIDED_SE standard errors is one the whole calibration set leaves undecided (a
+# different draw of sequences could flip it), so a candidate that close to the best is, as far as these
+# sequences can tell, as good a choice as Algorithm 1's; the tolerance then says that, with the race's
+# confidence, each early commit is at worst such an undecided choice. The standard error is estimated at the
+# step's first round: the median over candidates of the per-sequence standard deviation of their paired
+# difference to the leader, divided by sqrt(all sequences). The median pools every candidate (a first round
+# has few sequences), and is not pulled up by clearly worse candidates, whose differences spread more.
+# The loss level's own spread (all-Full per-sequence losses) is the wrong scale: pairing cancels most of it,
+# and at the embedded models' sizes one SE of the level is larger than a whole path's loss increase.
+AUTO_TOLERANCE_SE = DECIDED_SE
+WORSE_BY_BOUND = "worse by bound"
+WITHIN_TOLERANCE = "within tolerance at commit"
 
 
 @dataclass
@@ -60,6 +73,9 @@ class Step:
     chosen: int
     pattern: str  # committed pattern after this step
     swept: bool  # True if every candidate was scored
+    # search="race": {"sequences", "tolerance" (nats, None without one), "ended_after" (sequences seen when
+    # the tolerance ended the step; None otherwise), "dropped": [{"candidate", "sequences", "reason"}]}
+    race: dict | None = None
 
     @property
     def loss(self) -> float:
@@ -72,12 +88,14 @@ class Step:
     def to_json(self) -> dict:
         d = asdict(self)
         d["scores"] = {str(k): asdict(v) for k, v in sorted(self.scores.items())}
+        if d["race"] is None:  # other searches' steps (and checkpoints written before races kept a log)
+            del d["race"]
         return d
 
     @staticmethod
     def from_json(d: dict) -> "Step":
         scores = {int(k): Score(**v) for k, v in d["scores"].items()}
-        return Step(d["step"], d["base"], d["base_loss"], scores, d["chosen"], d["pattern"], d["swept"])
+        return Step(d["step"], d["base"], d["base_loss"], scores, d["chosen"], d["pattern"], d["swept"], d.get("race"))
 
 
 @dataclass(frozen=True)
@@ -92,16 +110,29 @@ class Race:
     standard error shrinks to 0 as they are all seen), at level `alpha / (looks x (candidates - 1))`:
     by the union bound, the chance that a step drops the candidate with the lowest loss over every
     sequence (Algorithm 1's choice) is at most `alpha`, however many rounds and candidates it has.
+
+    `tolerance` (nats per step, or "auto": `AUTO_TOLERANCE_SE` paired standard errors, see there) adds an
+    indifference zone: after a round, the step ends and commits the current best once, for every candidate
+    still racing, the upper bound of (best's loss - its loss) over all sequences, at the same level, is at
+    most the tolerance. Then, with probability at least 1 - alpha, the committed candidate is no more than
+    `tolerance` worse than the step's best over these sequences. The same level serves both rules at no
+    extra cost: for the best candidate c* and the committed b, a false drop of c* and a false "b is within
+    the tolerance of c*" both need b - c*'s t statistic below -q, one tail of one test per round and pair.
+    None or 0: no early end, the race as without it.
     """
 
     alpha: float = 0.05
     first: int = 4
+    tolerance: float | str | None = None
 
     def __post_init__(self):
         if not 0.0 < self.alpha < 0.5:
             raise ValueError("race alpha must be in (0, 0.5)")
         if self.first < 2:
             raise ValueError("a race's first round needs at least 2 sequences")
+        t = self.tolerance
+        if not (t is None or t == "auto" or (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0)):
+            raise ValueError("a race's tolerance is a number of nats >= 0, 'auto' or None")
 
 
 class Evaluator(Protocol):
@@ -245,9 +276,9 @@ def greedy_search(
                 progress["done"] += len(layers)
             return out
 
-        chosen = None
+        chosen, log = None, None
         if search == "race":
-            scores, chosen = _race(cands, score, evaluator, len(base_score.seq_losses), race, progress)
+            scores, chosen, log = _race(cands, score, evaluator, len(base_score.seq_losses), race, progress)
         elif search == "fast" and steps and all(c in memory for c in cands):
             scores = _lazy(pattern, cands, memory, step_no, steps[-1].chosen, base_score.loss, base_score.seq_losses,
                            score, group, rescore_best)
@@ -257,7 +288,7 @@ def greedy_search(
         if chosen is None:
             chosen = _pick(scores)
         new_pattern = flip(pattern, chosen)
-        step = Step(step_no, pattern, base_score.loss, scores, chosen, new_pattern, len(scores) == len(cands))
+        step = Step(step_no, pattern, base_score.loss, scores, chosen, new_pattern, len(scores) == len(cands), log)
         steps.append(step)
         pattern = new_pattern
         if on_step:
@@ -319,22 +350,38 @@ def _lazy(pattern, cands, memory, step_no, last_chosen, base_loss, base_seqs, sc
         fresh[layer] = [x - b for x, b in zip(scores[layer].seq_losses, base_seqs)]
 
 
-def _race(cands, score, evaluator, num_sequences: int, race: Race, progress: dict) -> tuple[dict[int, Score], int | None]:
+def _auto_tolerance(stats: dict[int, tuple[float, float | None]], n: int, num_sequences: int) -> float:
+    """`AUTO_TOLERANCE_SE` paired standard errors over all `num_sequences`, from the first round's `n`
+    sequences: `stats` holds each candidate's (gap, standard error without the finite-population
+    correction) against the leader."""
+    sds = sorted(se * math.sqrt(n) for _, se in stats.values() if se is not None)
+    if not sds:
+        return 0.0
+    mid = len(sds) // 2
+    median = sds[mid] if len(sds) % 2 else 0.5 * (sds[mid - 1] + sds[mid])
+    return AUTO_TOLERANCE_SE * median / math.sqrt(num_sequences)
+
+
+def _race(cands, score, evaluator, num_sequences: int, race: Race, progress: dict) -> tuple[dict[int, Score], int | None, dict | None]:
     """Algorithm 1's step with early stopping: every candidate is scored on a growing set of sequences
-    and dropped once the bound says it is worse than the current best over *all* sequences.
-    Returns (scores, chosen); chosen is None where every candidate was scored whole."""
+    and dropped once the bound says it is worse than the current best over *all* sequences; with a
+    tolerance, the step also ends once every candidate left is within it of the best (see `Race`).
+    Returns (scores, chosen, log); chosen is None where every candidate was scored whole, and log (see
+    `Step.race`) is None where nothing was raced."""
     if len(cands) == 1:
-        return dict(zip(cands, score(cands))), None
+        return dict(zip(cands, score(cands))), None, None
     batch_seqs = _batch_sequences(evaluator, num_sequences)
     num_batches = len(batch_seqs)
     order = race_order(num_batches)
     rounds = race_rounds(num_batches, math.ceil(race.first / len(batch_seqs[0])))
     if len(rounds) == 1:  # too few sequences to race: Algorithm 1's step
-        return dict(zip(cands, score(cands))), None
+        return dict(zip(cands, score(cands))), None, None
     q_level = race.alpha / ((len(rounds) - 1) * (len(cands) - 1))
     seen: dict[int, dict[int, float]] = {c: {} for c in cands}
     full: dict[int, Score] = {}
     alive = list(cands)
+    tolerance = race.tolerance if isinstance(race.tolerance, (int, float)) else None
+    log = {"sequences": num_sequences, "tolerance": tolerance, "ended_after": None, "dropped": []}
 
     def mean(c: int) -> float:
         return math.fsum(seen[c].values()) / len(seen[c])
@@ -346,7 +393,8 @@ def _race(cands, score, evaluator, num_sequences: int, race: Race, progress: dic
         partial = list(alive)
         if final:
             # The current leader is the likely winner, and the winner needs a score on every batch in
-            # one piece (its layer inputs become the next step's cache): score it whole now.
+            # one piece (its layer inputs become the next step's cache): score it whole now. An
+            # evaluator that kept what it computed for the leader's earlier batches scores only the rest.
             leader = min(alive, key=lambda c: (mean(c), c))
             full[leader] = score([leader])[0]
             seen[leader] = full[leader].by_sequence()
@@ -363,19 +411,35 @@ def _race(cands, score, evaluator, num_sequences: int, race: Race, progress: dic
         best = min(alive, key=lambda c: (mean(c), c))
         n = len(seen[best])
         q = t_quantile(q_level, n - 1)
+        stats = {c: mean_se(paired_differences(seen[c], seen[best]), num_sequences) for c in alive if c != best}
+        if race.tolerance == "auto" and log["tolerance"] is None:
+            log["tolerance"] = tolerance = _auto_tolerance(
+                {c: mean_se(paired_differences(seen[c], seen[best])) for c in stats}, n, num_sequences)
         kept = []
         for c in alive:
             if c != best:
-                gap, se = mean_se(paired_differences(seen[c], seen[best]), num_sequences)
+                gap, se = stats[c]
                 if se is not None and gap - q * se > 0:
+                    log["dropped"].append({"candidate": c, "sequences": n, "reason": WORSE_BY_BOUND})
                     continue
             kept.append(c)
         progress["done"] += len(alive) - len(kept)
         alive = kept
         if len(alive) == 1:
             break
+        # The indifference zone: every candidate left is, at this level, at most `tolerance` better than
+        # the best over all sequences (its upper bound on best - it: -gap + q * se).
+        if tolerance and all(stats[c][1] is not None and q * stats[c][1] - stats[c][0] <= tolerance
+                             for c in alive if c != best):
+            log["ended_after"] = n
+            log["dropped"] += [{"candidate": c, "sequences": n, "reason": WITHIN_TOLERANCE} for c in alive if c != best]
+            progress["done"] += len(alive) - 1
+            alive = [best]
+            break
     winner = min(alive, key=lambda c: (full[c].loss if c in full else mean(c), c))
     if winner not in full:
+        # Scored whole: an evaluator that kept what it computed on the winner's batches (see
+        # runner.PatternRunner.score) runs only the sequences it has not seen.
         full[winner] = score([winner])[0]
     scores = {}
     for c in cands:
@@ -386,7 +450,32 @@ def _race(cands, score, evaluator, num_sequences: int, race: Race, progress: dic
             losses = [seen[c][i] for i in ids]
             scores[c] = Score(math.fsum(losses) / len(losses), losses, None,
                               None if len(ids) == num_sequences else ids)
-    return scores, winner
+    return scores, winner, log
+
+
+def race_summary(steps: list[Step], race: Race, positions: list[int] | None = None) -> dict:
+    """What a race's tolerance can have cost: per step, the tolerance in nats, whether it ended the step
+    early, and what was dropped when and why (candidates named by decoder layer). Each step commits a
+    candidate at most its tolerance worse than that step's best (with probability 1 - alpha), so the
+    loss given away against the greedy best at each step is at most the sum over the steps the tolerance
+    ended; steps x tolerance bounds it before the run."""
+    layer = (lambda p: p) if positions is None else (lambda p: positions[p])
+    rows, given = [], 0.0
+    for s in steps:
+        log = s.race or {}
+        ended = log.get("ended_after") is not None
+        if ended:
+            given += log["tolerance"]
+        rows.append({"step": s.step, "tolerance": log.get("tolerance"), "ended_after": log.get("ended_after"),
+                     "dropped": [{**d, "candidate": layer(d["candidate"])} for d in log.get("dropped", [])]})
+    tols = [r["tolerance"] for r in rows if r["tolerance"] is not None]
+    return {
+        "steps": rows,
+        "steps_ended_early": sum(r["ended_after"] is not None for r in rows),
+        "given_away_at_most": given,
+        # The bound before the run: every step ended early at its tolerance.
+        "steps_times_tolerance": math.fsum(tols) if race.tolerance == "auto" else len(steps) * (race.tolerance or 0.0),
+    }
 
 
 def paired(a: Score, b: Score) -> tuple[float, float | None]:

@@ -6,7 +6,10 @@ import math
 import pytest
 
 from indexcache_calib.pattern import FULL, flip, full_layers
-from indexcache_calib.search import Race, Score, Step, candidates, confidence, greedy_search, path, race_order, race_rounds
+from indexcache_calib.search import (
+    AUTO_TOLERANCE_SE, DECIDED_SE, Race, Score, Step, candidates, confidence, greedy_search, path, race_order, race_rounds,
+    race_summary,
+)
 from indexcache_calib.stats import mean_se, t_quantile
 
 
@@ -354,3 +357,132 @@ def test_a_search_replayed_on_a_recorded_exact_trace_makes_the_same_decisions_an
     runs = sum(10 - c for s in steps for c in s.scores)
     assert replay(trace, 10, "exact")["layer_forwards"] >= runs * 64
     assert replay(trace, 10, "race", race=Race(0.05, 4))["layer_forwards"] < replay(trace, 10, "exact")["layer_forwards"]
+
+
+# -- racing with a tolerance (an indifference zone) ----------------------------------------------------
+
+class Reusing(Noisy):
+    """Counts sequences as the runner runs them: a candidate scored whole after partial scores this step
+    runs only the sequences it was not scored on (what was computed is kept), and committing costs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kept: dict[str, set[int]] = {}
+
+    def score(self, pattern, batches=None):
+        ids = list(range(self.num_sequences)) if batches is None else [
+            j for b in batches for j in range(b * self.batch_size, min((b + 1) * self.batch_size, self.num_sequences))]
+        done = self.kept.setdefault(pattern, set())
+        self.sequences_scored += len(set(ids) - done)
+        done.update(ids)
+        return self._score(pattern, ids)
+
+    def set_base(self, pattern):
+        self.kept = {}
+        return super().set_base(pattern)
+
+
+def _true_losses(ev, step):
+    return {c: math.fsum(ev.seq_loss(flip(step.base, c), j) for j in range(ev.num_sequences)) / ev.num_sequences
+            for c in step.scores}
+
+
+@pytest.mark.parametrize("tolerance", [0.004, "auto"])
+def test_a_race_ended_by_its_tolerance_commits_within_it_of_the_steps_best_at_the_stated_confidence(tolerance):
+    # Near-ties over many seeded steps: every candidate costs within a few paired SE of the others.
+    import random
+
+    alpha, errors, ended, steps_seen = 0.2, 0, 0, 0
+    for seed in range(60):
+        rng = random.Random(seed)
+        ev = Noisy([0] + [rng.uniform(0, 0.02) for _ in range(9)], 64, 0.02, seed)
+        _, steps = greedy_search("F" * 10, 4, ev, search="race", race=Race(alpha, 4, tolerance))
+        for s in steps:
+            true = _true_losses(ev, s)  # every candidate over every sequence: the step's best is known
+            tol = s.race["tolerance"]
+            assert tol > 0 and s.scores[s.chosen].sequences is None  # the committed loss is exact
+            errors += true[s.chosen] - min(true.values()) > tol + 1e-12
+            ended += s.race["ended_after"] is not None
+            steps_seen += 1
+    assert steps_seen == 360 and ended >= 0.2 * steps_seen  # the zone ends many steps early
+    # A step errs with probability at most alpha (the union bound makes it far rarer in practice).
+    assert errors / steps_seen <= alpha + 0.03
+
+
+def test_the_tolerance_holds_where_every_other_candidate_sits_just_outside_it():
+    # One best candidate; every other one 1.5 tolerances worse. Committing any of them is an error.
+    import random
+
+    alpha, tol, trials, errors, ended = 0.2, 0.004, 300, 0, 0
+    for seed in range(trials):
+        costs = [0] + [1.5 * tol] * 8
+        costs[1 + random.Random(seed).randrange(8)] = 0.0
+        ev = Noisy(costs, 64, 0.02, seed)
+        _, (s,) = greedy_search("F" * 9, 8, ev, search="race", race=Race(alpha, 4, tol))
+        true = _true_losses(ev, s)
+        errors += true[s.chosen] - min(true.values()) > tol
+        ended += s.race["ended_after"] is not None
+    assert ended >= 0.05 * trials and errors / trials <= alpha + 0.03
+
+
+def test_a_tolerance_ends_near_ties_earlier_and_records_what_it_dropped():
+    costs = [0, 0.010, 0.011, 0.012, 0.013, 0.30, 0.40, 0.50, 0.60, 0.70]  # four near-ties, five clearly worse
+    plain, zoned = Reusing(costs, 64, 0.02, seed=3), Reusing(costs, 64, 0.02, seed=3)
+    _, s_plain = greedy_search("F" * 10, 6, plain, search="race")
+    _, s_zoned = greedy_search("F" * 10, 6, zoned, search="race", race=Race(tolerance=0.015))
+    assert zoned.sequences_scored < 0.8 * plain.sequences_scored
+    assert any(s.race["ended_after"] for s in s_zoned) and not any(s.race["ended_after"] for s in s_plain)
+    for s in s_zoned:
+        log = s.race
+        assert log["tolerance"] == 0.015 and log["sequences"] == 64
+        reasons = {d["candidate"]: d["reason"] for d in log["dropped"]}
+        assert s.chosen not in reasons and set(reasons) <= set(s.scores)
+        for d in log["dropped"]:  # dropped after a round, and scored on exactly those sequences
+            assert d["reason"] in ("worse by bound", "within tolerance at commit")
+            assert d["sequences"] == len(s.scores[d["candidate"]].seq_losses) < 64
+        if log["ended_after"] is not None:
+            within = [c for c, r in reasons.items() if r == "within tolerance at commit"]
+            assert within and all(len(s.scores[c].seq_losses) == log["ended_after"] for c in within)
+        else:
+            assert "within tolerance at commit" not in reasons.values()
+    summary = race_summary(s_zoned, Race(tolerance=0.015))
+    ended = sum(s.race["ended_after"] is not None for s in s_zoned)
+    assert summary["steps_ended_early"] == ended and summary["given_away_at_most"] == pytest.approx(0.015 * ended)
+    assert summary["steps_times_tolerance"] == pytest.approx(0.015 * len(s_zoned))
+    # Replayed from a checkpoint, a race with a tolerance takes the same steps and keeps their logs.
+    replayed = [Step.from_json(s.to_json()) for s in s_zoned[:2]]
+    _, resumed = greedy_search("F" * 10, 6, Reusing(costs, 64, 0.02, seed=3), search="race", race=Race(tolerance=0.015),
+                               done=replayed)
+    assert [s.to_json() for s in resumed] == [s.to_json() for s in s_zoned]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_tolerance_of_zero_is_the_race_without_one(seed):
+    import random
+
+    rng = random.Random(seed)
+    costs = [0] + [rng.uniform(0.0, 0.05) for _ in range(9)]
+    runs = {}
+    for tol in (None, 0, 0.0):
+        ev = Noisy(costs, 48, 0.05, seed)
+        _, steps = greedy_search("F" * 10, 2, ev, search="race", race=Race(tolerance=tol))
+        runs[tol] = ([{**s.to_json(), "race": {**s.race, "tolerance": None}} for s in steps], ev.sequences_scored)
+    assert runs[None] == runs[0] == runs[0.0]
+
+
+def test_auto_tolerance_is_two_paired_standard_errors_over_every_sequence_from_the_first_round():
+    costs = [0, 0.01, 0.02, 0.03, 0.04]
+    ev = Noisy(costs, 32, 0.02, seed=1)
+    _, (s, *_) = greedy_search("F" * 5, 2, ev, search="race", race=Race(0.05, 4, "auto"))
+    first = race_order(32)[:4]
+    seqs = {c: [ev.seq_loss(flip("F" * 5, c), j) for j in first] for c in s.scores}
+    leader = min(seqs, key=lambda c: (math.fsum(seqs[c]) / 4, c))
+    sds = sorted(mean_se([a - b for a, b in zip(seqs[c], seqs[leader])])[1] * 2 for c in seqs if c != leader)
+    assert len(sds) == 3 and s.race["tolerance"] == pytest.approx(AUTO_TOLERANCE_SE * sds[1] / math.sqrt(32), rel=1e-12)
+    assert AUTO_TOLERANCE_SE == DECIDED_SE
+
+
+def test_a_race_refuses_a_bad_tolerance():
+    for bad in (-0.1, math.nan, math.inf, "lots"):
+        with pytest.raises(ValueError):
+            Race(tolerance=bad)
