@@ -4,14 +4,15 @@ option fails here instead of in the middle of `make bench`.
 
 Makefile targets are read from make's own dry run (`make -n TARGET`), so a new target is caught; each of its
 project commands (`$(BIN)/indexcache SUB ...`, `$(BIN)/python -m indexcache_calib.X ...`) runs with the
-recipe's own arguments plus the smoke arguments below, which only shrink sizes (later options win). Every
-run happens in its own temporary directory holding tiny random models and small `calibration_data/` files,
-so the commands' relative defaults (`outputs/...`, `calibration_data/...`) stay there: nothing under the
-checkout's outputs/ or docs/ is touched."""
+recipe's own arguments plus the smoke arguments below (later options win), which swap in a tiny model and
+shrink sizes. Every run happens in its own temporary directory holding tiny random models and small
+`calibration_data/` files, so the commands' relative defaults (`outputs/...`, `calibration_data/...`) stay
+there: nothing under the checkout's outputs/ or docs/ is touched."""
 
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import inspect
 import logging
@@ -45,12 +46,14 @@ class Smoke:
     expect: str  # a glob, relative to the workspace, that must match a file after the run
     says: str  # some stdout line must contain this
     patch: dict = field(default_factory=dict)  # module constants that no option sizes: {name: smoke value}
+    first: list[str] = field(default_factory=list)  # options of the module itself, given before its subcommand
 
 
 TRAIN = ["--seq-len", "32", "--batch-size", "1"]
+ONE_THREAD = ["--threads", "1"]  # tiny matrices on a shared host: more threads only spin
 SMOKE = {
     "indexcache calibrate": Smoke(["--model", MODEL, "--seq-len", "32", "--num-samples", "2", "--no-plots"],
-                                  "outputs/*/layer_map.json", "layer map: outputs/"),
+                                  "outputs/*/layer_map.json", "layer_map.json"),
     # bench search and race take their sizes from constants (no option), so those are shrunk.
     "indexcache_calib.bench search": Smoke([], f"outputs/bench/search_{MODEL}.json", f"| {MODEL} |",
                                            {"SEARCH_CASES": {MODEL: (2, 32)}}),
@@ -63,6 +66,15 @@ SMOKE = {
     "indexcache_calib.bench parallel": Smoke(["--model", MODEL, "--seq-len", "32", "--samples", "2"],
                                              "outputs/bench/parallel.json", "search speedup"),
     "indexcache_calib.bench gpu": Smoke(["--smoke"], "outputs/bench/gpu.json", "| smoke |"),
+    # Each `memory` cell is a fresh process; 512 tokens is the least that adds measurable memory (a cell
+    # that adds none makes the report divide by zero).
+    "indexcache_calib.bench_long memory": Smoke(["--lengths", "512", "--layers", "1"], "outputs/bench/long_memory.json",
+                                                "| tokens | forward dense", first=ONE_THREAD),
+    "indexcache_calib.bench_long plan": Smoke(["--lengths", "4096"], "outputs/bench/long_plan.json", "| tokens | mask per batch",
+                                              first=ONE_THREAD),
+    "indexcache_calib.bench_long lengths": Smoke(["--model", MODEL, "--short", "32", "--short-samples", "2", "--long", "48",
+                                                  "--long-samples", "2", "--heldout-samples", "2"],
+                                                 "outputs/bench/lengths.json", "| ratio | short-calibrated gap", first=ONE_THREAD),
     "indexcache_calib.paper_table": Smoke(["--model", MODEL, "--seq-len", "32", "--num-samples", "2",
                                            "--heldout-samples", "2"], "outputs/paper_table/paper_table.md", "### 3."),
     "indexcache_calib.training_evidence": Smoke(
@@ -80,16 +92,18 @@ def _clean_env() -> dict:
     return {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
 
 
-def _make(*args: str) -> str:
+@functools.cache
+def _make(*args: str, check: bool = True) -> str:
     r = subprocess.run(["make", "--no-print-directory", "-f", "Makefile", *args], cwd=ROOT, env=_clean_env(),
                        capture_output=True, text=True)
+    assert r.returncode == 0 or not check, f"make {' '.join(args)} failed: {r.stderr}"
     return r.stdout
 
 
 def makefile_targets() -> list[str]:
     """Every target make knows from the Makefile, expanded (recalibrate-code, ...); not the special
     targets (.PHONY), nor the setup stamp file (.venv/bin/.installed)."""
-    db = _make("-pRrq", ":")  # print the database, run nothing
+    db = _make("-pRrq", ":", check=False)  # print the database, run nothing (-q: exits 1)
     section = db.split("\n# Files\n", 1)[1].split("\n# Finished Make data base", 1)[0]
     targets, lines = [], section.splitlines()
     for prev, line in zip([""] + lines, lines):
@@ -163,7 +177,7 @@ def readme_subcommands() -> list[str]:
 def runs() -> list[tuple[str, str, tuple[str, ...]]]:
     """(where it is named, command, its own arguments), once per distinct command line."""
     seen: dict[tuple, list[str]] = {}
-    for target in makefile_targets():
+    for target in makefile_targets() if shutil.which("make") else []:
         if target in EXCLUDED:
             continue
         for line in recipe(target):
@@ -175,7 +189,7 @@ def runs() -> list[tuple[str, str, tuple[str, ...]]]:
     return [(", ".join(where), key, argv) for (key, argv), where in seen.items()]
 
 
-RUNS = runs() if shutil.which("make") else []
+RUNS = runs()
 
 
 # ----------------------------------------------------------------------------- every name has a smoke run
@@ -215,9 +229,10 @@ def test_every_readme_module_command_is_smoke_tested():
     assert not missing, f"README names commands with no smoke run: add them to SMOKE in tests/test_commands.py: {missing}"
 
 
-def test_every_readme_module_runs_as_a_script():
+def test_every_named_module_runs_as_a_script():
     """`python -m X` runs X's main only under a __main__ guard (the smoke runs call main directly)."""
-    for module in {key.split(" ")[0] for key in readme_modules()}:
+    named = readme_modules() + [key for _, key, _ in RUNS]
+    for module in {key.split(" ")[0] for key in named if not key.startswith("indexcache ")}:
         path = ROOT / (module.replace(".", "/") + ".py")
         guards = [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.If)
                   and ast.unparse(n.test) in ("__name__ == '__main__'", "'__main__' == __name__")]
@@ -274,7 +289,78 @@ def workspace(models, tmp_path, monkeypatch):
     torch.set_num_threads(threads)
 
 
+# Benchmarks that measure per process (bench indexer, bench parallel, bench_long memory) start one Python
+# per cell, and on a small shared host each start-up (torch and transformers imports) costs more than the
+# cell. Here such a child is forked from a server that imported those once: still its own process, with its
+# own memory peak, running the same command line through runpy as `python -m` would; only the imports are
+# shared. Any other command runs as a real subprocess. (Address-space limits passed as preexec_fn are not
+# applied: the smoke sizes stay far below them.)
+CHILD = """
+import os, runpy, sys
+os.chdir(CWD)
+os.environ.clear()
+os.environ.update(ENV)
+out, err = os.open(OUT, os.O_WRONLY | os.O_CREAT), os.open(ERR, os.O_WRONLY | os.O_CREAT)
+os.dup2(out, 1)
+os.dup2(err, 2)
+sys.argv = ARGV
+code = 0
+try:
+    runpy.run_module(MODULE, run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+except BaseException:
+    import traceback
+    traceback.print_exc()
+    code = 1
+finally:
+    sys.stdout.flush()
+    sys.stderr.flush()
+os._exit(code)
+"""
+PRELOAD = ["torch", "transformers", "transformers.modeling_utils", "indexcache_calib.model", "indexcache_calib.runner"]
+_real_run = subprocess.run
+
+
+def forked_run(cmd, *args, **kwargs):
+    """subprocess.run for `python -m MODULE ...` and `torchrun ...`, in a child forked from the preloaded server."""
+    cmd = [str(c) for c in cmd] if isinstance(cmd, (list, tuple)) else cmd
+    if isinstance(cmd, list) and cmd[0] == sys.executable and cmd[1:2] == ["-m"] and len(cmd) > 2:
+        module, argv = cmd[2], [cmd[2], *cmd[3:]]
+    elif isinstance(cmd, list) and Path(cmd[0]).name == "torchrun":
+        module, argv = "torch.distributed.run", cmd
+    else:
+        return _real_run(cmd, *args, **kwargs)
+    import multiprocessing
+    import tempfile
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    with tempfile.TemporaryDirectory(prefix="smoke-child-") as tmp:
+        out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
+        env = dict(kwargs.get("env") or os.environ)
+        scope = {"CWD": str(kwargs.get("cwd") or os.getcwd()), "ENV": env, "OUT": str(out), "ERR": str(err),
+                 "ARGV": argv, "MODULE": module}
+        child = ctx.Process(target=exec, args=(CHILD, scope))
+        child.start()
+        child.join(kwargs.get("timeout"))
+        if child.exitcode is None:
+            child.kill()
+            child.join()
+            raise subprocess.TimeoutExpired(cmd, kwargs.get("timeout"))
+        stdout, stderr = out.read_bytes(), err.read_bytes()
+    if kwargs.get("text") or kwargs.get("universal_newlines") or kwargs.get("encoding"):
+        stdout, stderr = stdout.decode(), stderr.decode()
+    if not kwargs.get("capture_output") and kwargs.get("stdout") is None:
+        sys.stdout.write(stdout if isinstance(stdout, str) else stdout.decode())
+    result = subprocess.CompletedProcess(cmd, child.exitcode, stdout, stderr)
+    if kwargs.get("check"):
+        result.check_returncode()
+    return result
+
+
 def run_command(key: str, argv: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
+    monkeypatch.setattr(subprocess, "run", forked_run)
     if key.startswith("indexcache "):
         from typer.testing import CliRunner
 
@@ -290,9 +376,9 @@ def run_command(key: str, argv: list[str], capsys, monkeypatch) -> tuple[int, st
         monkeypatch.setattr(module, name, value)  # raises if the constant was renamed
     try:
         if inspect.signature(module.main).parameters:
-            rc = module.main([*sub, *argv])
+            rc = module.main([*SMOKE[key].first, *sub, *argv])
         else:
-            monkeypatch.setattr(sys, "argv", [f"{module_name}", *sub, *argv])
+            monkeypatch.setattr(sys, "argv", [f"{module_name}", *SMOKE[key].first, *sub, *argv])
             rc = module.main()
     except SystemExit as e:
         rc = e.code
