@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from indexcache_calib import trainloop as tl
-from indexcache_calib.errors import CalibError
+from indexcache_calib.errors import CalibError, plural
 from indexcache_calib.pattern import FULL, SHARED, full_layers, indexer_types, uniform_pattern, validate_pattern
 from indexcache_calib.warmup import full_groups, indexer_param_names, paired, sequence_losses, use_eager
 
@@ -113,7 +113,7 @@ def read_pattern(opts: DistillOptions, num_layers: int, fixed_shared: frozenset[
             own = [i for i in range(num_layers) if i not in fixed_shared]
             full = set(own[:: opts.uniform])
             pattern = "".join(FULL if i in full else SHARED for i in range(num_layers))
-            origin = f"--uniform {opts.uniform} over the {len(own)} layers with indexer weights"
+            origin = f"--uniform {opts.uniform} over the {plural(len(own), 'layer')} with indexer weights"
         else:
             pattern, origin = uniform_pattern(num_layers, opts.uniform), f"--uniform {opts.uniform}"
     if not isinstance(pattern, str):
@@ -182,7 +182,7 @@ def load_with_pattern(directory: Path, config, sub, fam: Family, pattern: str, d
     missing = sorted(info.get("missing_keys", []))
     if missing or info.get("mismatched_keys"):
         bad = missing or [str(m) for m in info["mismatched_keys"]]
-        raise CalibError(f"the checkpoint does not fill the model: {len(bad)} weights missing or mismatched (e.g. {bad[0]})")
+        raise CalibError(f"the checkpoint does not fill the model: {plural(len(bad), 'weight')} missing or mismatched (e.g. {bad[0]})")
     model.eval()
     model.requires_grad_(False)
     return model
@@ -272,14 +272,14 @@ def model_card(log: dict, opts: DistillOptions) -> str:
         "indexer's scores, as the library's own indexer computes them. Every other weight was frozen.",
         "",
         f"- Served layers: {served}.",
-        f"- {t['steps_done']} steps of {s['batch_size']} x {s['seq_len']} tokens ({t['tokens']:,} tokens), peak lr {s['lr']}, seed {s['seed']}.",
+        f"- {plural(t['steps_done'], 'step')} of {s['batch_size']} x {s['seq_len']} tokens ({t['tokens']:,} tokens), peak lr {s['lr']}, seed {s['seed']}.",
         f"- {t['optimizer']}.",
         f"- Skipped (non-finite) steps: {t['steps_skipped']}.",
         f"- Mean L over Full layers: {t['first_loss']:.4f} at the first step, {t['last_loss_mean10']:.4f} over the last 10.",
     ]
     if ev:
         se = f" ± {ev['se']:.4f} (paired SE)" if ev["se"] is not None else ""
-        lines += ["", f"## Held-out loss with the pattern ({ev['sequences']} sequences of {ev['seq_len']} tokens, `{opts.eval_data}`)", "",
+        lines += ["", f"## Held-out loss with the pattern ({plural(ev['sequences'], 'sequence')} of {ev['seq_len']} tokens, `{opts.eval_data}`)", "",
                   f"Before: {ev['before']:.4f}; after: {ev['after']:.4f}; difference {ev['after_minus_before']:+.4f}{se} nats/token."]
     lines += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in log["versions"].items()) + ".", ""]
     return "\n".join(lines)

@@ -21,3 +21,9 @@ def is_out_of_memory(error: BaseException) -> bool:
         return True
     text = str(error)
     return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """`n word` in messages, the noun plural unless n is 1: plural(1, "step") is "1 step", plural(3, "Full layer")
+    "3 Full layers"; irregular nouns give their plural: plural(2, "query", "queries")."""
+    return f"{n} {word if n == 1 else words or word + 's'}"

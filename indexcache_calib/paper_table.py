@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from indexcache_calib.errors import plural
 from indexcache_calib.search import paired  # noqa: F401 - part of this module's interface
 from indexcache_calib.warmup import mass_shares as topk_mass  # noqa: F401 - part of this module's interface
 
@@ -131,7 +132,7 @@ def run(model: str = "tiny-dsa", data_dir: str = "calibration_data", seq_len: in
         texts = read_documents(data_dir / f"{d}.heldout.jsonl", prep.tokenizer).texts
         heldout[d], available[d] = pack(texts, prep.tokenizer, seq_len, heldout_samples, seed)
         if len(heldout[d]) < heldout_samples:
-            log(f"warning: {d}.heldout.jsonl fills only {len(heldout[d])} sequences of {seq_len} tokens")
+            log(f"warning: {d}.heldout.jsonl fills only {plural(len(heldout[d]), 'sequence')} of {seq_len} tokens")
     log("measuring attention mass inside the top-k on the held-out tokens")
     mass = attention_mass(prep.model, torch.cat([heldout[d] for d in domains]), batch_size)
     mass_seconds = time.time() - t0
@@ -141,7 +142,7 @@ def run(model: str = "tiny-dsa", data_dir: str = "calibration_data", seq_len: in
     patterns += [searched[d][every] for d in domains for every in RATIOS]
     scores = {}
     for d in domains:
-        log(f"scoring {len(set(patterns))} patterns on {d} held-out")
+        log(f"scoring {plural(len(set(patterns)), 'pattern')} on {d} held-out")
         runner = PatternRunner(prep.model, prep.layout, heldout[d], batch_size=batch_size, measure_overlap=False, cache_device="none")
         try:
             scores[d] = {p: runner.score(p) for p in dict.fromkeys(patterns)}
@@ -187,11 +188,11 @@ def markdown(result: dict) -> str:
         f"### 1. Attention mass inside the indexer's top-{k}",
         "",
         f"{s['model']}: per layer, the share of the layer's dense, head-averaged attention probability that falls "
-        f"inside a set of {k} keys, on {mass['sequences']} held-out sequences of {mass['seq_len']} tokens ({counts}), "
+        f"inside a set of {plural(k, 'key')}, on {plural(mass['sequences'], 'held-out sequence')} of {mass['seq_len']} tokens ({counts}), "
         f"query positions {k} to {mass['seq_len'] - 1} only ({mass['queries_per_layer']:,} queries per layer). "
         f"**indexer**: the layer's own indexer top-{k}. **random**: {k} of the t+1 visible keys drawn uniformly, "
         f"k/(t+1) for the query at position t, averaged over the same queries (analytic, not sampled). "
-        f"**oracle**: the {k} keys with the most attention. **gap closed**: (indexer − random) / (oracle − random).",
+        f"**oracle**: the {plural(k, 'key')} with the most attention. **gap closed**: (indexer − random) / (oracle − random).",
         "",
         "| layer | indexer | random | oracle | gap closed |",
         "|---|---|---|---|---|",

@@ -15,7 +15,7 @@ import typer
 
 from indexcache_calib import cli_common
 from indexcache_calib.cli_common import EXIT_SIGINT, EXIT_SIGTERM, DeviceMap, Dtype, Model, TextField
-from indexcache_calib.errors import CalibError
+from indexcache_calib.errors import CalibError, plural
 
 
 
@@ -158,8 +158,8 @@ def dsa_convert(
         with progress:
             result = convert(opts, hooks, _warn)
     t, ev = result["training"], result["evaluation"]
-    lines = [f"converted: {result['out']} (GlmMoeDsaForCausalLM, {result['model']['num_layers']} layers, every layer Full)",
-             f"indexer warm-up: {t['steps_done']} steps, mean KL {t['first_loss']:.4f} -> {t['last_loss_mean10']:.4f} "
+    lines = [f"converted: {result['out']} (GlmMoeDsaForCausalLM, {plural(result['model']['num_layers'], 'layer')}, every layer Full)",
+             f"indexer warm-up: {plural(t['steps_done'], 'step')}, mean KL {t['first_loss']:.4f} -> {t['last_loss_mean10']:.4f} "
              f"(last 10 steps), {t['steps_skipped']} skipped"]
     if ev:
         loss = ev["loss"]
@@ -207,7 +207,7 @@ def distill(
             result = run(opts, hooks, _warn)
     t, ev = result["training"], result["evaluation"]
     lines = [f"distilled: {result['out']} (pattern {result['pattern']}, {len(result['full_layers'])} Full of {result['num_layers']})",
-             f"training: {t['steps_done']} steps, mean L_multi {t['first_loss']:.4f} -> {t['last_loss_mean10']:.4f} "
+             f"training: {plural(t['steps_done'], 'step')}, mean L_multi {t['first_loss']:.4f} -> {t['last_loss_mean10']:.4f} "
              f"(last 10 steps), {t['steps_skipped']} skipped"]
     if ev:
         se = f" ± {ev['se']:.4f}" if ev["se"] is not None else ""

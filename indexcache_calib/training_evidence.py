@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from indexcache_calib.errors import plural
+
 RESULT_MD, RESULT_JSON = "training_evidence.md", "training_evidence.json"
 
 
@@ -142,7 +144,7 @@ def run_distill(args, data_dir: Path, out: Path) -> dict:
     if lm_path.is_file():
         layer_map = json.loads(lm_path.read_text())
     else:
-        _log(f"[calibrate] greedy search down to {num_full} Full layers on code.jsonl")
+        _log(f"[calibrate] greedy search down to {plural(num_full, 'Full layer')} on code.jsonl")
         opts = Options(model=args.model, data=str(data_dir / "code.jsonl"), num_full=num_full, seq_len=args.seq_len,
                        num_samples=args.calibration_samples, seed=args.seed, search="fast", plots=False, out=str(run_dir),
                        overwrite=True)
@@ -214,10 +216,10 @@ def _pm(d: dict) -> str:
 
 def markdown(result: dict) -> str:
     s, c, dist = result["settings"], result["convert"], result["distill"]
-    lines = [f"## dsa-convert on `{c['source']}` (index_topk {c['index_topk']}, {c['index_n_heads']} heads of "
-             f"{c['index_head_dim']}; held-out: {s['heldout_samples']} sequences of {s['seq_len']} tokens per domain)", ""]
+    lines = [f"## dsa-convert on `{c['source']}` (index_topk {c['index_topk']}, {plural(c['index_n_heads'], 'head')} of "
+             f"{c['index_head_dim']}; held-out: {plural(s['heldout_samples'], 'sequence')} of {s['seq_len']} tokens per domain)", ""]
     t = c["training"]
-    lines.append(f"Warm-up: {t['steps_done']} steps of {t['settings']['batch_size']} x {t['settings']['seq_len']} tokens on "
+    lines.append(f"Warm-up: {plural(t['steps_done'], 'step')} of {t['settings']['batch_size']} x {t['settings']['seq_len']} tokens on "
                  f"`code.jsonl`, mean KL {t['first_loss']:.3f} -> {t['last_loss_mean10']:.3f}, {t['wall_s'] / 60:.1f} min "
                  f"({s['device']}). Every layer checked against glm4_moe_lite on the same weights: largest relative "
                  f"difference {c['check_against_source_max_rel_diff']:.1e}.")
@@ -232,7 +234,7 @@ def markdown(result: dict) -> str:
               f"- uniform: `{dist['uniform']}`", f"- searched (training-free, `calibrate` on code.jsonl): `{dist['searched']}`", ""]
     for name, t in dist["training"].items():
         run = dist["distilled"][name]
-        lines.append(f"- distill {name}: `{run['pattern']}` on `{run['data']}`, {t['steps_done']} steps of "
+        lines.append(f"- distill {name}: `{run['pattern']}` on `{run['data']}`, {plural(t['steps_done'], 'step')} of "
                      f"{t['settings']['batch_size']} x {t['settings']['seq_len']} tokens, mean L_multi "
                      f"{t['first_loss']:.3f} -> {t['last_loss_mean10']:.3f}, {t['wall_s'] / 60:.1f} min.")
     domains = list(dist["heldout"])
