@@ -12,7 +12,7 @@ TARGET ?= 1/4
 ARGS ?=
 DOMAINS := $(patsubst calibration_data/%.jsonl,%,$(filter-out %.heldout.jsonl,$(wildcard calibration_data/*.jsonl)))
 
-.PHONY: setup demo test calibrate bench paper-table training-evidence clean $(addprefix recalibrate-,$(DOMAINS))
+.PHONY: setup demo test calibrate bench long-context paper-table training-evidence clean $(addprefix recalibrate-,$(DOMAINS))
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ bench: setup
 	$(BIN)/python -m indexcache_calib.bench project
 	$(BIN)/python -m indexcache_calib.bench indexer
 	$(BIN)/python -m indexcache_calib.bench parallel
+	$(BIN)/python -m indexcache_calib.bench_long memory
+	$(BIN)/python -m indexcache_calib.bench_long plan
+
+# Does calibration length matter? The long model calibrated short and long, both scored long on held-out data.
+long-context: setup
+	$(BIN)/python -m indexcache_calib.bench_long lengths $(ARGS)
 
 # The small-scale counterpart of the paper's Table 2, plus indexer quality and domain sensitivity.
 paper-table: setup

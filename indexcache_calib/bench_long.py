@@ -206,7 +206,7 @@ def bench_lengths(args) -> None:
             score = runner.score(pattern)
             row[label] = {"pattern": pattern, "loss": score.loss, "gap": score.loss - all_full.loss,
                           "overlap": {str(k): v for k, v in runner.last_layer_overlap.items()}, "seq_losses": score.seq_losses}
-        uni = uniform_pattern(n, full)
+        uni = uniform_pattern(n, ratio)
         u = runner.score(uni)
         row["uniform"] = {"pattern": uni, "gap": u.loss - all_full.loss}
         d = paired_differences(dict(enumerate(row["short"]["seq_losses"])), dict(enumerate(row["long"]["seq_losses"])))
