@@ -24,8 +24,17 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 
 SPARSE = "indexcache_sparse"
-# Bound on one query chunk's working tensors (gathered keys and values, logits, probabilities, mask rows).
+# Bound on one query chunk's working tensors (gathered keys and values, logits, probabilities, mask rows)
+# on a CPU host; on a GPU, `working_bytes` allows an eighth of its free memory, so a chunk stays large.
 CHUNK_BYTES = 64 << 20
+
+
+def working_bytes(device, floor: int) -> int:
+    """Bytes a chunked step may take on `device`: `floor` on a CPU host, where memory is shared and chunks
+    cost little; on a GPU an eighth of what is free (never less than `floor`)."""
+    if device is not None and torch.device(device).type == "cuda":
+        return max(floor, torch.cuda.mem_get_info(device)[0] // 8)
+    return floor
 
 _lazy_depth = 0
 
@@ -107,8 +116,8 @@ def _bias(rows: torch.Tensor | None, q0: int, q1: int, total: int, kv_length: in
     return rows.float()
 
 
-def _chunk_rows(per_row: int) -> int:
-    return max(1, CHUNK_BYTES // max(1, per_row))
+def _chunk_rows(per_row: int, device) -> int:
+    return max(1, working_bytes(device, CHUNK_BYTES) // max(1, per_row))
 
 
 def sparse_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, indices=None, s_aux=None,
@@ -128,7 +137,7 @@ def sparse_attention(module, query, key, value, attention_mask, scaling=None, dr
         per_row = batch * (kv_heads * k * (dim + v_dim) * size + heads * k * 4 * 3 + 8 * k) + kv_length * 5
     else:
         per_row = batch * heads * kv_length * 4 * 3 + kv_length * 5
-    rows = _chunk_rows(per_row)
+    rows = _chunk_rows(per_row, query.device)
     sink = None if s_aux is None else s_aux.float().view(1, kv_heads, group, 1, 1)
     outputs = []
     for q0 in range(0, seq, rows):

@@ -18,7 +18,7 @@ Seed = Annotated[int, typer.Option(help="Picks which packed sequences are used."
 BatchSize = Annotated[int, typer.Option(help="Sequences per forward.")]
 TextField = Annotated[str, typer.Option(help="Field / column holding the text.")]
 IndexerChunk = Annotated[Optional[int], typer.Option(
-    help="Indexer query rows per call (bounds memory at long seq-len). Default: automatic, at most 64 MiB of fp32 scores per call; 0: one call.")]
+    help="Indexer query rows per call (bounds memory at long seq-len). Default: automatic, at most 64 MiB of fp32 scores per call on CPU, an eighth of free memory on a GPU; 0: one call.")]
 Attention = Annotated[str, typer.Option(
     help="sparse: top-k attention in bounded memory, no [seq, seq] tensor; dense: the model's own path; auto: sparse where the family allows it.")]
 DeviceMap = Annotated[str, typer.Option(help="auto, balanced, sequential, cpu, cuda:N, or a JSON file.")]

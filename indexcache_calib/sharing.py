@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from indexcache_calib.attention import is_lazy, mask_rows, materialize
+from indexcache_calib.attention import is_lazy, mask_rows, materialize, working_bytes
 from indexcache_calib.families import FULL
 
 
@@ -65,10 +65,10 @@ def _cache_kwarg(params) -> str:
 AUTO_SCORE_BYTES = 64 << 20  # the library also keeps a ReLU copy and the head-weighted sum: about 2.5x this
 
 
-def auto_chunk(batch: int, heads: int, seq: int) -> int:
+def auto_chunk(batch: int, heads: int, seq: int, device=None) -> int:
     """Query rows per indexer call so that its [batch, rows, heads, seq] fp32 scores stay within
-    AUTO_SCORE_BYTES; `seq` or more means one call."""
-    return max(1, AUTO_SCORE_BYTES // (batch * heads * seq * 4))
+    AUTO_SCORE_BYTES (on a GPU, an eighth of its free memory); `seq` or more means one call."""
+    return max(1, working_bytes(device, AUTO_SCORE_BYTES) // (batch * heads * seq * 4))
 
 
 def _rows(value, axis: int, q0: int, q1: int):
@@ -97,7 +97,7 @@ def run_indexer(indexer, args: tuple, kwargs: dict, chunks: dict, chunk: int | N
     hidden = named["hidden_states"]
     seq = hidden.shape[1]
     if chunk is None:
-        chunk = auto_chunk(hidden.shape[0], getattr(indexer, "n_heads", 64), seq)
+        chunk = auto_chunk(hidden.shape[0], getattr(indexer, "n_heads", 64), seq, hidden.device)
     if chunk >= seq:
         return indexer(**{k: materialize(v) for k, v in named.items()})
     keys, kwarg = _KeySource(), _cache_kwarg(signature.parameters)
