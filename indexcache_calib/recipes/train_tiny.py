@@ -18,26 +18,29 @@ the model. Held-out losses, dense and all-F sparse, are reported per domain.
     python -m indexcache_calib.recipes.train_tiny --arch glm4_moe_lite --layers 8 --out indexcache_calib/models/tiny-mla
 
 `--init-from DIR` continues training a saved GlmMoeDsa checkpoint (its tokenizer and weights; any
-architecture flag is ignored) at a new `--seq-len`, raising `max_position_embeddings` when needed;
-`--data-suffix=-long` trains on `<domain>-long.jsonl` (and evaluates on `<domain>-long.heldout.jsonl`);
-`--stages` picks the stages to run. tiny-dsa-long is tiny-dsa continued at 4096 tokens on the long split:
+architecture flag is ignored) at a new `--seq-len`, raising `max_position_embeddings` when needed, and with
+`--rope-factor F` switching RoPE to linear position interpolation (positions scaled by 1/F into the range the
+checkpoint was trained on); `--data-suffix=-long` trains on `<domain>-long.jsonl` (and evaluates on
+`<domain>-long.heldout.jsonl`); `--stages` picks the stages to run. tiny-dsa-long is tiny-dsa (trained at
+512 tokens) continued at 4096 tokens on the long split, all three stages, on the shared 2-core CPU:
 
     python -m indexcache_calib.recipes.train_tiny --init-from indexcache_calib/models/tiny-dsa --seq-len 4096 \
-        --data-suffix=-long --batch-size 1 --threads 1 --dense-attn sdpa --sparse-path gather --no-stage-evals \
-        --eval-initial --eval-seqs 4 --eval-every 0 --lr 3e-4 --sparse-lr 2e-4 \
-        --dense-minutes 7 --indexer-minutes 5 --sparse-minutes 14 --out indexcache_calib/models/tiny-dsa-long
+        --rope-factor 8 --data-suffix=-long --batch-size 1 --threads 1 --dense-attn sdpa --sparse-path gather \
+        --no-stage-evals --no-recall --eval-seqs 2 --eval-every 0 --lr 3e-4 --sparse-lr 2e-4 \
+        --dense-steps 12 --dense-minutes 10 --indexer-steps 4 --indexer-minutes 6 --sparse-steps 8 --sparse-minutes 11 \
+        --out indexcache_calib/models/tiny-dsa-long
 
-(about 40 minutes on the shared 2-core CPU; a batch of one sequence alternates domains from step to step).
-
-`--sparse-path gather` runs the sparse stage's LM forward on `indexcache_calib.attention`'s top-k
-attention (memory linear in length); the indexer KL's targets then come from a gradient-free eager
-forward with the same top-k, which is the same loss as the default single eager pass.
+A batch of one sequence alternates domains from step to step. `--sparse-path gather` runs the sparse
+stage's LM forward on `indexcache_calib.attention`'s top-k attention (memory linear in length); the
+indexer KL's targets then come from a gradient-free eager forward with the same top-k: the same loss and
+gradients as the default single eager pass.
 
 `--arch glm4_moe_lite` trains the plain MLA architecture of GLM-4.7-Flash instead (stage 1 only): the
 source that `indexcache dsa-convert` turns into a DSA model.
 
-Both checkpoints in indexcache_calib/models/ come from one call of
-`bash indexcache_calib/recipes/train_all.sh --device cuda --minutes 6` (about 5 minutes on one H200).
+tiny-dsa and tiny-dsa-deep in indexcache_calib/models/ come from one call of
+`bash indexcache_calib/recipes/train_all.sh --device cuda --minutes 6` (about 5 minutes on one H200);
+tiny-dsa-long from the command above.
 """
 
 from __future__ import annotations
@@ -123,6 +126,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer-docs", type=int, help="train the tokenizer on the first N documents per domain (0: all)")
     p.add_argument("--init-from", help="continue training this saved GlmMoeDsa checkpoint (weights and tokenizer); "
                                        "the architecture flags are ignored")
+    p.add_argument("--rope-factor", type=float,
+                   help="with --init-from: linear RoPE position interpolation by this factor (e.g. new/old length)")
     p.add_argument("--data-suffix", default="", help="read <domain><suffix>.jsonl and <domain><suffix>.heldout.jsonl "
                                                      "(e.g. -long)")
     p.add_argument("--stages", default="dense,indexer,sparse",
@@ -135,6 +140,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-stage-evals", dest="stage_evals", action="store_false",
                    help="skip the held-out evaluations after the dense and indexer stages (long sequences on a CPU)")
     p.add_argument("--eval-initial", action="store_true", help="evaluate the --init-from checkpoint before training")
+    p.add_argument("--no-recall", dest="recall", action="store_false",
+                   help="skip the per-layer indexer recall in the final evaluation (long sequences on a CPU)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.stages = [st.strip() for st in args.stages.split(",") if st.strip()]
@@ -243,8 +250,12 @@ def build_model(args, tok: PreTrainedTokenizerFast):
 
 def load_init(args):
     """The --init-from checkpoint, eager attention, `max_position_embeddings` raised to --seq-len if below;
-    the architecture arguments are set from its config."""
-    model = GlmMoeDsaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+    the architecture arguments are set from its config; --rope-factor switches RoPE to linear interpolation."""
+    config = GlmMoeDsaConfig.from_pretrained(args.init_from)
+    if args.rope_factor:  # Position Interpolation (Chen et al., 2023): positions scaled into the trained range
+        theta = (config.rope_parameters or {}).get("rope_theta", 10000.0)
+        config.rope_parameters = {"rope_type": "linear", "factor": args.rope_factor, "rope_theta": theta}
+    model = GlmMoeDsaForCausalLM.from_pretrained(args.init_from, config=config, dtype=torch.float32)
     c = model.config
     if c.max_position_embeddings < args.seq_len:
         c.max_position_embeddings = args.seq_len
@@ -543,7 +554,7 @@ def train(args) -> dict:
                                 lambda: evaluate(model, quick_windows, args, modes=("sparse",))))
     set_trainable(model, main=True, indexer=True)
     # Final numbers use the library's own indexer forward (nothing replaced) for sparse.
-    evals["final"] = evaluate(model, eval_windows, args, recall=True)
+    evals["final"] = evaluate(model, eval_windows, args, recall=args.recall)
     print(f"final: {json.dumps(evals['final'])}", flush=True)
     return _save(args, model, tok, stages, evals, data_dir, train_streams, held_streams, eval_windows, n_params, t_start)
 
@@ -564,7 +575,7 @@ def _save(args, model, tok, stages, evals, data_dir, train_streams, held_streams
                   "index_n_heads": args.index_heads if dsa else None,
                   "index_head_dim": model.config.index_head_dim if dsa else None,
                   "vocab_size": len(tok), "weights_dtype": "float32"},
-        "data": {"dir": _rel(data_dir), "files": {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+        "data": {"dir": _rel(data_dir), "suffix": args.data_suffix, "files": {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
                                                   for f in sorted(data_dir.glob("*.jsonl"))},
                  "train_tokens": {d: len(s) for d, s in train_streams.items()},
                  "heldout_tokens": {d: len(s) for d, s in held_streams.items()},
@@ -574,6 +585,7 @@ def _save(args, model, tok, stages, evals, data_dir, train_streams, held_streams
                      "smoke": args.smoke, "kl_weight": args.kl_weight, "stages": stages,
                      "init_from": _rel(Path(args.init_from)) if args.init_from else None,
                      "max_position_embeddings": model.config.max_position_embeddings,
+                     "rope_parameters": dict(model.config.rope_parameters or {}),
                      "dense_attn": args.dense_attn, "sparse_path": args.sparse_path,
                      "total_wall_s": round(time.time() - t_start, 1)},
         "held_out_loss": evals,
@@ -623,8 +635,8 @@ def model_card(log: dict) -> str:
     init = ""
     if t.get("init_from"):
         init = (f"\n**Continued training** of `{t['init_from']}` (its weights and tokenizer) at {t['seq_len']} tokens, "
-                f"`max_position_embeddings` {t['max_position_embeddings']}; stages run: {', '.join(names)}. "
-                "\"initial\" below is that checkpoint before any of it, on the same held-out sequences.\n")
+                f"`max_position_embeddings` {t['max_position_embeddings']}, RoPE `{json.dumps(t.get('rope_parameters'))}`; "
+                f"stages run: {', '.join(names)}.\n")
     paths = []
     if t.get("dense_attn", "eager") != "eager" and "dense" in names:
         paths.append(f"the dense stage ran on `{t['dense_attn']}` attention")
@@ -633,6 +645,9 @@ def model_card(log: dict) -> str:
                      "the indexer KL targets on a gradient-free eager forward with the same top-k")
     if paths:
         init += "\nAttention: " + "; ".join(paths) + ".\n"
+    suffix = log["data"].get("suffix", "")
+    tok_origin = (f"`{t['init_from']}`'s tokenizer, unchanged" if t.get("init_from")
+                  else "trained on the training split of both domains")
     return f"""# Tiny DSA checkpoint ({m['layers']} layers, hidden {m['hidden']})
 {smoke}
 A `GlmMoeDsaForCausalLM` (transformers' GLM-5 DSA architecture, unchanged) small enough for
@@ -650,11 +665,11 @@ All layers are `full` (every layer has its own indexer), so any F/S pattern can 
   q_lora_rank {m['q_lora_rank']}, kv_lora_rank {m['kv_lora_rank']}, qk_nope/qk_rope/v head dims
   {m['qk_nope_head_dim']}/{m['qk_rope_head_dim']}/{m['v_head_dim']}.
 - Indexer: {m['index_n_heads']} heads of dim {m['index_head_dim']}, `index_topk` {m['index_topk']}.
-- Byte-level BPE tokenizer, {m['vocab_size']} tokens, end-of-text `{EOS}`, trained on the training split of both domains.
+- Byte-level BPE tokenizer, {m['vocab_size']} tokens, end-of-text `{EOS}`, {tok_origin}.
 
 ## Data
 
-`{log['data']['dir']}`: Python standard-library source ("code", PSF License) and GNU Info manuals
+`{log['data']['dir']}` (files `<domain>{suffix}.jsonl`, held out `<domain>{suffix}.heldout.jsonl`): Python standard-library source ("code", PSF License) and GNU Info manuals
 ("docs", GNU FDL); see its README.md for provenance. Training tokens: {', '.join(f'{d} {n:,}' for d, n in log['data']['train_tokens'].items())}.
 Held-out tokens: {', '.join(f'{d} {n:,}' for d, n in log['data']['heldout_tokens'].items())};
 losses below use the first {', '.join(f'{d} {n}' for d, n in log['data']['eval_sequences'].items())} held-out sequences of {t['seq_len']} tokens.
