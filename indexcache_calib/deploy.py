@@ -350,6 +350,37 @@ def _transformers_snippet(family, lm: dict, model: str, types: list[str]) -> str
     )
 
 
+def _alias_problems(spec: str, lm: dict) -> list[str]:
+    """What the alias table knows about `spec` (decoder layers, index_topk: as fields, or in its note as
+    "78 layers" / "index_topk 64") against the layer map, for a model whose config is not at hand."""
+    import re
+
+    entry = mdl.aliases().get(spec) if not Path(spec).expanduser().is_dir() else None
+    if not isinstance(entry, dict):
+        return []
+    note = str(entry.get("note", ""))
+    known = {"decoder layers": entry.get("num_layers"), "index_topk": entry.get("index_topk")}
+    if known["decoder layers"] is None and "not confirmed" not in note:
+        m = re.search(r"\b(\d+) layers\b", note)
+        known["decoder layers"] = int(m.group(1)) if m else None
+    if known["index_topk"] is None:
+        m = re.search(r"\bindex_topk (\d+)\b", note)
+        known["index_topk"] = int(m.group(1)) if m else None
+    ours = {"decoder layers": lm.get("num_layers"), "index_topk": (lm.get("provenance") or {}).get("index_topk")}
+    return [f"the layer map was calibrated on a model with {what} {ours[what]}; {spec} ({entry.get('id') or entry.get('path')}) "
+            f"has {known[what]}" for what in known if known[what] is not None and ours[what] is not None and known[what] != ours[what]]
+
+
+def _engine_model(spec: str) -> str:
+    """An alias as the engine must be given it: its hub id or path (engines do not know this tool's aliases)."""
+    try:
+        if spec in mdl.aliases() and not Path(spec).expanduser().is_dir():
+            return mdl.resolve(spec).location
+    except CalibError:
+        pass
+    return spec
+
+
 def export(lm: dict, engine: str, model: str | None = None) -> dict:
     """Launch arguments for one engine: {'engine', 'model', 'overrides', 'text', 'argv'?}."""
     if engine not in ENGINES:
@@ -366,6 +397,11 @@ def export(lm: dict, engine: str, model: str | None = None) -> dict:
     if why:
         raise CalibError(f"{family.name} cannot run this pattern: {why}", hint="calibrate again with this version of indexcache")
     notes = []
+    if model is not None:
+        problems = _alias_problems(model, lm)
+        if problems:
+            raise CalibError(f"the layer map does not fit {model}: {'; '.join(problems)}",
+                             hint=f"calibrate {model} itself, or pass the --model the layer map was calibrated on")
     try:  # the model the engine will load, wherever its config can be read
         info = read_model(model or default_model(lm))
     except CalibError as e:
@@ -380,7 +416,7 @@ def export(lm: dict, engine: str, model: str | None = None) -> dict:
         if problems:
             raise CalibError(f"the layer map does not fit {info.spec}: {'; '.join(problems)}",
                              hint=f"calibrate {info.spec} itself, or check with: indexcache validate LAYER_MAP --model {info.spec}")
-    model = model or default_model(lm)
+    model = _engine_model(model) if model else default_model(lm)
     num_layers = lm.get("num_layers") if isinstance(lm.get("num_layers"), int) else len(pattern)
     keys = engine_keys(family, pattern, positions, num_layers, engine)
     overrides = json.dumps(keys, separators=(",", ":"))
@@ -425,6 +461,22 @@ def check_out_dir(out: Path, source: Path, overwrite: bool) -> None:
         raise CalibError(f"--out {out} contains the model directory {source}; replacing it would delete the model", hint="choose another --out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise CalibError(f"--out {out} already exists and is not empty", hint="pass --overwrite to replace it, or choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not _written_by_apply(out):
+        raise CalibError(f"--out {out} holds files this tool did not write; --overwrite only replaces a directory written by "
+                         "indexcache apply (config.json with a pattern, every other entry a link)",
+                         hint="choose another --out, or empty it yourself")
+
+
+def _written_by_apply(out: Path) -> bool:
+    """What `apply` writes, and all that replacing it removes: config.json with `index_topk_pattern`, and links
+    (symlinks, or hard links where symlinks fail). Removing a link loses no data; a copy or any other file could."""
+    try:
+        config = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(config, dict) or "index_topk_pattern" not in config:
+        return False
+    return all(p.name == "config.json" or p.is_symlink() or (p.is_file() and p.stat().st_nlink > 1) for p in out.iterdir())
 
 
 def _link(src: Path, dst: Path, method: list[str]) -> str:
@@ -520,10 +572,22 @@ def margin_note(step: dict, short: bool = False) -> str:
     elif se == 0:
         by = "a tie" if gap == 0 else f"{gap:.2g} nats on every sequence"
     else:
-        by = f"{gap / se:.1f} SE"
+        by = f"{_se_ratio(gap / se)} SE"
     if short:
         return f"{by} over layer {step['runner_up']}"
     return f"layer {chosen} over layer {step['runner_up']} by {by}"
+
+
+def _se_ratio(ratio: float) -> str:
+    """gap/SE with one decimal, or as many more as it takes to stay on the side of the decided rule
+    it is on: 1.966 is "1.97", never "2.0"."""
+    from indexcache_calib.search import DECIDED_SE
+
+    for digits in range(1, 7):
+        text = f"{ratio:.{digits}f}"
+        if (float(text) >= DECIDED_SE) == (ratio >= DECIDED_SE):
+            return text
+    return repr(ratio)
 
 
 def undecided_line(path_rows: list[dict]) -> str | None:

@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from indexcache_calib import cli_common as _common
-from indexcache_calib.errors import CalibError
+from indexcache_calib.errors import CalibError, plural
 
 F_STYLE, S_STYLE = "bold white on green4", "black on grey70"
 UNDECIDED_STYLE = "yellow"
@@ -35,6 +35,25 @@ def _refuse(problems: list[str], hint: str) -> None:
     raise typer.Exit(EXIT_INVALID)
 
 
+def _load_layer_map(arg: str):
+    """`deploy.load_layer_map`, saying what an interrupted run directory holds instead of "does not exist"."""
+    from indexcache_calib import artifact as art
+    from indexcache_calib import deploy
+    from indexcache_calib.errors import plural
+
+    path = Path(arg).expanduser()
+    if path.is_dir() and not (path / art.LAYER_MAP).exists() and (path / art.CHECKPOINT).is_file():
+        try:
+            steps = plural(len(json.loads((path / art.CHECKPOINT).read_text())["steps"]), "search step")
+        except (OSError, ValueError, KeyError, TypeError):
+            steps = "its search steps"
+        raise CalibError(
+            f"{path} holds an unfinished calibration run ({steps} in {art.CHECKPOINT}), not a layer map yet",
+            hint=f"finish it: rerun its calibrate command with --resume (and --out {shlex.quote(str(path))}); meanwhile "
+                 f"indexcache evaluate --tokens {shlex.quote(str(path))} scores patterns on its tokens")
+    return deploy.load_layer_map(arg)
+
+
 def export(
     layer_map: str = typer.Argument(..., help="layer_map.json, or the run directory holding it."),
     engine: str = typer.Option(..., "--engine", "-e", help="vllm, sglang, transformers or trtllm."),
@@ -47,7 +66,7 @@ def export(
     from indexcache_calib import deploy
 
     with _common.handled():
-        lm, _ = deploy.load_layer_map(layer_map)
+        lm, _ = _load_layer_map(layer_map)
         result = deploy.export(lm, engine.lower(), model)
         for n in result["notes"]:
             _note(n)
@@ -81,7 +100,7 @@ def validate(
             _print(json.dumps(report.as_json(), indent=2, sort_keys=True))
         elif report.valid:
             against = f" for {model}" if model else ""
-            _print(f"OK: {report.pattern} ({report.pattern.count('F')} of {len(report.pattern)} layers full) is valid{against}")
+            _print(f"OK: {report.pattern} ({report.pattern.count('F')} of {plural(len(report.pattern), 'layer')} full) is valid{against}")
         if not as_json and report.valid:
             for n in report.notes:
                 _note(n)
@@ -99,7 +118,7 @@ def apply(
     from indexcache_calib import deploy
 
     with _common.handled():
-        lm, _ = deploy.load_layer_map(layer_map)
+        lm, _ = _load_layer_map(layer_map)
         info = deploy.read_model(model)
         try:
             done = deploy.apply(lm, info, Path(out_dir), overwrite)
@@ -108,7 +127,7 @@ def apply(
         for n in done.notes:
             _note(n)
         if done.link_error:
-            made = ", ".join(f"{v} {k.replace('hardlink', 'hard link')}{'s' if v != 1 else ''}" for k, v in done.linked.items() if v)
+            made = ", ".join(plural(v, k.replace("hardlink", "hard link")) for k, v in done.linked.items() if v)
             _note(f"symlinks are not possible here ({done.link_error}); made {made} instead")
         family = info.checkpoint.family
         if done.transformers_ignores:
@@ -116,7 +135,7 @@ def apply(
         pattern = lm["pattern"]
         count = sum(done.linked.values())
         _print(f"wrote {done.out}: config.json sets index_topk_pattern and indexer_types "
-               f"({pattern.count('F')} of {len(pattern)} indexer layers full); {count} other entries linked from {done.source}")
+               f"({pattern.count('F')} of {plural(len(pattern), 'indexer layer')} full); {plural(count, 'other entry', 'other entries')} linked from {done.source}")
         q = shlex.quote(str(done.out))
         serve = {"vllm": f"vllm serve {q}", "sglang": f"python -m sglang.launch_server --model-path {q}"}
         lines = [serve[e] for e in ("vllm", "sglang") if e in family.engines]
@@ -134,7 +153,7 @@ def show(
     from indexcache_calib import deploy
 
     with _common.handled():
-        lm, path = deploy.load_layer_map(layer_map)
+        lm, path = _load_layer_map(layer_map)
         try:
             data = deploy.summary(lm, path)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -154,7 +173,7 @@ def _draw(data: dict) -> None:
     out = _common.out
     pattern, n = data["pattern"], len(data["pattern"])
     every_layer = data["positions"] == list(range(n))
-    of = f"{n} layers" if every_layer else f"{n} indexer layers ({data['num_layers']} decoder layers)"
+    of = plural(n, "layer") if every_layer else f"{plural(n, 'indexer layer')} ({plural(data['num_layers'], 'decoder layer')})"
     out.print(Text(f"{data['layer_map'] or 'layer map'}: {data['num_full']} of {of} full", style="bold"))
     if not every_layer:
         out.print(Text(f"one character per indexer layer: layers {data['positions']}"))
@@ -197,7 +216,7 @@ def _draw(data: dict) -> None:
         steps.add_row(f"uniform {u['ratio']}", "", str(u["num_full"]), f"{u['loss']:.5f}", f"{u['delta']:+.5f}", note)
     out.print(steps)
     if data["undecided_steps"]:
-        out.print(Text(f"{len(data['undecided_steps'])} of {len(data['path']) - 1} steps {UNDECIDED} "
+        out.print(Text(f"{len(data['undecided_steps'])} of {plural(len(data['path']) - 1, 'step')} {UNDECIDED} "
                        "(each beat its runner-up by less than 2 paired standard errors)", style=UNDECIDED_STYLE))
 
     prov = Table(title="provenance", title_justify="left", show_header=False)
