@@ -82,8 +82,11 @@ def default_run_name(model_spec: str, data_path: str, target_label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-")
 
 
-def _has_results(run_dir: Path) -> bool:
+def has_results(run_dir: Path) -> bool:
     return run_dir.is_dir() and any((run_dir / n).exists() for n in (LAYER_MAP, CHECKPOINT, TRACE))
+
+
+_has_results = has_results
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -102,10 +105,11 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     check_run_dir(run_dir, resume, overwrite)
     has_results = _has_results(run_dir)
     if has_results and overwrite and not resume:
-        for name in (LAYER_MAP, CHECKPOINT, TRACE, TOKENS):
+        from indexcache_calib.plots import LOSS_PLOT, PATTERN_PLOT
+
+        # Only what a run writes: anything else in the directory is the user's and stays.
+        for name in (LAYER_MAP, CHECKPOINT, TRACE, TOKENS, LOSS_PLOT, PATTERN_PLOT):
             (run_dir / name).unlink(missing_ok=True)
-        for png in run_dir.glob("*.png"):
-            png.unlink()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-")
@@ -193,6 +197,32 @@ def remove_partial(run_dir: Path) -> None:
     """Leave no half-written temp files behind after a failure."""
     for tmp in run_dir.glob(".*.tmp"):
         tmp.unlink(missing_ok=True)
+
+
+def first_missing(path: Path) -> Path | None:
+    """The outermost directory that creating `path` (with its parents) makes; None if `path` exists."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        return None
+    top = path
+    for parent in path.parents:
+        if parent.exists():
+            break
+        top = parent
+    return top
+
+
+def remove_empty_dirs(path: Path, made: Path | None) -> None:
+    """Undo what creating `path` made (`made`, from `first_missing`) as far as it is still empty: a run
+    that failed on bad input leaves no empty `outputs/` behind."""
+    if made is None:
+        return
+    for d in (Path(path), *Path(path).parents):
+        if not d.is_dir() or any(d.iterdir()):
+            return
+        d.rmdir()
+        if d == made:
+            return
 
 
 def rmtree_if_empty(run_dir: Path) -> None:

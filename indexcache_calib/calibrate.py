@@ -6,13 +6,13 @@ import json
 import math
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from indexcache_calib import __version__
 from indexcache_calib import artifact as art
-from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, EXIT_RESUME_MISMATCH, CalibError, is_out_of_memory
+from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, EXIT_RESUME_MISMATCH, CalibError, is_out_of_memory, plural
 from indexcache_calib.pattern import (
     FULL, SHARED, full_layers, indexer_types, resolve_num_full, source_layers, uniform_pattern, validate_pattern,
 )
@@ -66,6 +66,10 @@ class Options:
         if self.search == "race" and self.tolerance is not None:
             # As parsed ("0.010" and "0.01" are one run); absent without one, as in older checkpoints.
             settings["tolerance"] = parse_tolerance(self.tolerance)
+        if not self.overlap:
+            # Absent while measured, as in older checkpoints: a trace half with overlap and half without
+            # would say neither. `same_fingerprint` reads a missing value as measured.
+            settings["overlap"] = False
         return {**settings, "attention": attention_for(self, ckpt)}
 
 
@@ -97,20 +101,115 @@ class Prepared:
     self_check: dict = field(default_factory=dict)
 
 
+@dataclass
+class Tokens:
+    """The calibration tokens, read and packed before any weights load."""
+
+    tokenizer: object
+    ids: object
+    available: int
+    data_sha256: str | None
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunPlan:
+    """What a calibration run has checked and read before any weights load; the dry run stops here."""
+
+    source: object
+    ckpt: object  # model.Checkpoint
+    num_full: int
+    start: str
+    run_dir: Path
+    saved: dict | None  # the checkpoint resumed from
+    tokens: Tokens | None  # None only in a dry run on a checkpoint without a tokenizer
+
+
 def dry_run(opts: Options) -> dict:
-    """Check the options against the config and estimate what the run needs; loads no weights."""
-    from indexcache_calib import model as mdl
+    """Run every check the real run makes before loading weights (options, model, target, start pattern,
+    run directory, resume, data), then estimate what the run needs; loads no weights."""
     from indexcache_calib.dryrun import plan
 
-    check_options(opts)
-    ckpt = mdl.inspect_checkpoint(mdl.resolve(opts.model), opts.trust_remote_code)
-    check_for_family(opts, ckpt)
-    num_full, _ = search_plan(opts, ckpt)
+    notes: list[str] = []
+    run = plan_run(opts, Hooks(message=notes.append, warn=notes.append), dry=True)
     opts.cache_device, why = resolved_cache_device(opts)
-    estimate = plan(opts, ckpt, num_full, attention_for(opts, ckpt))
-    if why:
-        estimate["warnings"].insert(0, why)
+    planned = opts
+    if run.tokens is not None and len(run.tokens.ids) < opts.num_samples:  # what the run will calibrate on
+        planned = replace(opts, num_samples=len(run.tokens.ids))
+    estimate = plan(planned, run.ckpt, run.num_full, attention_for(opts, run.ckpt))
+    estimate["warnings"][:0] = ([why] if why else []) + notes
     return estimate
+
+
+def plan_run(opts: Options, hooks: Hooks, dry: bool = False) -> RunPlan:
+    """Every check that needs no weights, in the order a user fixes them, changing nothing on disk:
+    options, model, target and start pattern, the run directory and its checkpoint, then the data,
+    tokenized and packed (a dry run on a config without a tokenizer reads the data but cannot pack it)."""
+    from indexcache_calib import data as dat
+    from indexcache_calib import model as mdl
+
+    check_options(opts)
+    source = mdl.resolve(opts.model)
+    ckpt = mdl.inspect_checkpoint(source, opts.trust_remote_code)
+    check_for_family(opts, ckpt)
+    num_full, start = search_plan(opts, ckpt)
+    config_sha = mdl.config_sha256(source)
+    # Named by the resolved number of Full layers: 1/4, 25%, 0.25 and --num-full N are one run.
+    run_dir = Path(opts.out) if opts.out else Path("outputs") / art.default_run_name(opts.model, opts.data, f"{num_full}F")
+    saved = None
+    if opts.resume:
+        if opts.out is None and not (run_dir / art.CHECKPOINT).exists():
+            run_dir = resumable_sibling(run_dir, num_full, opts, config_sha, ckpt, hooks)
+        saved = read_checkpoint(run_dir)
+        check_resume_settings(run_dir, saved["fingerprint"], opts, config_sha, ckpt)
+        check_steps(run_dir / art.CHECKPOINT, saved["steps"], start)
+    art.check_run_dir(run_dir, opts.resume, opts.overwrite)
+    try:
+        tokenizer = load_tokenizer(opts, source)
+    except CalibError as e:
+        if not dry:
+            raise
+        dat.read_documents(opts.data, None, opts.text_field)  # the file itself is still checked
+        hooks.warn(f"{e.message}: the data was read but not tokenized, so whether it fills --num-samples is unchecked")
+        return RunPlan(source, ckpt, num_full, start, run_dir, saved, None)
+    tokens = read_tokens(opts, hooks, tokenizer)
+    if saved is not None:  # a resume on other tokens is refused here too
+        from indexcache_calib.data import tokens_sha256
+
+        check_fingerprint(run_dir, {"tokens_sha256": saved["fingerprint"].get("tokens_sha256")},
+                          {"tokens_sha256": tokens_sha256(tokens.ids)})
+    return RunPlan(source, ckpt, num_full, start, run_dir, saved, tokens)
+
+
+def resumable_sibling(run_dir: Path, num_full: int, opts: Options, config_sha: str | None, ckpt, hooks: Hooks) -> Path:
+    """With the default --out, a run resumed with another target looks for its checkpoint under another
+    Full count (`..._4F` for `..._8F`): the run of the same model and data whose settings match."""
+    import re
+
+    prefix = run_dir.name[: -len(f"{num_full}F")]
+    if not run_dir.name.endswith(f"_{num_full}F") or not run_dir.parent.is_dir():
+        return run_dir
+    siblings = sorted(d for d in run_dir.parent.iterdir()
+                      if re.fullmatch(re.escape(prefix) + r"\d+F", d.name) and (d / art.CHECKPOINT).is_file())
+    matching = []
+    for d in siblings:
+        try:
+            check_resume_settings(d, read_checkpoint(d)["fingerprint"], opts, config_sha, ckpt)
+        except CalibError:
+            continue
+        matching.append(d)
+    if len(matching) == 1:
+        hooks.message(f"resuming {matching[0]}: the run of this model and data with these settings "
+                      f"(nothing in {run_dir}; the target may change on resume, and the layer map goes to {matching[0]})")
+        return matching[0]
+    if matching:
+        raise CalibError(f"nothing to resume in {run_dir}; {len(matching)} runs of this model and data have these settings: "
+                         f"{', '.join(map(str, matching))}", hint="name the one to resume with --out DIR --resume")
+    if siblings:
+        raise CalibError(f"nothing to resume: {run_dir / art.CHECKPOINT} does not exist, and the runs of this model and data "
+                         f"({', '.join(map(str, siblings))}) were made with other settings",
+                         hint="resume one with --out DIR --resume and its settings, or run without --resume to start")
+    return run_dir
 
 
 def attention_for(opts: Options, ckpt) -> str:
@@ -143,7 +242,7 @@ def check_seq_len(opts: Options, ckpt) -> None:
         budget = words if words.endswith(f" {floor}") else f"{words}: {floor} tokens"
         raise CalibError(
             f"--seq-len {opts.seq_len} is not above the model's {budget}: every token would be selected, "
-            "so sharing changes nothing and the search could learn nothing",
+            "so every layer's top-k is the same and sharing an indexer changes nothing",
             hint=f"use --seq-len of at least {2 * floor}",
         )
     max_pos = getattr(ckpt.text, "max_position_embeddings", None)
@@ -189,10 +288,13 @@ def check_options(opts: Options) -> None:
                          hint="add --search race, or leave --tolerance out")
     if opts.search == "race" and -(-opts.race_first // opts.batch_size) >= -(-opts.num_samples // opts.batch_size):
         raise CalibError(
-            f"--search race with {opts.num_samples} sequences and --race-first {opts.race_first}: the first round "
+            f"--search race with {plural(opts.num_samples, 'sequence')} and --race-first {opts.race_first}: the first round "
             "already scores every sequence, so there is nothing to race",
             hint="use --search exact (the same steps), more --num-samples, or a smaller --race-first",
         )
+    if opts.resume and opts.overwrite:
+        raise CalibError("--resume and --overwrite contradict each other: one continues the run in --out, the other "
+                         "deletes it", hint="pass --resume to continue the run, or --overwrite to start again")
     check_placement(opts)
 
 
@@ -230,12 +332,34 @@ def resolved_cache_device(opts: Options) -> tuple[str, str | None]:
     return opts.cache_device, None
 
 
-def prepare(opts: Options, hooks: Hooks, ids=None, check_config=None, ckpt=None, before_loading=None) -> Prepared:
-    """Resolve and check everything cheap first (config, weight names, data, lengths), then load the
-    weights, then check that this tool's all-Full loss is the model's own. `before_loading(ids)` runs
-    once the calibration tokens are known, before any weights load."""
+def load_tokenizer(opts: Options, source):
     from transformers import AutoTokenizer
 
+    try:
+        return AutoTokenizer.from_pretrained(source.location, local_files_only=True, trust_remote_code=opts.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise CalibError(f"cannot load the tokenizer of {opts.model}: {(str(e).splitlines() or [type(e).__name__])[0]}")
+
+
+def read_tokens(opts: Options, hooks: Hooks, tokenizer) -> Tokens:
+    """--data read, tokenized and packed into --num-samples sequences of --seq-len tokens."""
+    from indexcache_calib import data as dat
+
+    docs = dat.read_documents(opts.data, tokenizer, opts.text_field)
+    for note in docs.skipped:
+        hooks.warn(f"{opts.data}: skipped {note}")
+    ids, available = dat.pack(docs.texts, tokenizer, opts.seq_len, opts.num_samples, opts.seed)
+    if available < opts.num_samples:
+        hooks.warn(f"the data fills only {plural(available, 'sequence')} of {opts.seq_len} tokens; "
+                   f"calibrating on {available}, not {opts.num_samples}")
+    return Tokens(tokenizer, ids, available, dat.file_sha256(opts.data), docs.skipped)
+
+
+def prepare(opts: Options, hooks: Hooks, ids=None, check_config=None, ckpt=None, before_loading=None,
+            tokens: Tokens | None = None) -> Prepared:
+    """Resolve and check everything cheap first (config, weight names, data, lengths), then load the
+    weights, then check that this tool's all-Full loss is the model's own. `before_loading(ids)` runs
+    once the calibration tokens are known, before any weights load. `tokens`: already read and packed."""
     from indexcache_calib import data as dat
     from indexcache_calib import model as mdl
     from indexcache_calib.attention import set_attention
@@ -247,26 +371,18 @@ def prepare(opts: Options, hooks: Hooks, ids=None, check_config=None, ckpt=None,
     check_for_family(opts, ckpt)
     if check_config is not None:
         check_config(ckpt)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.location, local_files_only=True, trust_remote_code=opts.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise CalibError(f"cannot load the tokenizer of {opts.model}: {str(e).splitlines()[0]}")
-    skipped: list[str] = []
-    data_sha = dat.file_sha256(opts.data)
-    available = len(ids) if ids is not None else 0
-    if ids is None:
-        docs = dat.read_documents(opts.data, tokenizer, opts.text_field)
-        skipped = docs.skipped
-        for note in skipped:
-            hooks.warn(f"{opts.data}: skipped {note}")
-        ids, available = dat.pack(docs.texts, tokenizer, opts.seq_len, opts.num_samples, opts.seed)
-        if available < opts.num_samples:
-            hooks.warn(f"the data fills only {available} sequences of {opts.seq_len} tokens; calibrating on {available}, not {opts.num_samples}")
+    if tokens is None:
+        tokenizer = load_tokenizer(opts, source)
+        if ids is None:
+            tokens = read_tokens(opts, hooks, tokenizer)
+        else:
+            tokens = Tokens(tokenizer, ids, len(ids), dat.file_sha256(opts.data))
+    tokenizer, ids = tokens.tokenizer, tokens.ids
     if before_loading is not None:
         before_loading(ids)
     if ckpt.config_shared:
         hooks.message(
-            f"note: the config of {opts.model} carries a pattern ({len(ckpt.config_shared)} layers marked shared); their "
+            f"note: the config of {opts.model} carries a pattern ({plural(len(ckpt.config_shared), 'layer')} marked shared); their "
             "indexer weights are in the checkpoint, so they are restored and all-Full is measured with every indexer")
     from indexcache_calib.parallel import init_world, replica_max_memory
 
@@ -278,7 +394,7 @@ def prepare(opts: Options, hooks: Hooks, ids=None, check_config=None, ckpt=None,
     layout = mdl.find_dsa(model, ckpt, opts.model)
     set_attention(model, attention_for(opts, ckpt))
     check = self_check(model, layout, ids, opts.model, opts.indexer_chunk)
-    return Prepared(source, model, layout, tokenizer, ids, available, data_sha, skipped, ckpt, check)
+    return Prepared(source, model, layout, tokenizer, ids, tokens.available, tokens.data_sha256, tokens.skipped, ckpt, check)
 
 
 def all_full_pattern(ckpt) -> str:
@@ -298,8 +414,9 @@ def search_plan(opts: Options, ckpt) -> tuple[int, str]:
         if why:
             raise CalibError(f"the start pattern cannot run on {family.name}: {why}")
     if start.count(FULL) <= num_full:
+        what = "the start pattern" if opts.start_pattern else "all-Full"
         raise CalibError(
-            f"the start pattern has {start.count(FULL)} full layers; nothing to share for a target of {num_full}",
+            f"{what} has {plural(start.count(FULL), 'full layer')}; nothing to share for a target of {num_full}",
             hint="choose a target below the number of full layers you start from",
         )
     return num_full, start
@@ -370,13 +487,56 @@ def read_checkpoint(run_dir: Path) -> dict:
     try:
         data = json.loads(path.read_text())
         data["steps"] = [Step.from_json(s) for s in data["steps"]]
-        data["fingerprint"]["settings"]
-    except (ValueError, KeyError, TypeError) as e:
+        if not isinstance(data["fingerprint"], dict) or not isinstance(data["fingerprint"]["settings"], dict):
+            raise TypeError("the fingerprint is not an object with settings")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CalibError(f"checkpoint {path} is corrupt ({type(e).__name__}: {e})", hint="start again with --overwrite")
     return data
 
 
+def check_steps(path: Path, steps: list[Step], start: str) -> None:
+    """A checkpoint that parses can still be damaged: every step must flip one Full layer of the step
+    before it to Shared, chosen among its own scored candidates. Checked before any weights load."""
+    base = start
+    for number, s in enumerate(steps, 1):
+        problem = _step_problem(s, number, base)
+        if problem:
+            raise CalibError(f"checkpoint {path} is corrupt: step {number} {problem}", hint="start again with --overwrite")
+        base = s.pattern
+
+
+def _step_problem(s: Step, number: int, base: str) -> str | None:
+    def number_ok(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if s.step != number:
+        return f"is numbered {s.step!r}"
+    if s.base != base:
+        return "does not start from the pattern the step before it ended with"
+    if not isinstance(s.chosen, int) or isinstance(s.chosen, bool) or s.chosen not in s.scores:
+        return f"chose layer {s.chosen!r}, which is not among its scored candidates ({sorted(s.scores)})"
+    for layer, score in s.scores.items():
+        if not 0 <= layer < len(base) or base[layer] != FULL:
+            return f"scored candidate {layer}, which is not a Full layer of its start pattern"
+        if not number_ok(score.loss) or not isinstance(score.seq_losses, list) or not all(map(number_ok, score.seq_losses)):
+            return f"has a loss for candidate {layer} that is not a list of finite numbers"
+    if s.pattern != base[: s.chosen] + SHARED + base[s.chosen + 1 :]:
+        return f"ended with {s.pattern!r}, not its start pattern with layer {s.chosen} shared"
+    if not number_ok(s.base_loss):
+        return f"has a base loss of {s.base_loss!r}"
+    return None
+
+
+def _overlap_measured(fp: dict) -> dict:
+    """Fingerprints leave `settings.overlap` out while overlap is measured (older checkpoints too)."""
+    settings = fp.get("settings")
+    if isinstance(settings, dict) and "overlap" not in settings:
+        fp = {**fp, "settings": {**settings, "overlap": True}}
+    return fp
+
+
 def check_fingerprint(run_dir: Path, saved: dict, fp: dict) -> None:
+    saved, fp = _overlap_measured(saved), _overlap_measured(fp)
     if saved != fp:
         changed = art.changed_settings(saved, fp)
         raise CalibError(
@@ -437,25 +597,17 @@ def calibrate(opts: Options, hooks: Hooks | None = None) -> tuple[dict, Path]:
 
     world = init_world()
     hooks = (hooks or Hooks()) if world.is_main else Hooks()
-    check_options(opts)
     t_start = time.time()
-    source = mdl.resolve(opts.model)
-    ckpt = mdl.inspect_checkpoint(source, opts.trust_remote_code)
-    check_for_family(opts, ckpt)
-    num_full, _ = search_plan(opts, ckpt)
-    # Named by the resolved number of Full layers: 1/4, 25%, 0.25 and --num-full N are one run.
-    run_dir = Path(opts.out) if opts.out else Path("outputs") / art.default_run_name(opts.model, opts.data, f"{num_full}F")
-    existed = run_dir.exists()
-    saved = read_checkpoint(run_dir) if opts.resume else None
-    if saved is not None:
-        check_resume_settings(run_dir, saved["fingerprint"], opts, mdl.config_sha256(source), ckpt)
-    art.check_run_dir(run_dir, opts.resume, opts.overwrite)
+    run = plan_run(opts, hooks)
+    run_dir = run.run_dir
+    made = art.first_missing(run_dir)  # what creating the run directory adds, removed again if left empty
+    had_tokens = (run_dir / art.TOKENS).exists()
     world.barrier()  # every rank has checked before rank 0 changes anything
     if world.is_main:
         art.prepare_run_dir(run_dir, opts.resume, opts.overwrite)
     hooks.started(run_dir)
     try:
-        return _calibrate(opts, hooks, run_dir, t_start, saved, world, ckpt)
+        return _calibrate(opts, hooks, run, t_start, world)
     except (RuntimeError, MemoryError) as e:
         if not is_out_of_memory(e):
             raise
@@ -463,22 +615,21 @@ def calibrate(opts: Options, hooks: Hooks | None = None) -> tuple[dict, Path]:
     finally:
         if world.is_main:
             art.remove_partial(run_dir)
-            if not existed:
-                art.rmtree_if_empty(run_dir)
+            if not had_tokens and not art.has_results(run_dir):  # stopped before the first step: nothing saved
+                (run_dir / art.TOKENS).unlink(missing_ok=True)
+            art.remove_empty_dirs(run_dir, made)
 
 
-def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved: dict | None, world, ckpt) -> tuple[dict, Path]:
+def _calibrate(opts: Options, hooks: Hooks, run: RunPlan, t_start: float, world) -> tuple[dict, Path]:
     from indexcache_calib.parallel import ParallelEvaluator, sum_counters
 
     from indexcache_calib import model as mdl
     from indexcache_calib.data import tokens_sha256
 
-    def tokens_as_saved(ids):  # a resume on other tokens is refused before any weights load
-        old, new = saved["fingerprint"].get("tokens_sha256") if saved else None, tokens_sha256(ids)
-        if saved is not None and old != new:
-            check_fingerprint(run_dir, {"tokens_sha256": old}, {"tokens_sha256": new})
-
-    prep = prepare(opts, hooks, ckpt=ckpt, before_loading=tokens_as_saved)
+    run_dir, saved = run.run_dir, run.saved
+    prep = prepare(opts, hooks, ckpt=run.ckpt, tokens=run.tokens)
+    if world.is_main:  # before the first step, so an interrupted run can be scored (evaluate --tokens)
+        art.save_tokens(run_dir / art.TOKENS, prep.ids, {"tokens_sha256": tokens_sha256(prep.ids), "seq_len": opts.seq_len})
     layout = prep.layout
     n = layout.num_positions
     num_full, start = search_plan(opts, prep.checkpoint)
@@ -550,7 +701,7 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
         )
         final = steps[-1].pattern if steps else start
         if final.count(FULL) > num_full:
-            hooks.warn(f"no layer can be shared below {final.count(FULL)} full layers on {family.name} "
+            hooks.warn(f"no layer can be shared below {plural(final.count(FULL), 'full layer')} on {family.name} "
                        f"({family.note or 'the library cannot run such patterns'}); the layer map stops there")
         all_full_loss = base_score.loss if start == all_full else runner.score(all_full).loss
         final_score = runner.set_base(final)
@@ -568,7 +719,6 @@ def _calibrate(opts: Options, hooks: Hooks, run_dir: Path, t_start: float, saved
     counters = sum_counters(runner.counters.as_dict())
     if not world.is_main:
         return {}, run_dir
-    art.save_tokens(run_dir / art.TOKENS, prep.ids, {"tokens_sha256": tokens_sha256(prep.ids), "seq_len": opts.seq_len})
 
     seconds = counters.pop("seconds")
     from indexcache_calib.deploy import consumer_keys, engine_args

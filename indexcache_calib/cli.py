@@ -16,6 +16,7 @@ from indexcache_calib.cli_common import (
     EXIT_SIGINT, AllowPickle, Attention, BatchSize, DeviceMap, Dtype, IndexerChunk, MaxMemory, Model, OffloadDir, Seed, TextField,
     TrustRemoteCode, _quiet_libraries, err, handled, out,
 )
+from indexcache_calib.errors import plural
 
 class _Commands(TyperGroup):
     """Command-line mistakes get the same `Error:`/`Hint:` lines as every other bad input, and a reader
@@ -83,7 +84,7 @@ def _interrupted(where: dict, argv: list[str]):
         except (OSError, ValueError, KeyError, TypeError):
             steps = 0
         if steps:
-            return [f"Interrupted: {steps} finished search step{'s' if steps != 1 else ''} are saved in {path}.",
+            return [f"Interrupted: {plural(steps, 'finished search step')} {'is' if steps == 1 else 'are'} saved in {path}.",
                     f"Hint: resume with: {_resume_command(argv)}"]
         rerun = "indexcache " + shlex.join([a for a in argv if a != "--resume"])
         return ["Interrupted before the first search step finished: nothing was saved.",
@@ -96,9 +97,9 @@ def _interrupted(where: dict, argv: list[str]):
 def calibrate(
     model: Model = "tiny-dsa",
     data: str = typer.Option(..., "--data", "-d", help="JSONL (text or messages), .txt, .parquet/.csv, or a saved datasets dir."),
-    target: Optional[str] = typer.Option(None, "--target", "-t", help="Share of layers kept full: 1/4, 0.25, 25%."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", show_default="1/4, unless --num-full", help="Share of layers kept full: 1/4, 0.25, 25%."),
     num_full: Optional[int] = typer.Option(None, "--num-full", help="Number of layers kept full (instead of --target)."),
-    out_dir: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (default: outputs/<model>_<data>_<target>)."),
+    out_dir: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (default: outputs/<model>_<data>_<N>F, N the Full layers the target comes to: 1/4 of 16 layers is outputs/<model>_<data>_4F)."),
     seq_len: int = typer.Option(512, help="Tokens per calibration sequence; must exceed the model's index_topk."),
     num_samples: int = typer.Option(8, help="Calibration sequences."),
     seed: Seed = 0,
@@ -190,7 +191,7 @@ def _run_calibration(opts, Hooks, where: dict):
         progress.advance(tasks["steps"])
         progress.console.print(
             f"step {s.step}: layer {s.chosen} -> S, {s.pattern.count('F')} full, loss {s.loss:.5f} "
-            f"({len(s.scores)} candidates scored)", markup=False,
+            f"({plural(len(s.scores), 'candidate')} scored)", markup=False,
         )
 
     hooks = Hooks(
@@ -210,12 +211,13 @@ def _print_summary(layer_map: dict, run_dir) -> None:
     table.add_row("loss all-F", f"{loss['all_full']:.5f}")
     table.add_row("loss pattern", f"{loss['final']:.5f} (delta {loss['delta']:+.5f})")
     search, work = layer_map["search"], layer_map["environment"]["work"]
-    table.add_row("search", f"{search['strategy']}: {search['steps']} steps, {search['candidates_scored']} candidates scored, {work['layer_forwards']} layer-forwards")
+    table.add_row("search", f"{search['strategy']}: {plural(search['steps'], 'step')}, {plural(search['candidates_scored'], 'candidate')} scored, "
+                  f"{plural(work['layer_forwards'], 'layer-forward')}")
     tol = search.get("race", {}).get("tolerance")
     if tol:
         per = f"{tol['requested']:.4g} nats" if tol["requested"] != "auto" else "auto (2 paired SE)"
         ended = tol["steps_ended_early"]
-        table.add_row("tolerance", f"{per} per step at {search['race']['confidence']:.0%} confidence; {ended} step{'' if ended == 1 else 's'} "
+        table.add_row("tolerance", f"{per} per step at {search['race']['confidence']:.0%} confidence; {plural(ended, 'step')} "
                       f"ended early: at most {tol['given_away_at_most']:.5f} nats given away vs the greedy best at each step "
                       f"(steps x tolerance: {tol['steps_times_tolerance']:.5f})")
     out.print(table)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from indexcache_calib.errors import CalibError
+from indexcache_calib.errors import CalibError, plural
 
 TABULAR = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
@@ -124,7 +124,7 @@ def pack(docs: list[str], tokenizer, seq_len: int, num_samples: int, seed: int) 
     available = len(stream) // seq_len
     if available == 0:
         raise CalibError(
-            f"the data has {len(stream)} tokens, fewer than one sequence of --seq-len {seq_len}",
+            f"the data has {plural(len(stream), 'token')}, fewer than one sequence of --seq-len {seq_len}",
             hint="add data or lower --seq-len (it must stay above the model's index_topk)",
         )
     picks = sorted(random.Random(seed).sample(range(available), min(num_samples, available)))

@@ -18,7 +18,7 @@ import torch
 
 from indexcache_calib import artifact as art
 from indexcache_calib.calibrate import OOM_HINT, Hooks, Options, Prepared, all_full_pattern, check_options, make_runner, prepare
-from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, CalibError, is_out_of_memory
+from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, CalibError, is_out_of_memory, plural
 from indexcache_calib.pattern import FULL, check_pattern, uniform_pattern
 from indexcache_calib.sharing import install_sharing, sharing_state
 
@@ -41,6 +41,9 @@ def read_tokens(path: str | Path) -> tuple[torch.Tensor, Path]:
     if path.is_dir():
         path = path / art.TOKENS
     if not path.is_file():
+        if (path.parent / art.CHECKPOINT).is_file():
+            raise CalibError(f"token file {path} does not exist: the run in {path.parent} stopped before saving its tokens",
+                             hint="finish it: rerun its calibrate command with --resume; the tokens are saved before its next step")
         raise CalibError(f"token file {path} does not exist", hint=f"pass the {art.TOKENS} of a calibration run, or its directory")
     try:
         ids = art.load_tokens(path)
@@ -158,7 +161,7 @@ def overlap(opts: Options, hooks: Hooks | None = None, tokens: str | None = None
         raise CalibError("give exactly one of --data and --tokens")
     label = data_label(opts.data or str(tokens))
     out_dir = Path(opts.out) if opts.out else Path("outputs") / art.default_run_name(opts.model, label, "overlap")
-    existed = out_dir.exists()
+    made = art.first_missing(out_dir)  # removed again if the run writes nothing (bad data, a wrong model)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -166,7 +169,7 @@ def overlap(opts: Options, hooks: Hooks | None = None, tokens: str | None = None
     try:
         with _memory_errors():
             prep = load_inputs(opts, hooks, tokens)
-            hooks.message(f"running every layer's indexer on {len(prep.ids)} sequences of {prep.ids.shape[1]} tokens")
+            hooks.message(f"running every layer's indexer on {plural(len(prep.ids), 'sequence')} of {prep.ids.shape[1]} tokens")
             matrix = overlap_matrix(prep.model, prep.layout, prep.ids, opts.batch_size, opts.indexer_chunk)
         n = len(matrix)
         frame = pd.DataFrame(matrix, index=pd.Index(range(n), name="layer"), columns=range(n))
@@ -178,8 +181,7 @@ def overlap(opts: Options, hooks: Hooks | None = None, tokens: str | None = None
         png = overlap_plot(matrix, prep.layout.positions, title, out_dir / OVERLAP_PLOT)
     finally:
         art.remove_partial(out_dir)
-        if not existed:
-            art.rmtree_if_empty(out_dir)
+        art.remove_empty_dirs(out_dir, made)
     return {
         "model": opts.model,
         "data": opts.data,

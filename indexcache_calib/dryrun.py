@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from indexcache_calib.errors import CalibError
+from indexcache_calib.errors import CalibError, plural
 
 
 def size_str(n: float) -> str:
@@ -170,7 +170,7 @@ def plan(opts, ckpt, num_full: int, attention: str = "dense") -> dict:
 
 def describe(p: dict) -> list[tuple[str, str]]:
     rows = [
-        ("model", f"{p['model_type']}, {p['num_layers']} layers, target {p['num_full_target']} full"),
+        ("model", f"{p['model_type']}, {plural(p['num_layers'], 'layer')}, target {p['num_full_target']} full"),
         ("weights", f"{size_str(p['weights_total'])} in {p['dtype']}"),
     ]
     for device, size in sorted(p["weights_per_device"].items()):

@@ -12,6 +12,7 @@ from indexcache_calib.cli_common import (
     AllowPickle, Attention, BatchSize, DeviceMap, Dtype, IndexerChunk, MaxMemory, Model, OffloadDir, Seed, TextField,
     TrustRemoteCode,
 )
+from indexcache_calib.errors import plural
 
 DATA_HELP = "JSONL (text or messages), .txt, .parquet/.csv, or a saved datasets dir."
 TOKENS_HELP = "A run's tokens.safetensors (or its run directory): score exactly those token ids instead of --data."
@@ -57,7 +58,7 @@ def overlap(
         return
     n = len(result["layers"])
     if result["mean_adjacent"] is None:
-        out.print(f"{n} layers: fewer than two have an indexer, so there is nothing to compare", markup=False)
+        out.print(f"{plural(n, 'layer')}: fewer than two have an indexer, so there is nothing to compare", markup=False)
     else:
         a, b = result["min_pair"]
         out.print(f"mean adjacent-layer overlap: {result['mean_adjacent']:.3f}", markup=False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
-from indexcache_calib.errors import CalibError
+from indexcache_calib.errors import CalibError, plural
 
 FULL, SHARED = "F", "S"
 
@@ -22,7 +22,7 @@ def check_pattern(pattern: str, num_layers: int | None = None, fixed_shared: fro
     if pattern and pattern[0] != FULL:
         problems.append("layer 0 must be 'F': a shared layer needs a preceding full layer to read from")
     if num_layers is not None and len(pattern) != num_layers:
-        problems.append(f"pattern has {len(pattern)} layers, the model has {num_layers}")
+        problems.append(f"pattern has {plural(len(pattern), 'layer')}, the model has {num_layers}")
     for i in sorted(fixed_shared):
         if i < len(pattern) and pattern[i] == FULL:
             problems.append(f"layer {i} has no indexer weights in the checkpoint, so it must be 'S'")
@@ -104,13 +104,16 @@ def resolve_num_full(num_layers: int, target: str | None, num_full: int | None, 
         raise CalibError(f"--num-full {num_full} is impossible: layer 0 always keeps its indexer, so at least 1 layer is full")
     if num_full < fewest:
         raise CalibError(
-            f"target of {num_full} full layers is impossible: the model's library runs no pattern with fewer than {fewest}",
-            hint=f"choose at least {fewest} full layers",
+            f"target of {plural(num_full, 'full layer')} is impossible: the model's library runs no pattern with fewer than {fewest}",
+            hint=f"choose at least {plural(fewest, 'full layer')}",
         )
-    if num_full > searchable:
+    if num_full >= searchable:
+        # All of them full is where the search starts: a target there has nothing to share.
+        why = "is impossible" if num_full > searchable else "leaves nothing to share"
+        has = plural(num_layers, "layer") + (f", {len(fixed_shared)} of them without indexer weights" if fixed_shared else "")
+        most = searchable - 1
         raise CalibError(
-            f"target of {num_full} full layers is impossible: the model has {num_layers} layers"
-            + (f", {len(fixed_shared)} of them without indexer weights" if fixed_shared else ""),
-            hint=f"choose at most {searchable} full layers",
+            f"target of {plural(num_full, 'full layer')} {why}: the model has {has}",
+            hint=f"choose at most {plural(most, 'full layer')}" if most >= max(1, fewest) else "this model has no layer to share",
         )
     return num_full

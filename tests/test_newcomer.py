@@ -1,13 +1,16 @@
-"""Small fixes from the newcomer list: the license as an SPDX expression, and counts of one read in the
+"""Small fixes from the newcomer list: the license as an SPDX expression, counts of one read in the
 singular ("1 step", not "1 steps") in the messages and reports of distill, dsa-convert, paper_table and
-training_evidence."""
+training_evidence, and calibrate's checks before any weights load (the dry run's too)."""
 
+import json
+import os
 import re
 import tomllib
 import warnings
 from pathlib import Path
 
 import pytest
+from conftest import one_error_line, write_docs
 from test_commands import MODEL, SOURCE, models, workspace  # noqa: F401 - fixtures
 from typer.testing import CliRunner
 
@@ -105,3 +108,275 @@ def test_distill_uniform_origin_counts_layers(n, expected):
     pattern, origin = read_pattern(opts, n + 1, frozenset({n}))
     assert pattern == "F" * n + "S"
     assert origin.endswith(expected)
+
+
+# -- calibrate: every check before any weights load, in the dry run too (issue 21, items 4, 5, 7-10, 21) ----
+
+CAL = ["--seq-len", "48", "--num-samples", "3", "--batch-size", "3", "--no-plots"]
+
+
+def cal(*args):
+    from indexcache_calib.cli import app
+
+    return CliRunner().invoke(app, ["calibrate", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def finished(glm_dir, text_data, tmp_path_factory):
+    """A finished 6-layer run down to 4 Full layers, in the default run directory of its workspace."""
+    work = tmp_path_factory.mktemp("finished")
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        r = cal("--model", glm_dir, "--data", text_data, "--num-full", 4, *CAL)
+    finally:
+        os.chdir(cwd)
+    assert r.exit_code == 0, r.stderr
+    return work / "outputs" / run_name(glm_dir, text_data, 4)
+
+
+def run_name(model, data, num_full):
+    from indexcache_calib.artifact import default_run_name
+
+    return default_run_name(str(model), str(data), f"{num_full}F")
+
+
+def copy_run(run, tmp_path, name="run"):
+    import shutil
+
+    shutil.copytree(run, tmp_path / name)
+    return tmp_path / name
+
+
+def test_a_damaged_checkpoint_is_refused_before_the_weights_load(finished, glm_dir, text_data, tmp_path):
+    run = copy_run(finished, tmp_path)
+    saved = json.loads((run / "checkpoint.json").read_text())
+    saved["steps"][1]["chosen"] = 99  # valid JSON, impossible step
+    (run / "checkpoint.json").write_text(json.dumps(saved))
+    for dry in ([], ["--dry-run"]):
+        r = cal("--model", glm_dir, "--data", text_data, "--num-full", 3, *CAL, "--out", run, "--resume", *dry)
+        assert r.exit_code == 2, r.stderr
+        assert "is corrupt: step 2 chose layer 99" in one_error_line(r) and "loading" not in r.stderr
+    saved["steps"][1]["chosen"], saved["steps"][1]["pattern"] = saved["steps"][0]["chosen"], "FFFFFF"
+    (run / "checkpoint.json").write_text(json.dumps(saved))
+    r = cal("--model", glm_dir, "--data", text_data, "--num-full", 3, *CAL, "--out", run, "--resume")
+    assert r.exit_code == 2 and "is corrupt: step 2" in one_error_line(r)
+
+
+@pytest.mark.parametrize("dry", [[], ["--dry-run"]])
+def test_resume_and_overwrite_together_are_refused(finished, glm_dir, text_data, tmp_path, dry):
+    run = copy_run(finished, tmp_path)
+    before = (run / "checkpoint.json").read_text()
+    r = cal("--model", glm_dir, "--data", text_data, "--num-full", 3, *CAL, "--out", run, "--resume", "--overwrite", *dry)
+    assert r.exit_code == 2 and "--resume and --overwrite" in one_error_line(r)
+    assert (run / "checkpoint.json").read_text() == before
+
+
+@pytest.mark.parametrize("name,content", [("missing.jsonl", None), ("empty.jsonl", b""), ("bad.jsonl", b'{"text": '),
+                                          ("latin1.txt", b"caf\xe9\n")])
+def test_data_errors_leave_no_outputs_directory(name, content, glm_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    for dry in ([], ["--dry-run"]):
+        r = cal("--model", glm_dir, "--data", name, "--num-full", 2, *CAL, *dry)
+        assert r.exit_code == 2, r.stderr
+        one_error_line(r)
+        assert not (tmp_path / "outputs").exists()
+
+
+def test_the_dry_run_checks_the_run_directory_resume_and_data(finished, glm_dir, text_data, tmp_path):
+    base = ["--model", glm_dir, "--data", text_data, "--num-full", 3, *CAL, "--dry-run"]
+    run = copy_run(finished, tmp_path)
+    r = cal(*base, "--data", tmp_path / "missing.jsonl")
+    assert r.exit_code == 2 and "does not exist" in one_error_line(r)
+    r = cal(*base, "--out", run)  # results there, neither --resume nor --overwrite
+    assert r.exit_code == 2 and "already holds a calibration run" in one_error_line(r)
+    r = cal(*base, "--out", tmp_path / "none", "--resume")
+    assert r.exit_code == 2 and "nothing to resume" in one_error_line(r)
+    r = cal(*base, "--seq-len", "32", "--out", run, "--resume")  # the real run exits 3 too
+    assert r.exit_code == 3 and "settings.seq_len (48 -> 32)" in one_error_line(r)
+    other = tmp_path / "other.jsonl"
+    write_docs(other, seed=1)
+    r = cal(*base, "--data", other, "--out", run, "--resume")  # other tokens: refused before the weights load
+    assert r.exit_code == 3 and "tokens_sha256" in one_error_line(r)
+    r = cal(*base, "--out", run, "--resume", "--json")
+    assert r.exit_code == 0, r.stderr
+    r = cal(*base, "--num-samples", "500", "--json")  # the real run warns and calibrates on what there is
+    assert r.exit_code == 0, r.stderr
+    assert any(re.match(r"the data fills only \d+ sequences of 48 tokens", w) for w in json.loads(r.stdout)["warnings"])
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_new_target_resumes_the_run_with_the_same_settings(finished, glm_dir, text_data, tmp_path, monkeypatch):
+    name = run_name(glm_dir, text_data, 4)
+    (tmp_path / "outputs").mkdir()
+    copy_run(finished, tmp_path / "outputs", name)
+    monkeypatch.chdir(tmp_path)
+    r = cal("--model", glm_dir, "--data", text_data, "--num-full", 3, *CAL, "--resume")
+    assert r.exit_code == 0, r.stderr
+    assert f"resuming outputs/{name}" in r.stderr and "resuming after step 2" in r.stderr
+    lm = json.loads((tmp_path / "outputs" / name / "layer_map.json").read_text())
+    assert lm["num_full"] == 3 and lm["environment"]["resumed_steps"] == 2
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == [name]
+    # Settings that match no run: the runs there are named in the message.
+    r = cal("--model", glm_dir, "--data", text_data, "--num-full", 2, *CAL[:2], "--seed", "1", *CAL[2:], "--resume")
+    assert r.exit_code == 2 and f"outputs/{name}" in one_error_line(r)
+
+
+def test_no_overlap_on_resume_is_refused(finished, glm_dir, text_data, tmp_path):
+    run = copy_run(finished, tmp_path)
+    r = cal("--model", glm_dir, "--data", text_data, "--num-full", 3, *CAL, "--out", run, "--resume", "--no-overlap")
+    assert r.exit_code == 3 and "settings.overlap (true -> false)" in one_error_line(r) and "loading" not in r.stderr
+    # A run without overlap resumes without it.
+    off = tmp_path / "off"
+    assert cal("--model", glm_dir, "--data", text_data, "--num-full", 4, *CAL, "--out", off, "--no-overlap").exit_code == 0
+    r = cal("--model", glm_dir, "--data", text_data, "--num-full", 3, *CAL, "--out", off, "--resume")
+    assert r.exit_code == 3 and "settings.overlap (false -> true)" in one_error_line(r)
+    r = cal("--model", glm_dir, "--data", text_data, "--num-full", 3, *CAL, "--out", off, "--resume", "--no-overlap")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads((off / "layer_map.json").read_text())["provenance"]["measure_overlap"] is False
+
+
+def test_an_interrupted_run_has_its_tokens_and_says_how_to_finish(glm_dir, text_data, tmp_path, monkeypatch):
+    from indexcache_calib import calibrate as calib
+    from indexcache_calib.cli import app
+
+    real = calib.greedy_search
+
+    def stop_after_one_step(*args, on_step, **kwargs):
+        def step(s):
+            on_step(s)
+            raise KeyboardInterrupt
+
+        return real(*args, on_step=step, **kwargs)
+
+    monkeypatch.setattr(calib, "greedy_search", stop_after_one_step)
+    run = tmp_path / "run"
+    r = cal("--model", glm_dir, "--data", text_data, "--num-full", 3, *CAL, "--out", run)
+    assert r.exit_code == 130 and "1 finished search step is saved" in r.stderr
+    assert (run / "tokens.safetensors").is_file() and not (run / "layer_map.json").exists()
+    r = CliRunner().invoke(app, ["show", str(run)])
+    assert r.exit_code == 2 and "unfinished calibration run (1 search step" in one_error_line(r) and "--resume" in r.stderr
+    r = CliRunner().invoke(app, ["evaluate", "--model", str(glm_dir), "--tokens", str(run), "--uniform", "2"])
+    assert r.exit_code == 0, r.stderr
+
+    def stop_at_once(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calib, "greedy_search", stop_at_once)
+    fresh = tmp_path / "fresh"
+    r = cal("--model", glm_dir, "--data", text_data, "--num-full", 3, *CAL, "--out", fresh)
+    assert r.exit_code == 130 and "nothing was saved" in r.stderr
+    assert not fresh.exists()  # nothing saved, nothing left
+
+
+# -- deploying: apply --overwrite, export with an alias, undecided margins (items 1, 11, 14) -------------------
+
+
+def invoke(*args, env=None):
+    from indexcache_calib.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], env=env)
+
+
+def test_apply_overwrite_replaces_only_what_apply_wrote(finished, glm_dir, tmp_path):
+    out = tmp_path / "applied"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = invoke("apply", finished, "--model", glm_dir, "--out", out, "--overwrite")
+    assert r.exit_code == 2 and "files this tool did not write" in one_error_line(r)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert invoke("apply", finished, "--model", glm_dir, "--out", out).exit_code == 0
+    r = invoke("apply", finished, "--model", glm_dir, "--out", out, "--overwrite")  # its own output: replaced
+    assert r.exit_code == 0, r.stderr
+    assert "other entries linked" in r.stdout and (out / "config.json").is_file()
+    (out / "notes.md").write_text("mine")  # something of the user's inside an applied directory
+    r = invoke("apply", finished, "--model", glm_dir, "--out", out, "--overwrite")
+    assert r.exit_code == 2 and (out / "notes.md").read_text() == "mine"
+
+
+def test_calibrate_overwrite_keeps_files_it_did_not_write(finished, glm_dir, text_data, tmp_path):
+    run = copy_run(finished, tmp_path)
+    (run / "figure.png").write_bytes(b"mine")
+    r = cal("--model", glm_dir, "--data", text_data, "--num-full", 4, *CAL, "--out", run, "--overwrite")
+    assert r.exit_code == 0, r.stderr
+    assert (run / "figure.png").read_bytes() == b"mine"
+
+
+def test_export_names_what_an_alias_resolves_to_and_refuses_another_model(finished, tmp_path):
+    r = invoke("export", finished, "--engine", "vllm", "--model", "glm-5")
+    assert r.exit_code == 2 and "decoder layers 6; glm-5 (zai-org/GLM-5) has 78" in one_error_line(r)
+    aliases = tmp_path / "aliases.json"
+    aliases.write_text(json.dumps({"mine": {"id": "org/mine", "note": "glm_moe_dsa, 6 layers"},
+                                   "mine-topk": {"id": "org/mine", "note": "6 layers, index_topk 2048"}}))
+    env = {"INDEXCACHE_ALIASES": str(aliases)}
+    r = invoke("export", finished, "--engine", "vllm", "--model", "mine", env=env)
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.startswith("vllm serve org/mine --hf-overrides")
+    r = invoke("export", finished, "--engine", "vllm", "--model", "mine-topk", env=env)
+    assert r.exit_code == 2 and "index_topk 8; mine-topk (org/mine) has 2048" in one_error_line(r)
+
+
+@pytest.mark.parametrize("gap,shown", [(1.966, "1.97 SE"), (0.84, "0.8 SE"), (1.9996, "1.9996 SE"), (2.04, "2.0 SE")])
+def test_an_undecided_margin_never_reads_as_the_rule(gap, shown):
+    from indexcache_calib.deploy import margin_note, undecided_line
+
+    step = {"step": 3, "chosen": 4, "runner_up": 7, "gap": gap, "gap_se": 1.0, "decided": gap >= 2}
+    assert margin_note(step) == f"layer 4 over layer 7 by {shown}"
+    assert (undecided_line([step]) is None) == (gap >= 2)
+
+
+# -- hints and help (items 16, 17, 22) -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [6, 7])
+def test_a_target_with_nothing_to_share_names_the_largest_that_works(n, glm_dir, text_data):
+    r = cal("--model", glm_dir, "--data", text_data, "--num-full", n, *CAL, "--dry-run")
+    assert r.exit_code == 2
+    assert f"target of {n} full layers" in one_error_line(r) and "the model has 6 layers" in r.stderr
+    assert "Hint: choose at most 5 full layers" in r.stderr and "start pattern" not in r.stderr
+
+
+def test_the_start_pattern_is_named_only_when_given(glm_dir, text_data):
+    r = cal("--model", glm_dir, "--data", text_data, "--num-full", 3, *CAL, "--start-pattern", "FFFSSS", "--dry-run")
+    assert r.exit_code == 2 and "the start pattern has 3 full layers; nothing to share" in one_error_line(r)
+
+
+def test_overlap_with_a_short_seq_len_does_not_speak_of_a_search(glm_dir, text_data, tmp_path):
+    r = invoke("overlap", "--model", glm_dir, "--data", text_data, "--seq-len", 8, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "every token would be selected" in one_error_line(r)
+    assert "search" not in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_calibrate_help_gives_the_real_defaults():
+    r = invoke("calibrate", "--help")
+    text = " ".join(r.stdout.split())
+    assert "outputs/<model>_<data>_<N>F" in text and "outputs/<model>_<data>_<target>" not in text
+    assert "[default: (1/4, unless --num-full)]" in text
+
+
+def test_counts_of_one_read_singular(glm_dir, text_data, tmp_path, monkeypatch):
+    from indexcache_calib.dryrun import describe
+    from indexcache_calib.pattern import resolve_num_full
+
+    with pytest.raises(Exception) as e:
+        resolve_num_full(2, None, 2)
+    assert e.value.message == "target of 2 full layers leaves nothing to share: the model has 2 layers"
+    assert e.value.hint == "choose at most 1 full layer"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "one.jsonl").write_text(json.dumps({"text": "abcdefgh " * 8}) + "\n")  # 73 tokens: one sequence of 48
+    r = cal("--model", glm_dir, "--data", "one.jsonl", "--num-full", 5, *CAL, "--out", "run")
+    assert r.exit_code == 0, r.stderr
+    assert "the data fills only 1 sequence of 48 tokens" in r.stderr
+    assert "5 candidates scored" in r.stderr and "1 step, 5 candidates scored" in r.stdout
+    r = invoke("overlap", "--model", glm_dir, "--data", "one.jsonl", "--seq-len", 48, "--out", "o")
+    assert r.exit_code == 0 and "on 1 sequence of 48 tokens" in r.stderr
+    r = invoke("calibrate", "--model", glm_dir, "--data", "one.jsonl", "--num-full", 5, *CAL, "--dry-run", "--json")
+    rows = dict(describe(json.loads(r.stdout)))
+    assert rows["model"].startswith("glm_moe_dsa, 6 layers")
+    (tmp_path / "tiny.jsonl").write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": "a"}) + "\n")
+    r = cal("--model", glm_dir, "--data", "tiny.jsonl", "--num-full", 5, *CAL, "--dry-run")
+    assert r.exit_code == 2 and "the data has 2 tokens" in one_error_line(r)
+    _singular(r.stderr)
