@@ -203,8 +203,14 @@ def test_apply_refuses_to_clobber_and_replaces_with_overwrite(run_dir, glm_dir, 
     r = invoke("apply", run_dir, "--model", glm_dir, "--out", out)
     assert "not empty" in error_lines(r)[0] and (out / "keep.txt").read_text() == "mine"
     r = invoke("apply", run_dir, "--model", glm_dir, "--out", out, "--overwrite")
+    assert r.exit_code == 2 and "did not write" in error_lines(r)[0]  # --overwrite replaces only what apply wrote
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    r = invoke("apply", run_dir, "--model", glm_dir, "--out", out)
     assert r.exit_code == 0, r.stderr
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    r = invoke("apply", run_dir, "--model", glm_dir, "--out", out, "--overwrite")
+    assert r.exit_code == 0, r.stderr
+    assert (out / "config.json").exists()
     assert (glm_dir / "model.safetensors").exists()  # replacing links never touches their targets
     assert sorted(p.name for p in tmp_path.iterdir()) == ["applied"]  # no temp dirs left
     assert "would delete the model" in error_lines(invoke("apply", run_dir, "--model", glm_dir, "--out", glm_dir.parent, "--overwrite"))[0]

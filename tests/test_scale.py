@@ -86,20 +86,20 @@ def test_fast_search_takes_the_same_steps_whatever_the_number_of_workers(paralle
     assert [(s.chosen, sorted(s.scores)) for s in many] == [(s.chosen, sorted(s.scores)) for s in one]
 
 
-def test_dry_run_loads_no_weights_and_counts_the_naive_work(glm_dir, tmp_path):
+def test_dry_run_loads_no_weights_and_counts_the_naive_work(glm_dir, text_data, tmp_path):
     import shutil as sh
 
     cfg_only = tmp_path / "config-only"
     cfg_only.mkdir()
     sh.copy(glm_dir / "config.json", cfg_only / "config.json")  # no weights: a dry run must not need them
-    r = runner.invoke(app, ["calibrate", "--model", str(cfg_only), "--data", "unused.jsonl", "--seq-len", "48",
+    r = runner.invoke(app, ["calibrate", "--model", str(cfg_only), "--data", str(text_data), "--seq-len", "48",
                             "--num-samples", "4", "--num-full", "2", "--search", "naive", "--dry-run", "--json"])
     assert r.exit_code == 0, r.stderr
     plan = json.loads(r.stdout)
     # Algorithm 1 from 6 layers to 2: 1 baseline + 5 + 4 + 3 + 2 candidates, each a 6-layer forward of 4 sequences.
     assert plan["work"] == {"patterns": 15, "layer_forwards": 15 * 6 * 4}
     assert plan["num_full_target"] == 2 and plan["weights_total"] > 0
-    exact = runner.invoke(app, ["calibrate", "--model", str(cfg_only), "--data", "x", "--seq-len", "48",
+    exact = runner.invoke(app, ["calibrate", "--model", str(cfg_only), "--data", str(text_data), "--seq-len", "48",
                                 "--num-samples", "4", "--num-full", "2", "--search", "exact", "--dry-run", "--json"])
     work = json.loads(exact.stdout)["work"]
     assert work["patterns"] == 15 and work["layer_forwards_typical"] < plan["work"]["layer_forwards"]
@@ -107,11 +107,11 @@ def test_dry_run_loads_no_weights_and_counts_the_naive_work(glm_dir, tmp_path):
     by = plan["work_by_search"]
     assert by["naive"] == {"layer_forwards": 15 * 6 * 4, "tokens": 15 * 6 * 4 * 48, "estimate": "exact"}
     assert by["race"]["tokens"] == by["exact"]["tokens"]  # 4 sequences: nothing to race
-    many = runner.invoke(app, ["calibrate", "--model", str(cfg_only), "--data", "x", "--seq-len", "48",
+    many = runner.invoke(app, ["calibrate", "--model", str(cfg_only), "--data", str(text_data), "--seq-len", "48",
                                "--num-samples", "64", "--num-full", "2", "--dry-run", "--json"])
     by = json.loads(many.stdout)["work_by_search"]
     assert by["race"]["tokens"] < by["exact"]["tokens"] < by["naive"]["tokens"]
-    chunked = runner.invoke(app, ["calibrate", "--model", str(cfg_only), "--data", "x", "--seq-len", "48",
+    chunked = runner.invoke(app, ["calibrate", "--model", str(cfg_only), "--data", str(text_data), "--seq-len", "48",
                                   "--num-full", "2", "--indexer-chunk", "12", "--dry-run", "--json"])
     assert json.loads(chunked.stdout)["indexer_peak_per_layer"] * 4 == plan["indexer_peak_per_layer"]
 
