@@ -3,8 +3,11 @@
 An adapter says where the family's indexer sits in a decoder layer, which of its arguments run on query
 chunks, what it returns and how overlap is measured on that, which decoder layers are pattern positions
 (have an indexer by architecture), which patterns the library can run, the config key transformers
-shares natively from, and what the model's forward threads from layer to layer besides the hidden state.
-Everything else in the package works from these adapters; nothing else asks for a model_type.
+shares natively from (and whether `from_pretrained` takes it as a keyword), what the model's forward threads
+from layer to layer besides the hidden state, the config keys of its indexer heads and hyper-connection
+streams, and why `distill` cannot train it where that is so. Everything else in the package works from these
+adapters; nothing else asks for a model_type or reads a family-specific config key. Each family's tiny test
+checkpoint is built by `testing.TINY[family.name]`.
 """
 
 from __future__ import annotations
@@ -181,6 +184,28 @@ class Family:
     # None: its attention passes the selection as `indices=` to a registered implementation, so the sparse
     # path (`attention.py`) runs it; else why it cannot, and the family stays on the dense path.
     dense_only: str | None = None
+    # True: `from_pretrained(..., native_key=...)` reaches the key (it lives in the top-level config of the
+    # family's checkpoints). False: composite checkpoints keep it in their text config, which a keyword does not
+    # reach, so the config is loaded, set and passed.
+    native_keyword: bool = False
+    # Why `distill` cannot train this family although its library shares natively; None: it can (where
+    # `native_key` is set: distill writes the pattern there and lets the library build the Shared layers).
+    distill_refusal: str | None = None
+    heads_key: str = "index_n_heads"  # text config key: the indexer's heads
+    streams_key: str | None = None  # text config key: hidden-state copies between layers (hyper-connections); None: one
+
+    def index_heads(self, text_config) -> int:
+        """The indexer's heads (1 where the config leaves them unset)."""
+        return int(getattr(text_config, self.heads_key, None) or 1)
+
+    def streams(self, text_config) -> int:
+        """How many copies of the hidden state the model carries between layers (hyper-connections)."""
+        return int((getattr(text_config, self.streams_key, None) if self.streams_key else None) or 1)
+
+    @property
+    def distillable(self) -> bool:
+        """`distill` trains this family: its library builds Shared layers from `native_key`, and nothing else stops it."""
+        return self.native_key is not None and self.distill_refusal is None
 
     def seq_len_floor(self, text_config) -> int:
         """Calibration sequences must be longer than this (in tokens) for sharing to change anything."""
@@ -195,12 +220,14 @@ class Family:
 
 FAMILIES = (
     Family("glm_moe_dsa", ("glm_moe_dsa",), "self_attn.indexer", layers_of_type("indexed_attention"),
-           native_key="indexer_types", chunks=GLM_CHUNKS, engines=("vllm", "sglang", "transformers", "trtllm")),
+           native_key="indexer_types", native_keyword=True, chunks=GLM_CHUNKS,
+           engines=("vllm", "sglang", "transformers", "trtllm")),
     Family("deepseek_v32", ("deepseek_v32",), "self_attn.indexer", layers_of_type("indexed_attention"),
            chunks=GLM_CHUNKS, engines=("vllm", "sglang", "trtllm")),
     Family("axk2", ("axk2",), "self_attn.indexer", layers_of_type("indexed_attention"), chunks=GLM_CHUNKS),
     Family("hy_v4", ("hy_v4",), "self_attn.indexer", layers_of_type("indexed_attention"),
-           native_key="indexer_types", chunks=GLM_CHUNKS, engines=("vllm", "transformers")),
+           native_key="indexer_types", native_keyword=True, chunks=GLM_CHUNKS, engines=("vllm", "transformers"),
+           streams_key="hc_mult"),
     Family("dots3_note", ("dots3_note", "dots3_note_text"), "self_attn.indexer", layers_of_type("indexed_attention"),
            chunks=GLM_CHUNKS, note="sliding-window layers have no indexer and are not pattern positions"),
     Family("mistral_large4", ("mistral_large4", "mistral_large4_text"), "self_attn.indexer",
@@ -208,7 +235,11 @@ FAMILIES = (
            carried=("shared_kv_states",), engines=("transformers",)),
     Family("glm5_next", ("glm5_next", "glm5_next_text"), "self_attn.indexer", layers_of_type("indexed_attention"),
            selection=PADDED_TOKENS, native_key="indexer_types", library_runs=shared_follows_full_layer,
-           min_full=min_full_shared_follows_full, engines=("transformers",),
+           min_full=min_full_shared_follows_full, engines=("transformers",), streams_key="hc_mult",
+           distill_refusal="glm5_next's indexer scores pools of index_kpool keys (and appends a tail pool), not single "
+                           "keys, so the per-key attention distribution is not what its scores model; and transformers "
+                           "hands a Full layer's top-k only to the very next layer, so a pattern with two Shared layers "
+                           "in a row cannot run natively",
            dense_only="its attention turns the top-k into a dense [seq, keys] mask on every implementation "
                       "(build_attention_mask_from_topk) and passes no indices",
            note="linear-attention layers have no indexer; the library hands top-k only to the next layer"),
@@ -216,7 +247,7 @@ FAMILIES = (
     # all at the same rate. vLLM's pattern covers exactly those layers, in order.
     Family("deepseek_v4", ("deepseek_v4",), "self_attn.compressor.indexer", layers_of_type("compressed_sparse_attention"),
            selection=COMPRESSED, floor=lambda t: int(t.index_topk) * _csa_rate(t), engines=("vllm",),
-           engine_pattern="positions",
+           engine_pattern="positions", streams_key="hc_mult",
            dense_only="its attention turns the selected compressed entries into a dense [seq, compressed keys] bias on "
                       "every implementation and passes no indices",
            budget_words=lambda t: f"index_topk {t.index_topk} compressed entries of {_csa_rate(t)} tokens each",
@@ -231,6 +262,7 @@ FAMILIES = (
     Family("qwen4_exp", ("qwen4_exp", "qwen4_exp_text"), "self_attn.indexer", layers_of_type("indexed_attention"),
            selection=MASK, budget=lambda t: int(t.indexer_budget),
            floor=lambda t: int(t.indexer_budget) + int(t.indexer_compress_ratio) - 1, usable=_qsa_configured,
+           heads_key="indexer_n_heads", streams_key="hc_count",
            dense_only="its indexer itself returns a boolean [seq, keys] mask",
            budget_words=lambda t: f"indexer_budget {t.indexer_budget} plus up to {int(t.indexer_compress_ratio) - 1} recent tokens",
            note="only indexed_attention layers have an indexer (linear-attention layers have none); it selects a token mask"),
