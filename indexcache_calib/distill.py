@@ -3,8 +3,9 @@ indexer is trained with the multi-layer distillation loss against the attention 
 everything else frozen; the checkpoint written carries the pattern in its config (`indexer_types`) and no
 indexer weights in its Shared layers, so transformers runs the pattern natively. No typer here.
 
-Only families whose transformers class builds Shared layers itself are accepted: a checkpoint for any other
-would still run every layer's indexer in transformers, and its Shared layers' weights would be gone.
+Only families whose transformers class builds Shared layers itself are accepted (`families.Family.distillable`):
+a checkpoint for any other would still run every layer's indexer in transformers, and its Shared layers'
+weights would be gone.
 """
 
 from __future__ import annotations
@@ -19,49 +20,38 @@ import torch
 
 from indexcache_calib import trainloop as tl
 from indexcache_calib.errors import CalibError, plural
+from indexcache_calib.families import BY_MODEL_TYPE, FAMILIES, Family
 from indexcache_calib.pattern import FULL, SHARED, full_layers, indexer_types, uniform_pattern, validate_pattern
 from indexcache_calib.warmup import full_groups, indexer_param_names, paired, sequence_losses, use_eager
 
 
-@dataclass(frozen=True)
-class Family:
-    class_name: str
-    text_config: bool  # the DSA settings live in config.text_config
-
-
-# Families whose library shares natively, but which distill cannot train for a reason of their own.
-REFUSALS = {
-    "glm5_next": "glm5_next's indexer scores pools of index_kpool keys (and appends a tail pool), not single keys, so the "
-                 "per-key attention distribution is not what its scores model; and transformers hands a Full layer's top-k "
-                 "only to the very next layer, so a pattern with two Shared layers in a row cannot run natively",
-}
-
-
-def family_of(raw: dict, spec: str) -> tuple[str, Family]:
-    """The adapter's family for a raw config.json, if transformers shares its indexers natively."""
-    from indexcache_calib.families import BY_MODEL_TYPE, FAMILIES as ADAPTERS
-
+def family_to_train(raw: dict, spec: str) -> Family:
+    """The registry's family for a raw config.json, if distill can train it (`Family.distillable`), or a
+    refusal that says why not."""
     model_type = raw.get("model_type", "?")
     family = BY_MODEL_TYPE.get(model_type)
-    if family is not None and family.native_key and family.name not in REFUSALS:
-        composite = isinstance(raw.get("text_config"), dict)
-        arch = (raw.get("architectures") or [None])[0]
-        if arch is None:
+    if family is not None and family.distillable:
+        if _architecture(raw) is None:
             raise CalibError(f"{spec}: config.json names no architecture to load")
-        return family.name, Family(arch, composite)
-    if family is not None and family.name in REFUSALS:
-        raise CalibError(f"distill does not support {model_type}: {REFUSALS[family.name]}")
+        return family
+    if family is not None and family.distill_refusal:
+        raise CalibError(f"distill does not support {model_type}: {family.distill_refusal}")
     sub = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
     if family is None and "index_topk" not in sub and "indexer_types" not in sub:
         hint = "convert it first: indexcache dsa-convert --model ... --out DIR" if model_type == "glm4_moe_lite" else None
         raise CalibError(f"{spec} is not a DSA model: model_type {model_type} has no lightning indexer", hint=hint)
-    arch = (raw.get("architectures") or [model_type])[0]
-    supported = [f.name for f in ADAPTERS if f.native_key and f.name not in REFUSALS]
+    arch = _architecture(raw) or model_type
+    supported = [f.name for f in FAMILIES if f.distillable]
     raise CalibError(
         f"distill needs native indexer sharing in transformers, and {arch} ({model_type}) has none: its checkpoint "
         "would still run every layer's indexer",
         hint=f"supported: {', '.join(supported)}; calibrate still works on {model_type}",
     )
+
+
+def _architecture(raw: dict) -> str | None:
+    """The transformers class a config.json names."""
+    return (raw.get("architectures") or [None])[0]
 
 
 @dataclass
@@ -122,14 +112,15 @@ def read_pattern(opts: DistillOptions, num_layers: int, fixed_shared: frozenset[
     return pattern, origin
 
 
-def _load_config(directory: Path, fam: Family):
+def _load_config(directory: Path):
+    """(config, the config its DSA settings are in: the text config of a composite model)."""
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError) as e:
         raise CalibError(f"cannot read the config of {directory}: {str(e).splitlines()[0]}")
-    return config, (config.text_config if fam.text_config else config)
+    return config, config.get_text_config()
 
 
 def distill(opts: DistillOptions, hooks: tl.Hooks = tl.Hooks(), warn=lambda t: None) -> dict:
@@ -137,8 +128,9 @@ def distill(opts: DistillOptions, hooks: tl.Hooks = tl.Hooks(), warn=lambda t: N
 
     t_start = time.time()
     source, src_dir, raw = _read(opts.model)
-    model_type, fam = family_of(raw, opts.model)
-    config, sub = _load_config(src_dir, fam)
+    fam = family_to_train(raw, opts.model)
+    model_type = fam.name
+    config, sub = _load_config(src_dir)
     n = int(sub.num_hidden_layers)
     types = list(getattr(sub, "indexer_types", None) or ["full"] * n)
     fixed = frozenset(i for i, t in enumerate(types[:n]) if t == "shared")
@@ -170,8 +162,8 @@ def load_with_pattern(directory: Path, config, sub, fam: Family, pattern: str, d
 
     if dtype not in DTYPES:
         raise CalibError(f"unknown --dtype {dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
-    sub.indexer_types = ["full" if c == FULL else "shared" for c in pattern]
-    cls = getattr(transformers, fam.class_name)
+    setattr(sub, fam.native_key, ["full" if c == FULL else "shared" for c in pattern])
+    cls = getattr(transformers, config.architectures[0])
     try:
         model, info = cls.from_pretrained(
             str(directory), config=config, dtype="auto" if dtype == "auto" else getattr(torch, dtype),
@@ -190,7 +182,7 @@ def load_with_pattern(directory: Path, config, sub, fam: Family, pattern: str, d
 
 def _run(opts, hooks, src_dir, raw, fam, model_type, config, sub, pattern, origin, windows, eval_ids, settings,
          fingerprint, state_dir, out, t_start, versions):
-    hooks.message(f"loading {src_dir} as {fam.class_name} with pattern {pattern}")
+    hooks.message(f"loading {src_dir} as {_architecture(raw)} with pattern {pattern}")
     model = load_with_pattern(src_dir, config, sub, fam, pattern, opts.dtype, opts.device_map)
     use_eager(model)
     before = sequence_losses(model, eval_ids) if eval_ids is not None else None
@@ -239,11 +231,12 @@ def _training_block(settings, trained):
 
 
 def pattern_config(raw: dict, fam: Family, pattern: str) -> dict:
-    """The source's config.json with the pattern set where the family reads it (`indexer_types`, which
-    transformers and SGLang read first), plus `index_topk_pattern` and `use_index_cache` for the engines."""
+    """The source's config.json with the pattern set where the family reads it (its `native_key`,
+    `indexer_types`, which transformers and SGLang read first; in the text config of a composite model), plus
+    `index_topk_pattern` and `use_index_cache` for the engines."""
     config = json.loads(json.dumps(raw))
-    target = config["text_config"] if fam.text_config else config
-    target.update({"index_topk_pattern": pattern, "indexer_types": indexer_types(pattern)})
+    target = config["text_config"] if isinstance(config.get("text_config"), dict) else config
+    target.update({"index_topk_pattern": pattern, fam.native_key: indexer_types(pattern)})
     target["use_index_cache"] = True
     return config
 

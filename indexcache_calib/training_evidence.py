@@ -126,14 +126,14 @@ def run_distill(args, data_dir: Path, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from indexcache_calib.calibrate import Hooks, Options, calibrate
-    from indexcache_calib.distill import DistillOptions, _load_config, distill, family_of, load_with_pattern
+    from indexcache_calib.distill import DistillOptions, _load_config, distill, family_to_train, load_with_pattern
     from indexcache_calib.model import read_config_json
     from indexcache_calib.pattern import FULL, uniform_pattern
     from indexcache_calib.warmup import sequence_losses, use_eager
 
     _, src, raw = read_config_json(args.model)
-    _, fam = family_of(raw, args.model)  # the family distill itself would pick for this checkpoint
-    config, sub = _load_config(src, fam)
+    fam = family_to_train(raw, args.model)  # the registry's family, as distill itself picks it for this checkpoint
+    config, sub = _load_config(src)
     n = sub.num_hidden_layers
     every = args.every
     uniform = uniform_pattern(n, every)
@@ -180,7 +180,7 @@ def run_distill(args, data_dir: Path, out: Path) -> dict:
     _log("[distill] scoring on the held-out splits")
     seq: dict[str, dict] = {}
     for name, pattern in (("all_full", FULL * n), ("uniform_before", uniform), ("searched", searched)):
-        config, sub = _load_config(src, fam)
+        config, sub = _load_config(src)
         seq[name] = score(load_with_pattern(src, config, sub, fam, pattern, "auto", "cpu"))
     for name, target in distilled.items():
         model = AutoModelForCausalLM.from_pretrained(str(target), local_files_only=True)
