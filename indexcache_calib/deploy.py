@@ -333,7 +333,7 @@ def _transformers_snippet(family, lm: dict, model: str, types: list[str]) -> str
         "# indexer_types, not index_topk_pattern: from_pretrained rejects that keyword, and a config.json\n"
         "# that already carries indexer_types would win over a pattern anyway.\n"
     )
-    if family.name in ("glm_moe_dsa", "hy_v4"):
+    if family.native_keyword:  # from_pretrained passes the key on to the top-level config
         return (
             "from transformers import AutoModelForCausalLM\n\n" + head +
             "model = AutoModelForCausalLM.from_pretrained(\n"

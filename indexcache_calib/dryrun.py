@@ -74,8 +74,12 @@ def search_work(num_layers: int, fixed: frozenset[int], num_full: int, search: s
 
 
 def _streams(text) -> int:
-    """Hyper-connection models carry several copies of the hidden state between layers."""
-    return int(getattr(text, "hc_mult", None) or getattr(text, "hc_count", None) or 1)
+    """Hyper-connection models carry several copies of the hidden state between layers (the family's
+    `streams_key`; a text config's model_type names its family too)."""
+    from indexcache_calib.families import BY_MODEL_TYPE
+
+    family = BY_MODEL_TYPE.get(getattr(text, "model_type", None))
+    return family.streams(text) if family is not None else 1
 
 
 def plan(opts, ckpt, num_full: int, attention: str = "dense") -> dict:
@@ -111,7 +115,7 @@ def plan(opts, ckpt, num_full: int, attention: str = "dense") -> dict:
         per_device[str(device)] = per_device.get(str(device), 0) + sizes[name]
     elem = torch.tensor([], dtype=dtype).element_size()
     b, s = opts.batch_size, opts.seq_len
-    heads = getattr(text, "index_n_heads", None) or getattr(text, "indexer_n_heads", None) or 1
+    heads = ckpt.family.index_heads(text)
     from indexcache_calib.sharing import auto_chunk
 
     rows = auto_chunk(b, heads, s) if opts.indexer_chunk is None else (opts.indexer_chunk or s)
