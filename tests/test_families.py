@@ -13,35 +13,59 @@ from typer.testing import CliRunner
 
 from indexcache_calib.artifact import LAYER_MAP, TOKENS, load_tokens
 from indexcache_calib.cli import app
+from indexcache_calib.dryrun import _streams
 from indexcache_calib.errors import CalibError
-from indexcache_calib.families import BY_MODEL_TYPE, FULL
+from indexcache_calib.families import BY_MODEL_TYPE, FAMILIES, FULL, family_of
 from indexcache_calib.model import load_with_layout
 from indexcache_calib.runner import PatternRunner, self_check
-from indexcache_calib.testing import save_tiny
+from indexcache_calib.testing import TINY, save_tiny, tiny_config
 
 runner = CliRunner()
 SEQ = 48
-# model_type -> (testing arch, extra config). Mistral's tiny model shares KV across layers, so prefix
-# reuse has to restore what the skipped layers stored for later ones.
-FAMILIES = {
-    "glm_moe_dsa": ("glm", {}),
-    "deepseek_v32": ("dsv32", {}),
-    "axk2": ("axk2", {}),
-    "hy_v4": ("hy_v4", {}),
-    "dots3_note": ("dots3_note", {}),
-    "mistral_large4": ("mistral_large4", {"kv_source_layers": [0, 0, 2, 3, 4, 4]}),
-    "glm5_next": ("glm5_next", {}),
-    "deepseek_v4": ("deepseek_v4", {}),
-    "minimax_m3_vl": ("minimax_m3_vl", {}),
-    "qwen4_exp": ("qwen4_exp", {}),
-}
+# Settings some tests add to a family's tiny config (`testing.TINY`). Mistral's tiny model shares KV across
+# layers, so prefix reuse has to restore what the skipped layers stored for later ones.
+EXTRA = {"mistral_large4": {"kv_source_layers": [0, 0, 2, 3, 4, 4]}}
+# Family name -> (testing arch, extra config), for every row of the registry.
+TEST_CONFIGS = {f.name: (f.name, EXTRA.get(f.name, {})) for f in FAMILIES}
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+@pytest.fixture(scope="module", params=[f.name for f in FAMILIES])
 def family_dir(request, tmp_path_factory):
-    arch, extra = FAMILIES[request.param]
+    arch, extra = TEST_CONFIGS[request.param]
     path = save_tiny(tmp_path_factory.mktemp(request.param), arch, layers=6, **extra)
     return request.param, path
+
+
+# -- the registry: one row per family, and everything else asks it ---------------------------------------
+
+
+def test_every_family_has_a_tiny_test_config():
+    """An eleventh family is a row in `families.FAMILIES` and a builder in `testing.TINY`: a row without
+    one fails here, and so does a builder for a family the registry does not have."""
+    names = [f.name for f in FAMILIES]
+    assert len(set(names)) == len(names)
+    assert [n for n in names if n not in TINY] == []
+    assert sorted(set(TINY) - set(names)) == []
+    assert set(EXTRA) <= set(names)
+
+
+@pytest.mark.parametrize("name", [f.name for f in FAMILIES])
+def test_each_tiny_config_is_its_own_family_and_the_registry_reads_its_keys(name):
+    config = tiny_config(name)
+    family = family_of(config)
+    assert family.name == name and family is BY_MODEL_TYPE[name]
+    text = config.get_text_config()
+    assert family.index_heads(text) == 2  # every tiny indexer has two heads, under whatever key its family uses
+    assert family.streams(text) == (2 if family.streams_key else 1) == _streams(text)  # as the memory estimates read it
+    assert family.usable(text) is None
+
+
+def test_registry_rows_are_consistent():
+    for f in FAMILIES:
+        assert not f.native_keyword or f.native_key, f.name  # a keyword needs a key
+        assert ("transformers" in f.engines) == (f.native_key is not None), f.name
+        assert f.distillable == (f.native_key is not None and f.distill_refusal is None)
+    assert [f.name for f in FAMILIES if f.distill_refusal] == ["glm5_next"]
 
 
 def _ids(n=3, vocab=96, seed=0):
@@ -137,12 +161,13 @@ def test_calibrate_export_validate_end_to_end(family_dir, tmp_path):
             assert r.exit_code == 2 and name in one_error_line(r)
 
 
-@pytest.mark.parametrize("name", ["glm_moe_dsa", "hy_v4", "mistral_large4", "glm5_next"])
+@pytest.mark.parametrize("name", [f.name for f in FAMILIES if f.native_key])
 def test_the_library_reproduces_the_reported_loss_with_the_exported_keys(name, tmp_path):
-    """transformers builds the shared layers itself from the exported `indexer_types`."""
+    """transformers builds the shared layers itself from the exported `indexer_types` (the family's
+    `native_key`), from a keyword or from the config the snippet sets (`native_keyword`)."""
     from conftest import write_docs
 
-    arch, extra = FAMILIES[name]
+    arch, extra = TEST_CONFIGS[name]
     path = save_tiny(tmp_path / "model", arch, layers=6, **extra)
     write_docs(tmp_path / "data.jsonl")
     lm = _calibrate(path, tmp_path / "run")
@@ -273,7 +298,6 @@ def test_deepseek_v4_pattern_covers_only_its_compressed_sparse_layers(tmp_path):
 
 def test_overlap_of_compressed_block_and_mask_selections():
     from indexcache_calib.families import COMPRESSED, MASK, index_overlap
-    from indexcache_calib.testing import tiny_config
 
     # Compressed entries at rate 2, k = 1: rows 3.. can see 2+ entries; -1 and not-yet-visible ids never count.
     dsv4 = tiny_config("deepseek_v4", 4, index_topk=2)
@@ -307,7 +331,7 @@ def test_minimax_vision_language_checkpoint_calibrates_its_text_decoder(tmp_path
     """The published MiniMax-M3 is a vision-language checkpoint with no CausalLM class for it."""
     import transformers as tf
 
-    from indexcache_calib.testing import save_char_tokenizer, tiny_config
+    from indexcache_calib.testing import save_char_tokenizer
 
     text = tiny_config("minimax_m3_vl", 4).to_dict()
     vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=32, patch_size=8, image_size=32)

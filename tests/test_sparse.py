@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from conftest import one_error_line, write_docs
-from test_families import FAMILIES as TEST_CONFIGS
+from test_families import TEST_CONFIGS
 from test_families import _all_full, _candidates, _ids
 from torch.utils._python_dispatch import TorchDispatchMode
 from typer.testing import CliRunner
