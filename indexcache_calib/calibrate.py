@@ -448,11 +448,9 @@ def choose_cache_device(opts: Options, prep: Prepared, hooks: Hooks) -> str:
     if why:
         hooks.warn(why)
     elem = next(prep.model.parameters()).element_size()
-    from indexcache_calib.dryrun import _streams
-
     text = prep.checkpoint.text
     need = cache_bytes_estimate(prep.layout.num_positions, prep.layout.budget, len(prep.ids), prep.ids.shape[1],
-                                text.hidden_size * _streams(text), elem)
+                                text.hidden_size * prep.checkpoint.family.streams(text), elem)
     if opts.cache_budget:
         budget = convert_file_size_to_int(opts.cache_budget)
         if need > budget and device != "disk":

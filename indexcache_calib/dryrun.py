@@ -73,15 +73,6 @@ def search_work(num_layers: int, fixed: frozenset[int], num_full: int, search: s
     }
 
 
-def _streams(text) -> int:
-    """Hyper-connection models carry several copies of the hidden state between layers (the family's
-    `streams_key`; a text config's model_type names its family too)."""
-    from indexcache_calib.families import BY_MODEL_TYPE
-
-    family = BY_MODEL_TYPE.get(getattr(text, "model_type", None))
-    return family.streams(text) if family is not None else 1
-
-
 def plan(opts, ckpt, num_full: int, attention: str = "dense") -> dict:
     """Memory and work estimates for `opts` on the checkpoint `ckpt` (a `model.Checkpoint`)."""
     import torch
@@ -127,7 +118,7 @@ def plan(opts, ckpt, num_full: int, attention: str = "dense") -> dict:
 
     mask = b * s * s * elem if attention == "dense" else min(b * s * s * 5, CHUNK_BYTES)
     samples = opts.num_samples
-    hidden = text.hidden_size * _streams(text)
+    hidden = text.hidden_size * ckpt.family.streams(text)  # hyper-connection streams each carry a copy
     cache = 0
     if opts.search != "naive" and opts.cache_device != "none":
         from indexcache_calib.runner import cache_bytes_estimate
@@ -181,8 +172,8 @@ def describe(p: dict) -> list[tuple[str, str]]:
         rows.append((f"  on {device}", size_str(size)))
     rows += [
         ("indexer peak", f"{size_str(p['indexer_peak_per_layer'])} per layer call ({p['indexer_rows_per_call']} query rows; --indexer-chunk lowers it)"),
-        ("attention", p["attention"] + (" (top-k gathered per query chunk; no [seq, seq] tensor)" if p["attention"] == "sparse"
-                                        else " (the model's own path: [seq, seq] masks)")),
+        ("attention", p["attention"] + (" (top-k gathered per query chunk; nothing of size seq x seq)" if p["attention"] == "sparse"
+                                        else " (the model's own path: seq x seq masks)")),
         ("attention mask", f"{size_str(p['attention_mask_per_batch'])} per batch"
                            + (" at most, a query chunk of rows at a time" if p["attention"] == "sparse" else "")),
         ("activation cache", f"{size_str(p['activation_cache'])} on {p['activation_cache_device']}"),
