@@ -380,3 +380,22 @@ def test_counts_of_one_read_singular(glm_dir, text_data, tmp_path, monkeypatch):
     r = cal("--model", glm_dir, "--data", "tiny.jsonl", "--num-full", 5, *CAL, "--dry-run")
     assert r.exit_code == 2 and "the data has 2 tokens" in one_error_line(r)
     _singular(r.stderr)
+
+
+# -- the dry run on racing with few sequences (item 19) --------------------------------------------------------
+
+
+@pytest.mark.parametrize("samples", [5, 8])
+def test_the_dry_run_says_when_racing_cannot_pay(samples, glm_dir, text_data):
+    r = cal("--model", glm_dir, "--data", text_data, "--seq-len", 48, "--num-samples", samples, "--num-full", 2,
+            "--search", "race", "--dry-run", "--json")
+    assert r.exit_code == 0, r.stderr
+    plan = json.loads(r.stdout)
+    by = plan["work_by_search"]
+    assert by["race"]["tokens"] >= by["exact"]["tokens"]  # never claims race is the cheaper one here
+    assert any("too few calibration sequences for racing to pay" in w for w in plan["warnings"]), plan["warnings"]
+    many = cal("--model", glm_dir, "--data", text_data, "--seq-len", 48, "--num-samples", 64, "--num-full", 2,
+               "--search", "race", "--dry-run", "--json")
+    plan = json.loads(many.stdout)
+    assert plan["work_by_search"]["race"]["tokens"] < plan["work_by_search"]["exact"]["tokens"]
+    assert not [w for w in plan["warnings"] if "race" in w]
