@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -31,9 +32,10 @@ DATA = "Training text: JSONL (text or messages), .txt, .parquet/.csv, or a saved
 
 
 @contextmanager
-def _handled(out_dir: str, resume_hint: str):
+def _handled(out_dir: str, resume_hint: str, rerun: str | None = None):
     """Errors as `Error:`/`Hint:` lines and an exit code, never a traceback (INDEXCACHE_DEBUG=1 shows one);
-    an interruption says where the training state is and how to resume."""
+    an interruption says where the training state is and how to resume, or, before the first training step
+    was saved (the run's directory is then removed, so --resume would find nothing), how to rerun."""
     from indexcache_calib import trainloop as tl
 
     cli = cli_common
@@ -47,10 +49,11 @@ def _handled(out_dir: str, resume_hint: str):
     except CalibError as e:
         cli.fail(e.message, e.hint, e.exit_code)
     except tl.Interrupted as e:
-        where = f"{out_dir}/{tl.STATE_DIR}"
-        said = f"training state at step {e.saved_step} is saved in {where}" if e.saved_step else "no training step was saved yet"
-        cli.err.print(f"Interrupted: {said}.", markup=False)
-        cli.err.print(f"Hint: resume with: {resume_hint}", markup=False)
+        if e.saved_step:
+            cli.err.print(f"Interrupted: training state at step {e.saved_step} is saved in {out_dir}/{tl.STATE_DIR}.", markup=False)
+            cli.err.print(f"Hint: resume with: {resume_hint}", markup=False)
+        else:
+            _nothing_saved(rerun)
         raise typer.Exit(EXIT_SIGTERM if e.terminated else EXIT_SIGINT)
     except (KeyboardInterrupt, tl.Terminated) as e:
         from pathlib import Path
@@ -59,7 +62,7 @@ def _handled(out_dir: str, resume_hint: str):
             cli.err.print(f"Interrupted: the training state is saved in {out_dir}/{tl.STATE_DIR}.", markup=False)
             cli.err.print(f"Hint: resume with: {resume_hint}", markup=False)
         else:
-            cli.err.print("Interrupted before any training step was saved; nothing to resume.", markup=False)
+            _nothing_saved(rerun)
         raise typer.Exit(EXIT_SIGTERM if isinstance(e, tl.Terminated) else EXIT_SIGINT)
     except typer.Exit:
         raise
@@ -70,6 +73,17 @@ def _handled(out_dir: str, resume_hint: str):
         cli.fail(f"internal error: {type(e).__name__}: {first}", "rerun with INDEXCACHE_DEBUG=1 for a traceback, and report it", 1)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _nothing_saved(rerun: str | None) -> None:
+    """What calibrate says when interrupted before its first search step: nothing to resume."""
+    cli_common.err.print("Interrupted before the first training step finished: nothing was saved.", markup=False)
+    if rerun:
+        cli_common.err.print(f"Hint: rerun without --resume: {rerun}", markup=False)
+
+
+def _rerun_command(argv: list[str]) -> str:
+    return "indexcache " + shlex.join([a for a in argv if a != "--resume"])
 
 
 def _resume_command(argv: list[str]) -> str:
@@ -152,7 +166,7 @@ def dsa_convert(
                           seed=seed, index_topk=index_topk, index_heads=index_heads, index_head_dim=index_head_dim,
                           text_field=text_field, device_map=device_map, dtype=dtype, checkpoint_every=checkpoint_every,
                           eval_data=eval_data, eval_samples=eval_samples, resume=resume, overwrite=overwrite)
-    with _handled(out_dir, _resume_command(sys.argv[1:])):
+    with _handled(out_dir, _resume_command(sys.argv[1:]), _rerun_command(sys.argv[1:])):
         cli_common._quiet_libraries()
         progress, hooks = _hooks()
         with progress:
@@ -200,7 +214,7 @@ def distill(
                           steps=steps, seq_len=seq_len, batch_size=batch_size, lr=lr, seed=seed, text_field=text_field,
                           device_map=device_map, dtype=dtype, checkpoint_every=checkpoint_every, eval_data=eval_data,
                           eval_samples=eval_samples, resume=resume, overwrite=overwrite)
-    with _handled(out_dir, _resume_command(sys.argv[1:])):
+    with _handled(out_dir, _resume_command(sys.argv[1:]), _rerun_command(sys.argv[1:])):
         cli_common._quiet_libraries()
         progress, hooks = _hooks()
         with progress:

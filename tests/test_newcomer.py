@@ -399,3 +399,24 @@ def test_the_dry_run_says_when_racing_cannot_pay(samples, glm_dir, text_data):
     plan = json.loads(many.stdout)
     assert plan["work_by_search"]["race"]["tokens"] < plan["work_by_search"]["exact"]["tokens"]
     assert not [w for w in plan["warnings"] if "race" in w]
+
+
+# -- dsa-convert interrupted before its first step (item 6) -----------------------------------------------------
+
+
+def test_dsa_convert_interrupted_before_its_first_step_says_nothing_was_saved(workspace, monkeypatch):
+    from indexcache_calib import trainloop as tl
+    from indexcache_calib.cli import app
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tl, "indexer_step", stop)
+    data = str(workspace / "calibration_data" / "code.jsonl")
+    args = ["dsa-convert", "--model", SOURCE, "--data", data, "--out", "converted", "--steps", "2",
+            "--seq-len", "32", "--index-topk", "8", "--index-heads", "1", "--index-head-dim", "8"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 130
+    assert "nothing was saved" in r.stderr and "resume with" not in r.stderr, r.stderr
+    assert "Hint: rerun without --resume: indexcache " in r.stderr
+    assert not (workspace / "converted").exists()  # removed, so a --resume would find nothing
