@@ -229,8 +229,8 @@ def provenance_problems(lm: dict, model: ModelInfo) -> tuple[list[str], list[str
         problems.append(f"the layer map's indexer layers are {lm['positions']}; {model.spec} has them at {ckpt.positions}")
     from indexcache_calib import model as mdl
 
-    sha = mdl.config_sha256(ckpt.source)
-    if prov.get("config_sha256") and sha and sha != prov["config_sha256"] and not problems:
+    # apply's own output differs from the model calibrated on only by the pattern keys it wrote: the same config.
+    if mdl.same_config(prov.get("config_sha256"), ckpt.source) is False and not problems:
         notes.append(f"{model.spec}'s config.json differs from the one calibrated on ({prov.get('model')}): "
                      "same layers and index_topk, but the pattern was measured on the other model")
     return problems, notes

@@ -129,6 +129,51 @@ def config_sha256(source: ModelSource) -> str | None:
     return hashlib.sha256(p.read_bytes()).hexdigest() if p else None
 
 
+# The keys `apply` writes into config.json (deploy.engine_keys): a pattern, not another model.
+PATTERN_KEYS = ("index_topk_pattern", "indexer_types", "use_index_cache")
+
+
+def _unpatterned_sha256s(config: dict) -> set[str]:
+    """Hashes of `config` without the pattern keys, as config.json files are written: by transformers
+    (indent 2, sorted keys) or by hand and by `apply` (indent 2, in order), with or without a final newline."""
+    def strip(d: dict, keys, all_full: bool) -> dict:
+        d = {k: v for k, v in d.items() if k not in keys}
+        if all_full and isinstance(d.get("indexer_types"), list):
+            d["indexer_types"] = ["full"] * len(d["indexer_types"])
+        if isinstance(d.get("text_config"), dict):
+            d["text_config"] = strip(d["text_config"], keys, all_full)
+        return d
+
+    out = set()
+    # The model calibrated on may carry indexer_types of its own: checkpoints saved by transformers do, every
+    # layer "full" unless a pattern was set.
+    for keys, all_full in ((PATTERN_KEYS, False), (("index_topk_pattern", "use_index_cache"), True)):
+        d = strip(config, keys, all_full)
+        for sort_keys in (True, False):
+            for ascii_ in (True, False):
+                text = json.dumps(d, indent=2, sort_keys=sort_keys, ensure_ascii=ascii_)
+                out |= {hashlib.sha256(t.encode()).hexdigest() for t in (text, text + "\n")}
+    return out
+
+
+def same_config(calibrated_sha: str | None, source: ModelSource) -> bool | None:
+    """Whether the config.json of `source` is the one whose sha256 a layer map recorded, the pattern keys
+    that `apply` writes aside (its own output is the model calibrated on); None when either is unknown."""
+    p = config_path(source)
+    if not calibrated_sha or p is None:
+        return None
+    raw = p.read_bytes()
+    if hashlib.sha256(raw).hexdigest() == calibrated_sha:
+        return True
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        return False
+    has_keys = isinstance(config, dict) and any(
+        k in config or (isinstance(config.get("text_config"), dict) and k in config["text_config"]) for k in PATTERN_KEYS)
+    return bool(has_keys) and calibrated_sha in _unpatterned_sha256s(config)
+
+
 def revision(source: ModelSource) -> str | None:
     """The hub snapshot hash, when the model came from the HF cache."""
     p = config_path(source)

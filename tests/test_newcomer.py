@@ -420,3 +420,25 @@ def test_dsa_convert_interrupted_before_its_first_step_says_nothing_was_saved(wo
     assert "nothing was saved" in r.stderr and "resume with" not in r.stderr, r.stderr
     assert "Hint: rerun without --resume: indexcache " in r.stderr
     assert not (workspace / "converted").exists()  # removed, so a --resume would find nothing
+
+
+# -- apply's own output is the model calibrated on (item 13) ----------------------------------------------------
+
+
+def test_apply_output_is_not_another_config(finished, glm_dir, tmp_path):
+    out = tmp_path / "applied"
+    assert invoke("apply", finished, "--model", glm_dir, "--out", out).exit_code == 0
+    r = invoke("validate", finished, "--model", out, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert not [n for n in json.loads(r.stdout)["notes"] if "differs" in n]
+    # Another value of a key that is not the pattern's is still another config.
+    config = json.loads((out / "config.json").read_text())
+    config["rms_norm_eps"] = config.get("rms_norm_eps", 1e-6) * 2
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    r = invoke("validate", finished, "--model", out, "--json")
+    assert [n for n in json.loads(r.stdout)["notes"] if "differs from the one calibrated on" in n]
+    from indexcache_calib import model as mdl
+
+    prov = json.loads((finished / "layer_map.json").read_text())["provenance"]
+    assert mdl.same_config(prov["config_sha256"], mdl.resolve(str(glm_dir)))
+    assert not mdl.same_config(prov["config_sha256"], mdl.resolve(str(out)))
