@@ -61,8 +61,9 @@ def _hash(*parts: str) -> str:
     return hashlib.sha256("/".join(parts).encode()).hexdigest()
 
 
-def code_documents(python_root: str | Path) -> dict[str, str]:
-    """Standard-library `.py` files keyed by their path relative to `python_root`."""
+def _python_files(python_root: str | Path, keep) -> dict[str, str]:
+    """Standard-library `.py` files keyed by their path relative to `python_root`, where
+    `keep(relative path, size in bytes)` says so."""
     root = Path(python_root)
     docs: dict[str, str] = {}
     for path in sorted(root.rglob("*.py")):
@@ -72,33 +73,23 @@ def code_documents(python_root: str | Path) -> dict[str, str]:
         if rel.name.startswith("_sysconfigdata"):
             continue
         data = path.read_bytes()
-        if not CODE_MIN_BYTES <= len(data) <= CODE_MAX_BYTES:
+        if not keep(rel.as_posix(), len(data)):
             continue
         try:
             docs[rel.as_posix()] = data.decode("utf-8")
         except UnicodeDecodeError:
             continue
     return docs
+
+
+def code_documents(python_root: str | Path) -> dict[str, str]:
+    """Standard-library `.py` files of CODE_MIN_BYTES to CODE_MAX_BYTES."""
+    return _python_files(python_root, lambda rel, size: CODE_MIN_BYTES <= size <= CODE_MAX_BYTES)
 
 
 def long_code_documents(python_root: str | Path) -> dict[str, str]:
     """Standard-library files over CODE_MAX_BYTES (never in the short split) up to CODE_LONG_MAX_BYTES."""
-    root = Path(python_root)
-    docs: dict[str, str] = {}
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if any(part in CODE_SKIP_DIRS or part.startswith("config-") for part in rel.parts[:-1]):
-            continue
-        if rel.name.startswith("_sysconfigdata") or rel.as_posix() in CODE_LONG_SKIP:
-            continue
-        data = path.read_bytes()
-        if not CODE_MAX_BYTES < len(data) <= CODE_LONG_MAX_BYTES:
-            continue
-        try:
-            docs[rel.as_posix()] = data.decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-    return docs
+    return _python_files(python_root, lambda rel, size: rel not in CODE_LONG_SKIP and CODE_MAX_BYTES < size <= CODE_LONG_MAX_BYTES)
 
 
 def docs_chapters(manuals: dict[str, dict]) -> dict[str, list[str]]:
