@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ TABULAR = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 class Documents:
     texts: list[str]
     skipped: list[str]  # human-readable notes on records left out, by line number
+    notes: list[str] = field(default_factory=list)  # warnings on how the records were read, each once
 
 
 def _render_messages(messages, tokenizer, where: str) -> str:
@@ -46,11 +47,15 @@ def _record_text(record, tokenizer, field: str, where: str) -> str | None:
     )
 
 
+PLAIN_TURNS = ("chat 'messages' rendered as plain 'role: content' turns: the tokenizer has no chat template, "
+               "so the calibration text is not what the model sees when served")
+
+
 def read_documents(path: str | Path, tokenizer=None, field: str = "text") -> Documents:
     path = Path(path)
     if not path.exists():
         raise CalibError(f"data file {path} does not exist")
-    texts, skipped = [], []
+    texts, skipped, notes = [], [], []
     if path.is_dir():
         texts = _read_saved_dataset(path, field)
     elif path.suffix in (".jsonl", ".json"):
@@ -66,6 +71,9 @@ def read_documents(path: str | Path, tokenizer=None, field: str = "text") -> Doc
             except ValueError as e:
                 raise CalibError(f"{path}:{n}: malformed JSON ({e.msg})", hint="each line must be one JSON object")
             text = _record_text(record, tokenizer, field, f"{path}:{n}")
+            if (isinstance(record, dict) and field not in record and "messages" in record and PLAIN_TURNS not in notes
+                    and not getattr(tokenizer, "chat_template", None)):
+                notes.append(PLAIN_TURNS)
             if text.strip():
                 texts.append(text)
             else:
@@ -80,13 +88,18 @@ def read_documents(path: str | Path, tokenizer=None, field: str = "text") -> Doc
         texts = [text] if text.strip() else []
     if not texts:
         raise CalibError(f"{path} holds no text to calibrate on")
-    return Documents(texts, skipped)
+    return Documents(texts, skipped, notes)
 
 
 def _column(ds, field: str, where: str) -> list[str]:
     if field not in ds.column_names:
         raise CalibError(f"{where} has no {field!r} column (columns: {', '.join(ds.column_names)})", hint="--text-field picks another column")
-    return [t for t in ds[field] if isinstance(t, str) and t.strip()]
+    values = ds[field]
+    for row, t in enumerate(values, 1):
+        if t is not None and not isinstance(t, str):  # what a JSONL record with this value is told
+            raise CalibError(f"{where}: row {row}: field {field!r} must be a string, got {type(t).__name__}",
+                             hint="--text-field picks another column")
+    return [t for t in values if isinstance(t, str) and t.strip()]
 
 
 def _read_tabular(path: Path, field: str) -> list[str]:

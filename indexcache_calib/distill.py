@@ -99,6 +99,10 @@ def read_pattern(opts: DistillOptions, num_layers: int, fixed_shared: frozenset[
     else:
         if opts.uniform < 1:
             raise CalibError("--uniform must be at least 1 (one Full layer every N layers)")
+        count = num_layers - len(fixed_shared or ())
+        if opts.uniform > count:  # refused, not warned: one Full layer is rarely what a large N meant
+            raise CalibError(f"--uniform {opts.uniform} is more than the model's {plural(count, 'layer')} with indexer weights",
+                             hint=f"--uniform N keeps one Full layer in N; --uniform {count} already keeps only the first")
         if fixed_shared:  # interleave over the layers that ship an indexer
             own = [i for i in range(num_layers) if i not in fixed_shared]
             full = set(own[:: opts.uniform])

@@ -40,6 +40,8 @@ def training_windows(data: str, tokenizer, seq_len: int, text_field: str = "text
     docs = read_documents(data, tokenizer, text_field)
     for note in docs.skipped:
         warn(f"{data}: skipped {note}")
+    for note in docs.notes:
+        warn(f"{data}: {note}")
     ids, available = pack(docs.texts, tokenizer, seq_len, 1 << 62, 0)
     return ids
 

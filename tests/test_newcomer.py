@@ -442,3 +442,56 @@ def test_apply_output_is_not_another_config(finished, glm_dir, tmp_path):
     prov = json.loads((finished / "layer_map.json").read_text())["provenance"]
     assert mdl.same_config(prov["config_sha256"], mdl.resolve(str(glm_dir)))
     assert not mdl.same_config(prov["config_sha256"], mdl.resolve(str(out)))
+
+
+# -- silent input handling (item 18) ----------------------------------------------------------------------------
+
+
+def test_chat_messages_without_a_template_are_warned_about_once(tmp_path, monkeypatch):
+    from indexcache_calib import data as dat
+    from indexcache_calib import trainloop as tl
+
+    path = tmp_path / "chat.jsonl"
+    turn = {"messages": [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"}]}
+    path.write_text(json.dumps(turn) + "\n" + json.dumps(turn) + "\n")
+    docs = dat.read_documents(path)
+    assert docs.texts[0] == "user: hi there\nassistant: hello" and len(docs.notes) == 1
+    assert "no chat template" in docs.notes[0]
+    assert dat.read_documents(_text_jsonl(tmp_path)).notes == []
+    monkeypatch.setattr(dat, "pack", lambda texts, tok, seq_len, n, seed: (texts, len(texts)))
+    said = []
+    tl.training_windows(str(path), None, 8, warn=said.append)
+    assert len(said) == 1 and "no chat template" in said[0]
+
+
+def _text_jsonl(tmp_path):
+    p = tmp_path / "text.jsonl"
+    p.write_text(json.dumps({"text": "plain"}) + "\n")
+    return p
+
+
+def test_a_csv_column_of_numbers_is_told_what_jsonl_is_told(tmp_path):
+    from indexcache_calib.data import read_documents
+    from indexcache_calib.errors import CalibError
+
+    csv = tmp_path / "numbers.csv"
+    csv.write_text("text\n1\n2\n")
+    with pytest.raises(CalibError) as e:
+        read_documents(csv)
+    assert "field 'text' must be a string, got int" in e.value.message
+    jsonl = tmp_path / "numbers.jsonl"
+    jsonl.write_text('{"text": 1}\n')
+    with pytest.raises(CalibError) as j:
+        read_documents(jsonl)
+    assert "field 'text' must be a string, got int" in j.value.message
+
+
+def test_distill_refuses_a_uniform_above_the_layer_count():
+    from indexcache_calib.distill import DistillOptions, read_pattern
+    from indexcache_calib.errors import CalibError
+
+    with pytest.raises(CalibError) as e:
+        read_pattern(DistillOptions(model="m", data="d", out="o", uniform=99), 16, frozenset())
+    assert "--uniform 99 is more than the model's 16 layers" in e.value.message
+    pattern, _ = read_pattern(DistillOptions(model="m", data="d", out="o", uniform=16), 16, frozenset())
+    assert pattern == "F" + "S" * 15
