@@ -206,6 +206,18 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ----------------------------------------------------------------------------- the command
 
+def sized_warning(topk: int, seq_len: int, config, topk_default: bool, seq_len_default: bool, warn) -> None:
+    """GLM-5's index_topk (2048, and seq-len 4096 after it) on a small model: every step is long, and the
+    indexer chooses among nearly every key. Said before anything loads, with numbers that fit the model."""
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if not max_pos or 2 * topk < max_pos:
+        return
+    given = lambda default: " (GLM-5's default)" if default else ""  # noqa: E731
+    warn(f"index_topk {topk}{given(topk_default)} is at least half the model's max_position_embeddings {max_pos}, "
+         f"so training runs at --seq-len {seq_len}{given(seq_len_default)}: long steps, for an indexer that keeps "
+         f"most keys; for this model try --index-topk {max(1, max_pos // 8)} --seq-len {max(2, max_pos // 4)}")
+
+
 def convert(opts: ConvertOptions, hooks: tl.Hooks = tl.Hooks(), warn=lambda t: None) -> dict:
     from indexcache_calib.calibrate import versions
 
@@ -218,6 +230,7 @@ def convert(opts: ConvertOptions, hooks: tl.Hooks = tl.Hooks(), warn=lambda t: N
     seq_len = opts.seq_len if opts.seq_len is not None else 2 * topk
     config = dsa_config(raw, topk, heads, head_dim)
     tl.check_numbers(opts, seq_len, topk, config)
+    sized_warning(topk, seq_len, config, opts.index_topk is None, opts.seq_len is None, warn)
     out, windows, eval_ids, settings, fingerprint = tl.prepare_training(
         "dsa-convert", opts, source, src_dir, seq_len, warn,
         indexer={"index_topk": topk, "index_n_heads": heads, "index_head_dim": head_dim})

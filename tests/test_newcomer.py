@@ -495,3 +495,30 @@ def test_distill_refuses_a_uniform_above_the_layer_count():
     assert "--uniform 99 is more than the model's 16 layers" in e.value.message
     pattern, _ = read_pattern(DistillOptions(model="m", data="d", out="o", uniform=16), 16, frozenset())
     assert pattern == "F" + "S" * 15
+
+
+# -- dsa-convert's GLM-5 defaults on a small model (item 20) ----------------------------------------------------
+
+
+def test_dsa_convert_warns_when_glm5_defaults_dwarf_the_model(workspace, monkeypatch):
+    import glob
+
+    from indexcache_calib import convert as cv
+    from indexcache_calib import trainloop as tl
+    from indexcache_calib.cli import app
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tl, "indexer_step", stop)  # never a long step, whatever the settings
+    max_pos = json.loads((workspace / SOURCE / "config.json").read_text())["max_position_embeddings"]
+    data = str(workspace / "calibration_data" / "code.jsonl")
+    r = CliRunner().invoke(app, ["dsa-convert", "--model", SOURCE, "--data", data, "--out", "converted", "--steps", "1",
+                                 "--index-topk", str(max_pos // 2), "--index-heads", "1", "--index-head-dim", "8"])
+    assert f"Warning: index_topk {max_pos // 2} is at least half the model's max_position_embeddings {max_pos}" in r.stderr, r.stderr
+    assert f"--index-topk {max_pos // 8} --seq-len {max_pos // 4}" in r.stderr
+    said = []
+    cv.sized_warning(2048, 4096, type("C", (), {"max_position_embeddings": 4096})(), True, True, said.append)
+    assert len(said) == 1 and "index_topk 2048 (GLM-5's default)" in said[0] and "--seq-len 4096 (GLM-5's default)" in said[0]
+    cv.sized_warning(8, 32, type("C", (), {"max_position_embeddings": 4096})(), False, False, said.append)
+    assert len(said) == 1  # a small index_topk says nothing
