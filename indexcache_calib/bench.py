@@ -644,6 +644,18 @@ def bench_gpu(args) -> None:
               f"{gib(r['naive']['peak_gpu_bytes'])} / {gib(r['fast']['peak_gpu_bytes'])} | {same} |")
 
 
+def quiet(threads: int) -> None:
+    """What every benchmark process sets first: offline, `threads` torch threads, no library chatter."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(threads)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -680,14 +692,7 @@ def main() -> None:
     g.add_argument("--smoke", action="store_true", help="tiny sizes, any device: checks the script itself")
     p.add_argument("--threads", type=int, default=1, help="torch threads for the searches (benchmarks share the host)")
     args = p.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
-    torch.set_num_threads(args.threads)
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet(args.threads)
     if args.cmd == "_indexer-child":
         _indexer_child(args.seq, args.chunk, args.heads)
     else:

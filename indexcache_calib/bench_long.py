@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import resource
 import subprocess
 import sys
@@ -23,13 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-OUT = Path("outputs/bench")
+from indexcache_calib.bench import OUT, _save, _tokens, quiet
+
 LENGTHS = (2048, 4096, 8192, 16384, 32768)
-
-
-def _save(name: str, data) -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{name}.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 # -- memory and wall per length and path ---------------------------------------------------------
@@ -171,7 +166,6 @@ def bench_lengths(args) -> None:
     import torch
 
     from indexcache_calib.attention import set_attention
-    from indexcache_calib.bench import _tokens
     from indexcache_calib.calibrate import Hooks, Options, calibrate
     from indexcache_calib.model import load_with_layout
     from indexcache_calib.pattern import uniform_pattern
@@ -263,14 +257,7 @@ def main() -> None:
     ln.add_argument("--heldout-samples", type=int, default=4)
     ln.add_argument("--ratios", type=int, nargs="+", default=[2, 4, 8])
     args = p.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
-    torch.set_num_threads(args.threads)
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet(args.threads)
     if args.cmd == "_memory-child":
         print(json.dumps(_memory_child(args.model_dir, args.seq, args.path, args.what)))
     else:

@@ -588,9 +588,6 @@ def versions() -> dict:
 def calibrate(opts: Options, hooks: Hooks | None = None) -> tuple[dict, Path]:
     """Run the search and write the artifact. Returns (layer map, run directory). Everything that can be
     checked without weights is checked before the run directory is touched."""
-    import torch
-
-    from indexcache_calib import model as mdl
     from indexcache_calib.parallel import init_world
 
     world = init_world()
