@@ -501,8 +501,6 @@ def test_distill_refuses_a_uniform_above_the_layer_count():
 
 
 def test_dsa_convert_warns_when_glm5_defaults_dwarf_the_model(workspace, monkeypatch):
-    import glob
-
     from indexcache_calib import convert as cv
     from indexcache_calib import trainloop as tl
     from indexcache_calib.cli import app
