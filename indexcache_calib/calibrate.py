@@ -348,6 +348,8 @@ def read_tokens(opts: Options, hooks: Hooks, tokenizer) -> Tokens:
     docs = dat.read_documents(opts.data, tokenizer, opts.text_field)
     for note in docs.skipped:
         hooks.warn(f"{opts.data}: skipped {note}")
+    for note in docs.notes:
+        hooks.warn(f"{opts.data}: {note}")
     ids, available = dat.pack(docs.texts, tokenizer, opts.seq_len, opts.num_samples, opts.seed)
     if available < opts.num_samples:
         hooks.warn(f"the data fills only {plural(available, 'sequence')} of {opts.seq_len} tokens; "
@@ -382,7 +384,7 @@ def prepare(opts: Options, hooks: Hooks, ids=None, check_config=None, ckpt=None,
         before_loading(ids)
     if ckpt.config_shared:
         hooks.message(
-            f"note: the config of {opts.model} carries a pattern ({plural(len(ckpt.config_shared), 'layer')} marked shared); their "
+            f"Note: the config of {opts.model} carries a pattern ({plural(len(ckpt.config_shared), 'layer')} marked shared); their "
             "indexer weights are in the checkpoint, so they are restored and all-Full is measured with every indexer")
     from indexcache_calib.parallel import init_world, replica_max_memory
 

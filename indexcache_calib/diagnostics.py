@@ -288,10 +288,10 @@ def evaluate(
     with _memory_errors():
         prep = load_inputs(opts, hooks, tokens, early)
         todo = entries(prep.checkpoint, every, maps, patterns)
-        config_sha, ids_sha = mdl.config_sha256(prep.source), tokens_sha256(prep.ids)
+        ids_sha = tokens_sha256(prep.ids)
         for name, lm in maps:
             prov = lm.get("provenance", {})
-            if prov.get("config_sha256") and config_sha and prov["config_sha256"] != config_sha:
+            if mdl.same_config(prov.get("config_sha256"), prep.source) is False:
                 hooks.warn(f"layer map {name} was calibrated on another model config ({prov.get('model')})")
             if tokens is None and prov.get("tokens_sha256") == ids_sha:
                 hooks.warn(f"these are the very tokens layer map {name} was calibrated on, not held-out data")
