@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import sys
 from typing import Optional
 
@@ -14,7 +13,7 @@ from typer.core import TyperGroup
 
 from indexcache_calib.cli_common import (
     EXIT_SIGINT, AllowPickle, Attention, BatchSize, DeviceMap, Dtype, IndexerChunk, MaxMemory, Model, OffloadDir, Seed, TextField,
-    TrustRemoteCode, _quiet_libraries, err, handled, out,
+    TrustRemoteCode, _quiet_libraries, err, handled, out, rerun_command, resume_command,
 )
 from indexcache_calib.errors import plural
 
@@ -65,13 +64,6 @@ def _root(
     """Calibrate which DSA layers keep their lightning indexer (IndexCache)."""
 
 
-def _resume_command(argv: list[str]) -> str:
-    args = [a for a in argv if a not in ("--overwrite",)]
-    if "--resume" not in args:
-        args.append("--resume")
-    return "indexcache " + shlex.join(args)
-
-
 def _interrupted(where: dict, argv: list[str]):
     """What is true after Ctrl-C / SIGTERM: how many steps the checkpoint holds, and how to go on."""
 
@@ -85,10 +77,9 @@ def _interrupted(where: dict, argv: list[str]):
             steps = 0
         if steps:
             return [f"Interrupted: {plural(steps, 'finished search step')} {'is' if steps == 1 else 'are'} saved in {path}.",
-                    f"Hint: resume with: {_resume_command(argv)}"]
-        rerun = "indexcache " + shlex.join([a for a in argv if a != "--resume"])
+                    f"Hint: resume with: {resume_command(argv)}"]
         return ["Interrupted before the first search step finished: nothing was saved.",
-                f"Hint: rerun without --resume: {rerun}"]
+                f"Hint: rerun without --resume: {rerun_command(argv)}"]
 
     return lines
 

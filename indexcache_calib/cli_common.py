@@ -4,6 +4,7 @@ stdout, progress and errors on stderr) and the error contract (`Error:`/`Hint:` 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 from contextlib import contextmanager
 from typing import Annotated, Optional
@@ -27,6 +28,20 @@ MaxMemory = Annotated[Optional[str], typer.Option(help="Per-device limits, e.g. 
 OffloadDir = Annotated[Optional[str], typer.Option(help="Directory for weights offloaded to disk.")]
 TrustRemoteCode = Annotated[bool, typer.Option(help="Allow model code shipped inside the checkpoint to run.")]
 AllowPickle = Annotated[bool, typer.Option(help="Allow .bin/.pt weights (pickle can run code).")]
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted run: the same arguments, quoted, with --resume and
+    without --overwrite."""
+    args = [a for a in argv if a != "--overwrite"]
+    if "--resume" not in args:
+        args.append("--resume")
+    return "indexcache " + shlex.join(args)
+
+
+def rerun_command(argv: list[str]) -> str:
+    """The command line that starts an interrupted run again (nothing was saved): without --resume."""
+    return "indexcache " + shlex.join([a for a in argv if a != "--resume"])
 
 
 out = Console(highlight=False, soft_wrap=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import signal
 import sys
 import time
@@ -15,7 +14,9 @@ from typing import Optional
 import typer
 
 from indexcache_calib import cli_common
-from indexcache_calib.cli_common import EXIT_SIGINT, EXIT_SIGTERM, DeviceMap, Dtype, Model, TextField
+from indexcache_calib.cli_common import (
+    EXIT_SIGINT, EXIT_SIGTERM, DeviceMap, Dtype, Model, TextField, rerun_command, resume_command,
+)
 from indexcache_calib.errors import CalibError, plural
 
 
@@ -81,16 +82,6 @@ def _nothing_saved(rerun: str | None) -> None:
     if rerun:
         cli_common.err.print(f"Hint: rerun without --resume: {rerun}", markup=False)
 
-
-def _rerun_command(argv: list[str]) -> str:
-    return "indexcache " + shlex.join([a for a in argv if a != "--resume"])
-
-
-def _resume_command(argv: list[str]) -> str:
-    args = [a for a in argv if a != "--overwrite"]
-    if "--resume" not in args:
-        args.append("--resume")
-    return "indexcache " + " ".join(args)
 
 
 def _hooks():
@@ -166,7 +157,7 @@ def dsa_convert(
                           seed=seed, index_topk=index_topk, index_heads=index_heads, index_head_dim=index_head_dim,
                           text_field=text_field, device_map=device_map, dtype=dtype, checkpoint_every=checkpoint_every,
                           eval_data=eval_data, eval_samples=eval_samples, resume=resume, overwrite=overwrite)
-    with _handled(out_dir, _resume_command(sys.argv[1:]), _rerun_command(sys.argv[1:])):
+    with _handled(out_dir, resume_command(sys.argv[1:]), rerun_command(sys.argv[1:])):
         cli_common._quiet_libraries()
         progress, hooks = _hooks()
         with progress:
@@ -214,7 +205,7 @@ def distill(
                           steps=steps, seq_len=seq_len, batch_size=batch_size, lr=lr, seed=seed, text_field=text_field,
                           device_map=device_map, dtype=dtype, checkpoint_every=checkpoint_every, eval_data=eval_data,
                           eval_samples=eval_samples, resume=resume, overwrite=overwrite)
-    with _handled(out_dir, _resume_command(sys.argv[1:]), _rerun_command(sys.argv[1:])):
+    with _handled(out_dir, resume_command(sys.argv[1:]), rerun_command(sys.argv[1:])):
         cli_common._quiet_libraries()
         progress, hooks = _hooks()
         with progress:

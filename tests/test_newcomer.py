@@ -520,3 +520,11 @@ def test_dsa_convert_warns_when_glm5_defaults_dwarf_the_model(workspace, monkeyp
     assert len(said) == 1 and "index_topk 2048 (GLM-5's default)" in said[0] and "--seq-len 4096 (GLM-5's default)" in said[0]
     cv.sized_warning(8, 32, type("C", (), {"max_position_embeddings": 4096})(), False, False, said.append)
     assert len(said) == 1  # a small index_topk says nothing
+
+
+def test_resume_and_rerun_hints_are_quoted_for_every_command():
+    from indexcache_calib.cli_common import rerun_command, resume_command
+
+    argv = ["distill", "--model", "my model", "--out", "out dir", "--overwrite"]
+    assert resume_command(argv) == "indexcache distill --model 'my model' --out 'out dir' --resume"
+    assert rerun_command(argv + ["--resume"]) == "indexcache distill --model 'my model' --out 'out dir' --overwrite"
