@@ -18,8 +18,7 @@ from typing import Callable
 import torch
 
 from indexcache_calib.errors import CalibError
-
-FULL, SHARED = "F", "S"
+from indexcache_calib.pattern import FULL, SHARED  # noqa: F401 (re-exported: sharing and tests read it here)
 
 
 # -- what an indexer selects, and how much of its own choice a reused selection keeps ----------------

@@ -29,6 +29,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from indexcache_calib.errors import CalibError
+from indexcache_calib.stats import mean_se
 
 # Index scores at or below this are masked (the library adds finfo.min or fills -inf).
 MASKED = -1e30
@@ -349,14 +350,8 @@ def sequence_losses(model, ids: torch.Tensor, dense_attention: bool = False) -> 
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float | None]:
-    """Mean of a - b over paired sequences and its standard error."""
-    d = [x - y for x, y in zip(a, b)]
-    n = len(d)
-    mean = math.fsum(d) / n
-    if n < 2:
-        return mean, None
-    var = math.fsum((x - mean) ** 2 for x in d) / (n - 1)
-    return mean, math.sqrt(var / n)
+    """Mean of a - b over paired sequences and its standard error (`stats.mean_se`, the search's own)."""
+    return mean_se([x - y for x, y in zip(a, b)])
 
 
 # ----------------------------------------------------------------------------- optimisation
