@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from indexcache_calib.errors import CalibError
+from indexcache_calib.errors import CalibError, Terminated
 
 Model = Annotated[str, typer.Option("--model", "-m", help="Local checkpoint dir, hub id (from the local HF cache) or alias.")]
 Seed = Annotated[int, typer.Option(help="Picks which packed sequences are used.")]
@@ -50,10 +50,6 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 
-class _Terminated(Exception):
-    pass
-
-
 def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -81,15 +77,15 @@ def handled(interrupted=None):
     (set INDEXCACHE_DEBUG=1 to see one). `interrupted()` gives the lines to print on Ctrl-C / SIGTERM."""
 
     def on_term(signum, frame):
-        raise _Terminated
+        raise Terminated
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
         yield
     except CalibError as e:
         fail(e.message, e.hint, e.exit_code)
-    except (KeyboardInterrupt, _Terminated) as e:
-        code = EXIT_SIGTERM if isinstance(e, _Terminated) else EXIT_SIGINT
+    except (KeyboardInterrupt, Terminated) as e:
+        code = EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_SIGINT
         for line in (interrupted() if interrupted else ["Interrupted."]):
             err.print(line, markup=False)
         raise typer.Exit(code)

@@ -6,6 +6,10 @@ EXIT_RESUME_MISMATCH = 3
 EXIT_OUT_OF_MEMORY = 4
 
 
+class Terminated(Exception):
+    """SIGTERM, raised by the command line's handler so that a long run can save what it has and stop."""
+
+
 class CalibError(Exception):
     def __init__(self, message: str, hint: str | None = None, exit_code: int = EXIT_BAD_INPUT):
         super().__init__(message)

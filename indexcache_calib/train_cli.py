@@ -4,8 +4,6 @@ trainloop.py and warmup.py; this file parses options and draws (progress on stde
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -15,9 +13,9 @@ import typer
 
 from indexcache_calib import cli_common
 from indexcache_calib.cli_common import (
-    EXIT_SIGINT, EXIT_SIGTERM, DeviceMap, Dtype, Model, TextField, rerun_command, resume_command,
+    DeviceMap, Dtype, Model, TextField, rerun_command, resume_command,
 )
-from indexcache_calib.errors import CalibError, plural
+from indexcache_calib.errors import Terminated, plural
 
 
 
@@ -34,54 +32,30 @@ DATA = "Training text: JSONL (text or messages), .txt, .parquet/.csv, or a saved
 
 @contextmanager
 def _handled(out_dir: str, resume_hint: str, rerun: str | None = None):
-    """Errors as `Error:`/`Hint:` lines and an exit code, never a traceback (INDEXCACHE_DEBUG=1 shows one);
-    an interruption says where the training state is and how to resume, or, before the first training step
-    was saved (the run's directory is then removed, so --resume would find nothing), how to rerun."""
+    """The one error contract of every command (`cli_common.handled`); an interruption says where the
+    training state is and how to resume, or, before the first training step was saved (the run's directory
+    is then removed, so --resume would find nothing), how to rerun."""
+    from pathlib import Path
+
     from indexcache_calib import trainloop as tl
 
-    cli = cli_common
+    saved: dict = {}
 
-    def on_term(signum, frame):
-        raise tl.Terminated
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    except CalibError as e:
-        cli.fail(e.message, e.hint, e.exit_code)
-    except tl.Interrupted as e:
-        if e.saved_step:
-            cli.err.print(f"Interrupted: training state at step {e.saved_step} is saved in {out_dir}/{tl.STATE_DIR}.", markup=False)
-            cli.err.print(f"Hint: resume with: {resume_hint}", markup=False)
-        else:
-            _nothing_saved(rerun)
-        raise typer.Exit(EXIT_SIGTERM if e.terminated else EXIT_SIGINT)
-    except (KeyboardInterrupt, tl.Terminated) as e:
-        from pathlib import Path
-
+    def lines() -> list[str]:
+        where = f"{out_dir}/{tl.STATE_DIR}"
+        if saved.get("step"):
+            return [f"Interrupted: training state at step {saved['step']} is saved in {where}.", f"Hint: resume with: {resume_hint}"]
         if (Path(out_dir).expanduser() / tl.STATE_DIR / tl.STATE).is_file():
-            cli.err.print(f"Interrupted: the training state is saved in {out_dir}/{tl.STATE_DIR}.", markup=False)
-            cli.err.print(f"Hint: resume with: {resume_hint}", markup=False)
-        else:
-            _nothing_saved(rerun)
-        raise typer.Exit(EXIT_SIGTERM if isinstance(e, tl.Terminated) else EXIT_SIGINT)
-    except typer.Exit:
-        raise
-    except Exception as e:  # noqa: BLE001 - the one-line contract
-        if os.environ.get("INDEXCACHE_DEBUG"):
-            raise
-        first = str(e).splitlines()[0] if str(e) else ""
-        cli.fail(f"internal error: {type(e).__name__}: {first}", "rerun with INDEXCACHE_DEBUG=1 for a traceback, and report it", 1)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+            return [f"Interrupted: the training state is saved in {where}.", f"Hint: resume with: {resume_hint}"]
+        return ["Interrupted before the first training step finished: nothing was saved."] + (
+            [f"Hint: rerun without --resume: {rerun}"] if rerun else [])
 
-
-def _nothing_saved(rerun: str | None) -> None:
-    """What calibrate says when interrupted before its first search step: nothing to resume."""
-    cli_common.err.print("Interrupted before the first training step finished: nothing was saved.", markup=False)
-    if rerun:
-        cli_common.err.print(f"Hint: rerun without --resume: {rerun}", markup=False)
-
+    with cli_common.handled(lines):
+        try:
+            yield
+        except tl.Interrupted as e:  # the loop saved what it had; report it as the interruption it was
+            saved["step"] = e.saved_step
+            raise (Terminated() if e.terminated else KeyboardInterrupt()) from None
 
 
 def _hooks():

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from indexcache_calib import artifact as art
-from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, EXIT_RESUME_MISMATCH, CalibError
+from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, EXIT_RESUME_MISMATCH, CalibError, Terminated
 from indexcache_calib.warmup import IndexerOptimizer, freeze_all_but, indexer_param_names, indexer_step, lr_at
 
 STATE_DIR = ".indexcache-train"  # inside --out while training; removed once the model is written
@@ -188,10 +188,6 @@ class Hooks:
     message: Callable[[str], None] = lambda text: None
     started: Callable[[int, int], None] = lambda total, done: None
     step: Callable[[dict], None] = lambda row: None
-
-
-class Terminated(Exception):
-    """Raised by the command's SIGTERM handler."""
 
 
 class Interrupted(Exception):
