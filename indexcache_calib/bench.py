@@ -223,8 +223,9 @@ class OffPath(Exception):
 class TraceEvaluator:
     """An evaluator that answers from a recorded `exact` search (every candidate of every step, with
     per-sequence losses): other searches can be replayed on it for as long as they stay on its path.
-    It counts layer-forwards as the runner does: a candidate runs from its flipped layer, and
-    committing the step's best whole-scored candidate costs nothing (its layer inputs were kept)."""
+    It counts layer-forwards as the runner does: a candidate runs from its flipped layer, a candidate is
+    never run again on sequences it was scored on in the same step (the runner keeps what each round
+    computed, within its cache), and committing a candidate costs only the sequences it was not yet scored on."""
 
     def __init__(self, trace: dict, num_layers: int, batch_size: int = 1):
         from indexcache_calib.pattern import flip
@@ -238,7 +239,8 @@ class TraceEvaluator:
             self.scores.update({flip(s.base, c): sc for c, sc in s.scores.items()})
         self.num_sequences = len(base.seq_losses)
         self.num_batches = math.ceil(self.num_sequences / batch_size)
-        self.layer_forwards, self.base, self._best = 0, None, None
+        self.layer_forwards, self.base = 0, None
+        self._seen: dict[str, set[int]] = {}  # this step's candidates: the sequences each was scored on
 
     def _restart(self, pattern: str) -> int:
         if self.base is None:
@@ -251,11 +253,16 @@ class TraceEvaluator:
             raise OffPath(pattern)
         return self.scores[pattern]
 
+    def _charge(self, pattern: str, start: int, ids) -> None:
+        seen = self._seen.setdefault(pattern, set()) if start else set()
+        new = [i for i in ids if i not in seen]
+        seen.update(new)
+        self.layer_forwards += (self.num_layers - start) * len(new)
+
     def set_base(self, pattern: str):
         sc = self._lookup(pattern)
-        if not (self._best and self._best[1] == pattern):
-            self.layer_forwards += (self.num_layers - self._restart(pattern)) * self.num_sequences
-        self.base, self._best = pattern, None
+        self._charge(pattern, self._restart(pattern), range(self.num_sequences))
+        self.base, self._seen = pattern, {}
         return sc
 
     def score(self, pattern: str, batches=None):
@@ -264,12 +271,10 @@ class TraceEvaluator:
         sc = self._lookup(pattern)
         start = self._restart(pattern)
         if batches is None:
-            self.layer_forwards += (self.num_layers - start) * self.num_sequences
-            if start and (self._best is None or (sc.loss, start) < self._best[0]):
-                self._best = ((sc.loss, start), pattern)
+            self._charge(pattern, start, range(self.num_sequences))
             return sc
         ids = [i for b in batches for i in range(b * self.batch_size, min((b + 1) * self.batch_size, self.num_sequences))]
-        self.layer_forwards += (self.num_layers - start) * len(ids)
+        self._charge(pattern, start, ids)
         losses = [sc.seq_losses[i] for i in ids]
         return Score(math.fsum(losses) / len(losses), losses)
 
