@@ -17,11 +17,10 @@ this attention ask for rows.
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 SPARSE = "indexcache_sparse"
 # Bound on one query chunk's working tensors (gathered keys and values, logits, probabilities, mask rows)
@@ -35,6 +34,7 @@ def working_bytes(device, floor: int) -> int:
     if device is not None and torch.device(device).type == "cuda":
         return max(floor, torch.cuda.mem_get_info(device)[0] // 8)
     return floor
+
 
 _lazy_depth = 0
 
@@ -62,8 +62,7 @@ def _sparse_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
 def _placeholder(args: dict, q_offset, q_length: int) -> torch.Tensor:
     base = torch.ones((), dtype=torch.bool, device=args["device"])
     # The arguments ride on the 0-dim base: every view the model takes of the placeholder shares it.
-    base._indexcache_rows = functools.partial(_rows_of, args, q_offset)
-    base._indexcache_args = (args, q_offset, q_length)
+    base._indexcache_mask = (args, q_offset, q_length)
     return base.expand(args["batch_size"], 1, q_length, args["kv_length"])
 
 
@@ -76,14 +75,14 @@ def on_device(mask, device):
     inputs) would write out all of its [seq, keys] and lose what it stands for. Anything else as it is."""
     if not is_lazy(mask) or device is None or mask.device == torch.device(device):
         return mask
-    args, q_offset, q_length = mask._base._indexcache_args
+    args, q_offset, q_length = mask._base._indexcache_mask
     padding = args["attention_mask"]
     moved = {**args, "device": device, "attention_mask": None if padding is None else padding.to(device)}
     return _placeholder(moved, q_offset, q_length)
 
 
 def is_lazy(mask) -> bool:
-    return isinstance(mask, torch.Tensor) and mask._base is not None and hasattr(mask._base, "_indexcache_rows")
+    return isinstance(mask, torch.Tensor) and mask._base is not None and hasattr(mask._base, "_indexcache_mask")
 
 
 def mask_rows(mask: torch.Tensor, q0: int, q1: int, axis: int) -> torch.Tensor:
@@ -93,7 +92,8 @@ def mask_rows(mask: torch.Tensor, q0: int, q1: int, axis: int) -> torch.Tensor:
         index = [slice(None)] * mask.dim()
         index[axis] = slice(q0, q1)
         return mask[tuple(index)]
-    rows = mask._base._indexcache_rows(q0, q1)
+    args, q_offset, _ = mask._base._indexcache_mask
+    rows = _rows_of(args, q_offset, q0, q1)
     return rows[:, 0] if mask.dim() == 3 else rows
 
 
@@ -146,9 +146,9 @@ def sparse_attention(module, query, key, value, attention_mask, scaling=None, dr
         masked = None if attention_mask is None else mask_rows(attention_mask, q0, q1, 2)
         bias = _bias(masked, q0, q1, seq, kv_length, query.device)[:, 0]  # [B or 1, c, T]
         q = query[:, :, q0:q1].reshape(batch, kv_heads, group, c, dim)
-        if indices is None:
+        if indices is None:  # every key, as the mask allows
             logits = torch.einsum("bhgcd,bhtd->bhgct", q, key).float() * scaling + bias[:, None, None]
-            values = value
+            values, pattern = value, "bhgct,bhtv->bhgcv"
         else:
             ids = indices[:, q0:q1].to(device=query.device, dtype=torch.long)
             valid = (ids >= 0) & (ids < kv_length)
@@ -158,23 +158,19 @@ def sparse_attention(module, query, key, value, attention_mask, scaling=None, dr
             keys = key.gather(2, flat.expand(batch, kv_heads, c * k, dim)).view(batch, kv_heads, c, k, dim)
             values = value.gather(2, flat.expand(batch, kv_heads, c * k, v_dim)).view(batch, kv_heads, c, k, v_dim)
             logits = torch.einsum("bhgcd,bhckd->bhgck", q, keys).float() * scaling + picked[:, None, None]
+            pattern = "bhgck,bhckv->bhgcv"
         if sink is not None:
             logits = torch.cat([logits, sink.expand(*logits.shape[:-1], 1)], dim=-1)
         probs = torch.softmax(logits, dim=-1)
         if sink is not None:
             probs = probs[..., :-1]
-        probs = probs.to(value.dtype)
-        if indices is None:
-            out = torch.einsum("bhgct,bhtv->bhgcv", probs, values)
-        else:
-            out = torch.einsum("bhgck,bhckv->bhgcv", probs, values)
+        out = torch.einsum(pattern, probs.to(value.dtype), values)
         outputs.append(out.reshape(batch, heads, c, v_dim))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(SPARSE, sparse_attention)
 AttentionMaskInterface.register(SPARSE, _sparse_mask)
-assert SPARSE in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
 
 
 def current(model) -> str:
