@@ -57,7 +57,9 @@ SMOKE = {
     # bench search and race take their sizes from constants (no option), so those are shrunk.
     "indexcache_calib.bench search": Smoke([], f"outputs/bench/search_{MODEL}.json", f"| {MODEL} |",
                                            {"SEARCH_CASES": {MODEL: (2, 32)}}),
-    "indexcache_calib.bench race": Smoke([], "outputs/bench/race.json", "race / fast:", {"RACE_CASE": (MODEL, 4, 32)}),
+    # 8 sequences: the race's first round (4) must leave something to race, with and without a tolerance.
+    "indexcache_calib.bench race": Smoke([], f"outputs/bench/race_{MODEL}_8x32.json", "within one SE at every ratio",
+                                         {"RACE_CASE": (MODEL, 8, 32), "RACE_HELDOUT": 4}),
     "indexcache_calib.bench draws": Smoke(["--model", MODEL, "--samples", "2", "--seeds", "0", "--seq-len", "32"],
                                           f"outputs/bench/draws_{MODEL}_2x32_seed0.json", "meets the bar",
                                           {"SEARCH_CASES": {MODEL: (2, 32)}}),
