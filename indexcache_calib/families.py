@@ -202,6 +202,12 @@ class Family:
         return int((getattr(text_config, self.streams_key, None) if self.streams_key else None) or 1)
 
     @property
+    def attention_at(self) -> str:
+        """Attribute path from a decoder layer to its attention module (whose probabilities indexer training
+        distils): the first step of `indexer_at` in every family."""
+        return self.indexer_at.split(".")[0]
+
+    @property
     def distillable(self) -> bool:
         """`distill` trains this family: its library builds Shared layers from `native_key`, and nothing else stops it."""
         return self.native_key is not None and self.distill_refusal is None

@@ -29,6 +29,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from indexcache_calib.errors import CalibError
+from indexcache_calib.families import family_of, resolve_attr
 from indexcache_calib.stats import mean_se
 
 # Index scores at or below this are masked (the library adds finfo.min or fills -inf).
@@ -50,18 +51,20 @@ def decoder_layers(model) -> list:
     return layers[:n]
 
 
-def attention_of(layer):
-    """The layer's attention module: the child that has an `indexer` attribute (None on Shared layers)."""
-    return next((m for m in layer.children() if hasattr(m, "indexer")), None)
+def attention_of(model, layer):
+    """The layer's attention module, where the family's row says it is."""
+    return getattr(layer, family_of(model.config).attention_at)
 
 
 def indexers(model) -> dict[int, torch.nn.Module]:
-    """Layer id -> indexer module, for the layers that have one."""
+    """Layer id -> indexer module, for the layers that have one (Shared layers built by the library have none)."""
+    path = family_of(model.config).indexer_at
     out = {}
     for i, layer in enumerate(decoder_layers(model)):
-        attn = attention_of(layer)
-        if attn is not None and attn.indexer is not None:
-            out[i] = attn.indexer
+        parent, name = resolve_attr(layer, path)
+        ix = getattr(parent, name, None) if parent is not None else None
+        if ix is not None:
+            out[i] = ix
     return out
 
 
@@ -138,7 +141,7 @@ def attention_probs(model, probs: dict, layers=None):
             probs[i] = agg / agg.sum(-1, keepdim=True).clamp_min(1e-30)
         return fn
 
-    handles = [attention_of(layer).register_forward_hook(hook(i)) for i, layer in enumerate(decoder_layers(model))
+    handles = [attention_of(model, layer).register_forward_hook(hook(i)) for i, layer in enumerate(decoder_layers(model))
                if layers is None or i in layers]
     try:
         yield
