@@ -340,6 +340,7 @@ def bench_draws(args) -> None:
     depend on the picks.
     """
     from indexcache_calib.dryrun import search_work
+    from indexcache_calib.search import Race
 
     spec = args.model
     seq = args.seq_len or SEARCH_CASES[spec][1]
@@ -355,8 +356,10 @@ def bench_draws(args) -> None:
                       "tokens_sha256": ref["tokens_sha256"], "naive_layer_forwards": naive,
                       "exact": {k: ref[k] for k in ("layer_forwards", "tokens", "patterns", "wall_s")},
                       "exact_undecided_steps": _undecided(ref), "exact_steps": len(ref["steps"]), "searches": {}}
-            for strategy in args.strategies:
-                run = _run(strategy, model, layout, ids, floor)
+            searches = [(s, s, {}) for s in args.strategies] + [
+                (f"race, tolerance {t}", "race", {"race": Race(tolerance=t)}) for t in args.tolerance]
+            for strategy, kind, opts in searches:
+                run = _run(kind, model, layout, ids, floor, **opts)
                 row = compare_to_exact(ref, run, n)
                 row.update({k: run[k] for k in ("layer_forwards", "tokens", "patterns", "wall_s")})
                 row.update({"vs_exact": run["layer_forwards"] / ref["layer_forwards"], "vs_naive": run["layer_forwards"] / naive,
@@ -734,6 +737,8 @@ def main() -> None:
     d.add_argument("--strategies", nargs="*", default=["fast", "race"], choices=["fast", "race", "naive"],
                    help="searches compared with exact (none: only compute and keep exact's runs)")
     d.add_argument("--data", default="calibration_data/code.jsonl")
+    d.add_argument("--tolerance", nargs="*", default=[], type=lambda t: t if t == "auto" else float(t),
+                   help="also race with each of these tolerances (nats per step, or auto)")
     rc = sub.add_parser("race")
     rc.add_argument("--seed", type=int, default=0)
     rc.add_argument("--data", default="calibration_data/code.jsonl")
