@@ -573,6 +573,18 @@ def race_section(opts: Options, steps: list[Step], positions: list[int]) -> dict
     return {"race": race, "race_steps": summary["steps"]}
 
 
+def session_summary(steps: list[Step], resumed: int) -> dict:
+    """What this session searched: the steps after the `resumed` ones read from the checkpoint, and their
+    candidates. The layer map's `search` counts the whole search, earlier sessions included."""
+    mine = steps[resumed:]
+    return {
+        "resumed_after_step": resumed,
+        "steps": len(mine),
+        "candidates_scored": sum(len(s.scores) for s in mine),
+        "candidate_sequences": sum(len(sc.seq_losses) for s in mine for sc in s.scores.values()),
+    }
+
+
 def versions() -> dict:
     import accelerate
     import torch
@@ -782,13 +794,15 @@ def _calibrate(opts: Options, hooks: Hooks, run: RunPlan, t_start: float, world)
             "device_map": mdl.device_map_of(prep.model),
             "versions": versions(),
         },
+        # This session only: `search` above is the whole search, the steps of earlier sessions included.
         "environment": {
             "wall_seconds": round(time.time() - t_start, 3),
             "search_seconds": round(seconds, 3),
             "resumed_steps": len(done),
+            "session": session_summary(steps, len(done)),
             "processes": world.size,
             "cache_device": opts.cache_device,
-            # Work done by this process: a resumed run does less, so it lives here, not in `search`.
+            # Work done by this session: a resumed run does less, so it lives here, not in `search`.
             "work": counters,
             "host_platform": platform.platform(),
         },

@@ -194,6 +194,20 @@ def _run_calibration(opts, Hooks, where: dict):
         return run(opts, hooks)
 
 
+def search_rows(layer_map: dict) -> list[tuple[str, str]]:
+    """The summary's search rows. After a resume the steps and candidates are the whole search's, while the
+    layer-forwards and seconds are this session's alone: each row says which it counts."""
+    search, env = layer_map["search"], layer_map["environment"]
+    work = f"{plural(env['work']['layer_forwards'], 'layer-forward')} in {env['search_seconds']:.1f} s"
+    counted = f"{plural(search['steps'], 'step')}, {plural(search['candidates_scored'], 'candidate')} scored"
+    session = env.get("session")
+    if not env.get("resumed_steps") or session is None:
+        return [("search", f"{search['strategy']}: {counted}, {work}")]
+    mine = f"{plural(session['steps'], 'step')}, {plural(session['candidates_scored'], 'candidate')} scored"
+    return [("search", f"{search['strategy']}, whole search: {counted}"),
+            ("this session", f"resumed after step {session['resumed_after_step']}: {mine}, {work}")]
+
+
 def _print_summary(layer_map: dict, run_dir) -> None:
     loss = layer_map["loss"]
     table = Table(title="IndexCache layer map", show_header=False, title_justify="left")
@@ -201,9 +215,9 @@ def _print_summary(layer_map: dict, run_dir) -> None:
     table.add_row("full layers", f"{layer_map['num_full']} of {layer_map['num_layers']}: {layer_map['full_layers']}")
     table.add_row("loss all-F", f"{loss['all_full']:.5f}")
     table.add_row("loss pattern", f"{loss['final']:.5f} (delta {loss['delta']:+.5f})")
-    search, work = layer_map["search"], layer_map["environment"]["work"]
-    table.add_row("search", f"{search['strategy']}: {plural(search['steps'], 'step')}, {plural(search['candidates_scored'], 'candidate')} scored, "
-                  f"{plural(work['layer_forwards'], 'layer-forward')}")
+    for key, value in search_rows(layer_map):
+        table.add_row(key, value)
+    search = layer_map["search"]
     tol = search.get("race", {}).get("tolerance")
     if tol:
         per = f"{tol['requested']:.4g} nats" if tol["requested"] != "auto" else "auto (2 paired SE)"

@@ -224,6 +224,33 @@ def test_a_new_target_resumes_the_run_with_the_same_settings(finished, glm_dir, 
     assert r.exit_code == 2 and f"outputs/{name}" in one_error_line(r)
 
 
+def test_a_resumed_summary_says_which_numbers_are_this_sessions(finished, glm_dir, text_data, tmp_path):
+    # Item 15: after a resume the steps and candidates are the whole search's, the layer-forwards and
+    # seconds this session's; the summary and the layer map say which is which.
+    run = copy_run(finished, tmp_path)
+    whole = json.loads((run / "layer_map.json").read_text())["search"]
+    r = cal("--model", glm_dir, "--data", text_data, "--num-full", 3, *CAL, "--out", run, "--resume")
+    assert r.exit_code == 0, r.stderr
+    lm = json.loads((run / "layer_map.json").read_text())
+    session = lm["environment"]["session"]
+    assert session["resumed_after_step"] == 2 and session["steps"] == 1 and lm["search"]["steps"] == 3
+    assert lm["search"]["candidates_scored"] == whole["candidates_scored"] + session["candidates_scored"]
+    assert session["candidate_sequences"] == 3 * session["candidates_scored"]
+    from indexcache_calib.cli import search_rows
+
+    rows = dict(search_rows(lm))
+    assert rows["search"] == f"fast, whole search: 3 steps, {lm['search']['candidates_scored']} candidates scored"
+    forwards = lm["environment"]["work"]["layer_forwards"]
+    assert rows["this session"].startswith(f"resumed after step 2: 1 step, {session['candidates_scored']} candidates "
+                                           f"scored, {forwards} layer-forwards in ")
+    assert "whole search" in r.stdout and "this session" in r.stdout
+    # Not resumed: one row, without the words.
+    r = cal("--model", glm_dir, "--data", text_data, "--num-full", 4, *CAL, "--out", tmp_path / "fresh")
+    assert r.exit_code == 0, r.stderr
+    assert "whole search" not in r.stdout and "this session" not in r.stdout and "layer-forward" in r.stdout
+    assert json.loads((tmp_path / "fresh" / "layer_map.json").read_text())["environment"]["session"]["steps"] == 2
+
+
 def test_no_overlap_on_resume_is_refused(finished, glm_dir, text_data, tmp_path):
     run = copy_run(finished, tmp_path)
     r = cal("--model", glm_dir, "--data", text_data, "--num-full", 3, *CAL, "--out", run, "--resume", "--no-overlap")
