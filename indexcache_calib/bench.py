@@ -198,22 +198,33 @@ def _run(strategy: str, model, layout, ids, floor: int, batch_size: int = 1, dev
             "layer_forwards": counters.layer_forwards, "tokens": counters.tokens, "patterns": counters.patterns_scored}
 
 
-def _reference(spec: str, model, layout, ids, floor: int, fresh: bool = False) -> dict:
-    """Algorithm 1's search (`exact`) on these tokens, kept under outputs/bench/exact/ keyed by the tokens'
-    sha256: the reference every cheaper search is compared with, computed once per draw."""
+def _cached_run(spec: str, model, layout, ids, floor: int, strategy: str, name: str | None = None,
+                fresh: bool = False, **search_opts) -> dict:
+    """`_run`, kept under outputs/bench/ keyed by the tokens' sha256 and the search's name, so a rerun with
+    another setting reuses every search it already ran (their tokens and decisions do not depend on when
+    they ran; their wall times are marked as from an earlier run). Exact's runs are the references every
+    cheaper search is compared with, so they live in outputs/bench/exact/."""
     from indexcache_calib.data import tokens_sha256
 
     sha = tokens_sha256(ids)
-    path = OUT / "exact" / f"{spec}_{ids.shape[0]}x{ids.shape[1]}_{sha[:16]}.json"
+    stem = f"{spec}_{ids.shape[0]}x{ids.shape[1]}_{sha[:16]}"
+    name = name or strategy
+    path = OUT / "exact" / f"{stem}.json" if name == "exact" else \
+        OUT / "runs" / f"{stem}_{''.join(c if c.isalnum() or c in '.-' else '_' for c in name)}.json"
     if path.exists() and not fresh:
         data = json.loads(path.read_text())
         if data.get("tokens_sha256") == sha and data.get("floor") == floor:
             return data
-    data = _run("exact", model, layout, ids, floor)
+    data = _run(strategy, model, layout, ids, floor, **search_opts)
     data.update({"tokens_sha256": sha, "floor": floor, "model": spec})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, sort_keys=True) + "\n")
     return {**data, "ran_here": True}
+
+
+def _reference(spec: str, model, layout, ids, floor: int, fresh: bool = False) -> dict:
+    """Algorithm 1's search (`exact`) on these tokens, computed once per draw (see `_cached_run`)."""
+    return _cached_run(spec, model, layout, ids, floor, "exact", fresh=fresh)
 
 
 class OffPath(Exception):
@@ -452,11 +463,12 @@ def bench_race(args) -> None:
     searches = [("fast", "fast", {}), *([("race", "race", {})] if not args.no_plain_race else []),
                 *((f"race, tolerance {t}", "race", {"race": Race(tolerance=t)}) for t in args.tolerance)]
     for name, strategy, opts in searches:
-        run = _run(strategy, model, layout, ids, floor, **opts)
+        run = _cached_run(spec, model, layout, ids, floor, strategy, name, fresh=args.fresh, **opts)
         row = compare_to_exact(ref, run, n)
         steps = [Step.from_json(d) for d in run["steps"]]
         used = [len(sc.seq_losses) for st in steps for sc in st.scores.values()]
         row.update({k: run[k] for k in ("layer_forwards", "tokens", "patterns", "wall_s")})
+        row["ran_here"] = bool(run.get("ran_here"))
         row.update({"vs_exact": run["tokens"] / ref["tokens"], "candidates_scored": len(used),
                     "candidate_sequences": sum(used), "candidates_on_every_sequence": sum(u == samples for u in used)})
         if "race" in opts:
@@ -533,7 +545,7 @@ def print_race(r: dict) -> None:
         f = s["fork"]
         fork = "none" if f is None else f"step {f['step']} ({'decided' if f['exact_decided'] else 'undecided'} in exact)"
         ended = f"{s['tolerance']['steps_ended_early']} of {len(s['tolerance']['steps'])}" if "tolerance" in s else ""
-        print(f"| {name} | {s['tokens']:,} | {s['vs_exact']:.3f} | {s['vs_fast_tokens']:.3f} | {s['vs_fast_wall']:.2f} | "
+        print(f"| {name} | {s['tokens']:,} | {s['vs_exact']:.3f} | {s['vs_fast_tokens']:.3f} | {s['vs_fast_wall']:.2f}{'' if s.get('ran_here', True) else ' (earlier run)'} | "
               f"{s['candidates_scored']} | {s['candidates_on_every_sequence']} | {ended} | {same} | {gaps} | {fork} | "
               f"{'yes' if s['meets_bar'] else 'NO'} |")
     h = r.get("heldout")
@@ -742,7 +754,7 @@ def main() -> None:
     rc = sub.add_parser("race")
     rc.add_argument("--seed", type=int, default=0)
     rc.add_argument("--data", default="calibration_data/code.jsonl")
-    rc.add_argument("--fresh", action="store_true", help="rerun exact even if outputs/bench/exact/ holds its run")
+    rc.add_argument("--fresh", action="store_true", help="rerun every search even if outputs/bench/ holds its run")
     rc.add_argument("--samples", type=int, default=None, help=f"calibration sequences (default {RACE_CASE[1]})")
     rc.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence (default {RACE_CASE[2]})")
     rc.add_argument("--tolerance", nargs="*", default=["auto"], type=lambda t: t if t == "auto" else float(t),
