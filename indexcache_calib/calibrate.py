@@ -82,6 +82,7 @@ class Hooks:
     started: Callable[[Path], None] = lambda run_dir: None  # the run directory, once it is known
     search_started: Callable[[int, int], None] = lambda steps, first_candidates: None
     candidate: Callable[[int, int, int], None] = lambda step, done, total: None
+    sequences: Callable[[int, int], None] = lambda done, total: None  # within one forward of a pattern
     step: Callable[[Step], None] = lambda step: None
 
 
@@ -660,6 +661,7 @@ def _calibrate(opts: Options, hooks: Hooks, run: RunPlan, t_start: float, world)
 
     opts.cache_device = choose_cache_device(opts, prep, hooks)
     runner = make_runner(prep, opts)
+    runner.on_sequences = hooks.sequences
     evaluator = ParallelEvaluator(runner, world)
     baseline: list[Score] = []
 
@@ -697,7 +699,22 @@ def _calibrate(opts: Options, hooks: Hooks, run: RunPlan, t_start: float, world)
             return evaluator.score_many([pattern], batches)[0]
 
         def score_many(self, patterns, batches=None):
-            return evaluator.score_many(patterns, batches)
+            if batches is not None or world.size > 1 or len(patterns) < 2:
+                return evaluator.score_many(patterns, batches)
+            # One process scores one pattern after another anyway: say so after each, not once at the end.
+            scores = []
+            for p in patterns:
+                scores += evaluator.score_many([p])
+                if under_way:
+                    step_no, done, total = under_way
+                    hooks.candidate(step_no, min(done + len(scores), total), total)
+            return scores
+
+    under_way: list = []  # the (step, candidates done, of) the search last reported
+
+    def on_candidate(step_no: int, done: int, total: int) -> None:
+        under_way[:] = [step_no, done, total]
+        hooks.candidate(step_no, done, total)
 
     remaining = max(0, start.count(FULL) - num_full - len(done))
     hooks.search_started(remaining, len(start) - len(layout.fixed_shared) - 1)
@@ -705,7 +722,7 @@ def _calibrate(opts: Options, hooks: Hooks, run: RunPlan, t_start: float, world)
     try:
         base_score, steps = greedy_search(
             start, num_full, _Observed(), layout.fixed_shared, opts.search, done=done,
-            on_step=on_step, on_candidate=hooks.candidate, allowed=lambda p: family.runs(p, positions) is None,
+            on_step=on_step, on_candidate=on_candidate, allowed=lambda p: family.runs(p, positions) is None,
             race=Race(opts.race_alpha, opts.race_first, parse_tolerance(opts.tolerance)),
         )
         final = steps[-1].pattern if steps else start

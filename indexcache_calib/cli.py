@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import Optional
 
 import typer
@@ -159,27 +160,91 @@ def calibrate(
     _print_summary(layer_map, run_dir)
 
 
+class SearchEta:
+    """Time left in a calibration, from this session's work so far: seconds per candidate scored times the
+    candidates left in the step, and seconds per finished step times the steps left. None until there is
+    work to go by."""
+
+    def __init__(self, steps: int, clock=time.monotonic):
+        self.clock, self.steps, self.t0 = clock, steps, clock()
+        self.steps_done = 0
+        self.finished_candidates = 0  # scored in the finished steps of this session
+        self.done, self.total = 0, 0  # candidates of the step under way
+
+    def candidate(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+
+    def step(self, scored: int) -> None:
+        self.steps_done += 1
+        self.finished_candidates += scored
+        self.done = self.total = 0
+
+    def step_left(self) -> float | None:
+        scored = self.finished_candidates + self.done
+        if not scored:
+            return None
+        return (self.clock() - self.t0) / scored * max(0, self.total - self.done)
+
+    def search_left(self) -> float | None:
+        if not self.steps_done:
+            return None
+        return (self.clock() - self.t0) / self.steps_done * max(0, self.steps - self.steps_done)
+
+
+def _clock_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "-:--:--"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
 def _run_calibration(opts, Hooks, where: dict):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    """Progress on stderr: on a terminal, bars for the steps, the step's candidates and the sequences of the
+    forward under way, each with an ETA from the work so far; on a log or pipe, one line per finished step."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+    from rich.text import Text
 
     from indexcache_calib.calibrate import calibrate as run
 
+    class EtaColumn(ProgressColumn):
+        """Counts down to the finish time the last event estimated (`eta_at`); blank on tasks without one."""
+
+        def render(self, task) -> Text:
+            if "eta_at" not in task.fields:
+                return Text("")
+            at = task.fields["eta_at"]
+            return Text("eta " + _clock_text(None if at is None else max(0.0, at - time.monotonic())),
+                        style="progress.remaining")
+
     progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("eta"), TimeRemainingColumn(), console=err, transient=True,
-        disable=not err.is_terminal,  # logs and pipes get the per-step lines only
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), EtaColumn(),
+        console=err, transient=True, disable=not err.is_terminal,  # logs and pipes get the per-step lines only
     )
     tasks: dict = {}
 
+    def at(left: float | None) -> float | None:
+        return None if left is None else time.monotonic() + left
+
     def search_started(steps, first):
-        tasks["steps"] = progress.add_task("greedy steps", total=steps)
-        tasks["cand"] = progress.add_task("candidates", total=first)
+        tasks["eta"] = SearchEta(steps)
+        tasks["steps"] = progress.add_task("greedy steps", total=steps, eta_at=None)
+        tasks["cand"] = progress.add_task("step 1 candidates", total=first, eta_at=None)
+        tasks["seq"] = progress.add_task("sequences", total=None)
 
     def candidate(step, done, total):
-        progress.update(tasks["cand"], completed=done, total=total, description=f"step {step} candidates")
+        eta = tasks["eta"]
+        eta.candidate(done, total)
+        progress.update(tasks["cand"], completed=done, total=total, description=f"step {step} candidates",
+                        eta_at=at(eta.step_left()))
+
+    def sequences(done, total):
+        if "seq" in tasks:
+            progress.update(tasks["seq"], completed=done, total=total)
 
     def step(s):
-        progress.advance(tasks["steps"])
+        eta = tasks["eta"]
+        eta.step(len(s.scores))
+        progress.update(tasks["steps"], advance=1, eta_at=at(eta.search_left()))
         progress.console.print(
             f"step {s.step}: layer {s.chosen} -> S, {s.pattern.count('F')} full, loss {s.loss:.5f} "
             f"({plural(len(s.scores), 'candidate')} scored)", markup=False,
@@ -188,7 +253,8 @@ def _run_calibration(opts, Hooks, where: dict):
     hooks = Hooks(
         message=lambda t: err.print(t, markup=False),
         warn=lambda t: err.print(f"Warning: {t}", markup=False),
-        search_started=search_started, candidate=candidate, step=step, started=lambda d: where.update(run_dir=d),
+        search_started=search_started, candidate=candidate, sequences=sequences, step=step,
+        started=lambda d: where.update(run_dir=d),
     )
     with progress:
         return run(opts, hooks)

@@ -16,6 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -288,6 +289,8 @@ class PatternRunner:
         self._last_scored: tuple | None = None  # without a cache: the step's best candidate
         self._batches = [tokens[i : i + self.batch_size] for i in range(0, len(tokens), self.batch_size)]
         self.last_layer_overlap: dict[int, float] = {}
+        # Called after each batch of an evaluation: (sequences done, sequences in this evaluation).
+        self.on_sequences: Callable[[int, int], None] | None = None
 
     @property
     def num_batches(self) -> int:
@@ -343,8 +346,10 @@ class PatternRunner:
         driver.record_at = set(keep_from)
         driver.full_at = {positions[p] for p, c in enumerate(pattern) if c == FULL and layout.indexers[p] is not None}
         seq_sums: list[float] = []
+        todo = range(len(self._batches)) if batches is None else batches
+        num_seqs = sum(len(self._batches[b]) for b in todo)
         with install_sharing(layout, state), _slots(layout, driver):
-            for b in range(len(self._batches)) if batches is None else batches:
+            for b in todo:
                 driver.start, driver.into, driver.batch = start, into, b
                 if start == 0:
                     state.current, driver.replay = None, None
@@ -352,6 +357,8 @@ class PatternRunner:
                     driver.replay = self.store.get(("hidden", start, b))
                     state.current = self.store.get(("topk", positions[sources[flipped - 1]], b))
                 seq_sums += self._forward(self._batches[b])
+                if self.on_sequences is not None:
+                    self.on_sequences(len(seq_sums), num_seqs)
         state.current, driver.replay, driver.into = None, None, None
         self._last_sums = seq_sums
         per_token = self.tokens.shape[1] - 1

@@ -298,6 +298,78 @@ def test_an_interrupted_run_has_its_tokens_and_says_how_to_finish(glm_dir, text_
     assert not fresh.exists()  # nothing saved, nothing left
 
 
+# -- calibrate's progress: bars with an ETA on a terminal, per-step lines on a log (item 12) -------------------
+
+
+def test_the_search_eta_comes_from_the_work_so_far():
+    from indexcache_calib.cli import SearchEta, _clock_text
+
+    now = [100.0]
+    eta = SearchEta(steps=3, clock=lambda: now[0])
+    assert eta.step_left() is None and eta.search_left() is None
+    eta.candidate(0, 5)
+    assert eta.step_left() is None  # nothing scored yet
+    now[0] = 110.0
+    eta.candidate(2, 5)  # 5 s a candidate, 3 to go
+    assert eta.step_left() == pytest.approx(15.0) and eta.search_left() is None
+    now[0] = 125.0
+    eta.step(5)  # one step in 25 s, two to go
+    assert eta.search_left() == pytest.approx(50.0)
+    eta.candidate(0, 4)
+    assert eta.step_left() == pytest.approx(20.0)  # 5 s a candidate over the session
+    assert _clock_text(None) == "-:--:--" and _clock_text(3725.9) == "1:02:05"
+
+
+def test_calibrate_reports_candidates_and_sequences_as_they_go(glm_dir, text_data, tmp_path):
+    from indexcache_calib.calibrate import Hooks, Options, calibrate
+
+    events = []
+    hooks = Hooks(search_started=lambda steps, first: events.append(("started", steps, first)),
+                  candidate=lambda step, done, total: events.append(("candidate", step, done, total)),
+                  sequences=lambda done, total: events.append(("sequences", done, total)),
+                  step=lambda s: events.append(("step", s.step, len(s.scores))))
+    opts = Options(model=str(glm_dir), data=str(text_data), num_full=4, out=str(tmp_path / "run"), seq_len=48,
+                   num_samples=3, batch_size=1, search="exact", plots=False)  # exact: every candidate scored
+    calibrate(opts, hooks)
+    assert events[0] == ("started", 2, 5)
+    assert [e[1:] for e in events if e[0] == "step"] == [(1, 5), (2, 4)]
+    for e in events:
+        if e[0] == "candidate":
+            assert 0 <= e[2] <= e[3] and e[3] == {1: 5, 2: 4}[e[1]]
+    seqs = [e[1:] for e in events if e[0] == "sequences"]
+    assert seqs and all(total == 3 and 1 <= done <= 3 for done, total in seqs)
+    assert seqs[:3] == [(1, 3), (2, 3), (3, 3)]  # one batch of one sequence at a time
+
+
+def test_calibrate_progress_bars_only_on_a_terminal(glm_dir, text_data, tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from indexcache_calib import cli
+
+    r = cal("--model", glm_dir, "--data", text_data, "--num-full", 4, *CAL, "--out", tmp_path / "log")
+    assert r.exit_code == 0, r.stderr
+    assert "step 1: layer" in r.stderr and "step 2: layer" in r.stderr
+    assert "\x1b[" not in r.stderr and "\r" not in r.stderr and "eta " not in r.stderr and "greedy steps" not in r.stderr
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "err", Console(file=screen, force_terminal=True, width=120, highlight=False))
+    opts = cli_options(glm_dir, text_data, tmp_path / "tty")
+    from indexcache_calib.calibrate import Hooks
+
+    layer_map, _ = cli._run_calibration(opts, Hooks, {})
+    drawn = screen.getvalue()
+    assert layer_map["num_full"] == 4 and "step 2: layer" in drawn
+    assert "\x1b[" in drawn and "greedy steps" in drawn and "candidates" in drawn and "eta " in drawn
+
+
+def cli_options(model, data, out):
+    from indexcache_calib.calibrate import Options
+
+    return Options(model=str(model), data=str(data), num_full=4, out=str(out), seq_len=48, num_samples=3,
+                   batch_size=3, plots=False)
+
+
 # -- deploying: apply --overwrite, export with an alias, undecided margins (items 1, 11, 14) -------------------
 
 
