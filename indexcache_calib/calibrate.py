@@ -77,6 +77,9 @@ class Options:
 class Hooks:
     """Progress callbacks; all optional."""
 
+    # Not trainloop.Hooks: a search reports steps of a greedy path, their candidates and a forward's sequences,
+    # training reports optimizer steps with their loss; only `message` is shared.
+
     message: Callable[[str], None] = lambda text: None
     warn: Callable[[str], None] = lambda text: None
     started: Callable[[Path], None] = lambda run_dir: None  # the run directory, once it is known
@@ -237,18 +240,25 @@ def check_for_family(opts: Options, ckpt) -> None:
 
 def check_seq_len(opts: Options, ckpt) -> None:
     family = ckpt.family
-    floor = family.seq_len_floor(ckpt.text)
-    if opts.seq_len <= floor:
-        words = family.budget_words(ckpt.text)
-        budget = words if words.endswith(f" {floor}") else f"{words}: {floor} tokens"
+    check_seq_len_floor(opts.seq_len, family.seq_len_floor(ckpt.text), family.budget_words(ckpt.text),
+                        "every layer's top-k is the same and sharing an indexer changes nothing",
+                        getattr(ckpt.text, "max_position_embeddings", None), owner="the model's ")
+
+
+def check_seq_len_floor(seq_len: int, floor: int, budget_words: str, consequence: str, max_pos: int | None,
+                        owner: str = "", hint_more: str = "") -> None:
+    """The one sequence-length check of every command (calibrate, overlap, evaluate, dsa-convert, distill):
+    above the family's floor (`Family.seq_len_floor`: at or below it every query selects every key, in
+    tokens, which is not index_topk where the family selects blocks or compressed entries), and within the
+    model's positions. `budget_words`: the budget as the config names it (`Family.budget_words`)."""
+    if seq_len <= floor:
+        budget = budget_words if budget_words.endswith(f" {floor}") else f"{budget_words}: {floor} tokens"
         raise CalibError(
-            f"--seq-len {opts.seq_len} is not above the model's {budget}: every token would be selected, "
-            "so every layer's top-k is the same and sharing an indexer changes nothing",
-            hint=f"use --seq-len of at least {2 * floor}",
+            f"--seq-len {seq_len} is not above {owner}{budget}: every token would be selected, so {consequence}",
+            hint=f"use --seq-len of at least {2 * floor}{hint_more}",
         )
-    max_pos = getattr(ckpt.text, "max_position_embeddings", None)
-    if max_pos and opts.seq_len > max_pos:
-        raise CalibError(f"--seq-len {opts.seq_len} exceeds the model's max_position_embeddings {max_pos}")
+    if max_pos and seq_len > max_pos:
+        raise CalibError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_pos}")
 
 
 def parse_tolerance(value) -> float | str | None:

@@ -126,17 +126,21 @@ def output_dir(out: Path, resume: bool, overwrite: bool):
 # ----------------------------------------------------------------------------- before the weights load
 
 def check_numbers(opts, seq_len: int, topk: int, config) -> None:
+    """The options' numbers, and --seq-len against the floor of `config`'s family (calibrate's own check);
+    `topk` is the floor only for a config outside the registry of families."""
+    from indexcache_calib.calibrate import check_seq_len_floor
+    from indexcache_calib.families import BY_MODEL_TYPE
+
     for name in ("steps", "batch_size", "checkpoint_every", "eval_samples"):
         if getattr(opts, name) < 1:
             raise CalibError(f"--{name.replace('_', '-')} must be at least 1")
     if not opts.lr > 0:
         raise CalibError("--lr must be positive")
-    if seq_len <= topk:
-        raise CalibError(f"--seq-len {seq_len} is not above index_topk {topk}: every key would be selected, so the "
-                         "indexer's choice would never matter", hint=f"use --seq-len of at least {2 * topk}, or a smaller --index-topk")
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if max_pos and seq_len > max_pos:
-        raise CalibError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_pos}")
+    family = BY_MODEL_TYPE.get(getattr(config, "model_type", None))
+    floor, words = (family.seq_len_floor(config), family.budget_words(config)) if family else (topk, f"index_topk {topk}")
+    check_seq_len_floor(seq_len, floor, words, "the indexer's choice would never matter",
+                        getattr(config, "max_position_embeddings", None),
+                        hint_more=", or a smaller --index-topk" if hasattr(opts, "index_topk") else "")
 
 
 def prepare_training(command: str, opts, source, src_dir: Path, seq_len: int, warn, **fingerprint_extra):
@@ -185,6 +189,8 @@ class Settings:
 
 @dataclass
 class Hooks:
+    # Not calibrate.Hooks: training reports optimizer steps (a row of loss, lr, tokens/s) from a known total,
+    # a search reports greedy steps, their candidates and a forward's sequences; only `message` is shared.
     message: Callable[[str], None] = lambda text: None
     started: Callable[[int, int], None] = lambda total, done: None
     step: Callable[[dict], None] = lambda row: None

@@ -370,6 +370,43 @@ def cli_options(model, data, out):
                    batch_size=3, plots=False)
 
 
+# -- one sequence-length floor for every command: the family's own (issue 21, "two floor checks") -------------
+
+
+def _training_opts(**extra):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(steps=1, batch_size=1, checkpoint_every=1, eval_samples=1, lr=1e-3, **extra)
+
+
+def test_training_checks_seq_len_against_the_familys_floor():
+    from types import SimpleNamespace
+
+    from indexcache_calib.errors import CalibError
+    from indexcache_calib.trainloop import check_numbers
+
+    # Key blocks: 2 blocks of 8 tokens select every key of a 16-token sequence, though index_topk_blocks is 2.
+    blocks = SimpleNamespace(model_type="minimax_m3_vl_text", index_topk_blocks=2, index_block_size=8,
+                             max_position_embeddings=1024)
+    with pytest.raises(CalibError) as e:
+        check_numbers(_training_opts(), 12, 2, blocks)
+    assert e.value.message == ("--seq-len 12 is not above index_topk_blocks 2 of index_block_size 8 tokens: 16 tokens: "
+                               "every token would be selected, so the indexer's choice would never matter")
+    assert e.value.hint == "use --seq-len of at least 32"
+    check_numbers(_training_opts(), 17, 2, blocks)
+    # Token top-k (GLM-5's DSA): the floor is index_topk; only dsa-convert has --index-topk to lower.
+    glm = SimpleNamespace(model_type="glm_moe_dsa", index_topk=8, max_position_embeddings=64)
+    with pytest.raises(CalibError) as e:
+        check_numbers(_training_opts(), 8, 8, glm)
+    assert "not above index_topk 8: every token" in e.value.message and e.value.hint == "use --seq-len of at least 16"
+    with pytest.raises(CalibError) as e:
+        check_numbers(_training_opts(index_topk=8), 8, 8, glm)
+    assert e.value.hint == "use --seq-len of at least 16, or a smaller --index-topk"
+    with pytest.raises(CalibError) as e:
+        check_numbers(_training_opts(), 65, 8, glm)
+    assert e.value.message == "--seq-len 65 exceeds the model's max_position_embeddings 64"
+
+
 # -- deploying: apply --overwrite, export with an alias, undecided margins (items 1, 11, 14) -------------------
 
 
