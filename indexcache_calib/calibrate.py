@@ -136,10 +136,10 @@ def dry_run(opts: Options) -> dict:
 
     notes: list[str] = []
     run = plan_run(opts, Hooks(message=notes.append, warn=notes.append), dry=True)
-    opts.cache_device, why = resolved_cache_device(opts)
-    planned = opts
+    cache_device, why = resolved_cache_device(opts)
+    planned = replace(opts, cache_device=cache_device)
     if run.tokens is not None and len(run.tokens.ids) < opts.num_samples:  # what the run will calibrate on
-        planned = replace(opts, num_samples=len(run.tokens.ids))
+        planned = replace(planned, num_samples=len(run.tokens.ids))
     estimate = plan(planned, run.ckpt, run.num_full, attention_for(opts, run.ckpt))
     estimate["warnings"][:0] = ([why] if why else []) + notes
     return estimate
@@ -435,13 +435,15 @@ def search_plan(opts: Options, ckpt) -> tuple[int, str]:
     return num_full, start
 
 
-def make_runner(prep: Prepared, opts: Options):
+def make_runner(prep: Prepared, opts: Options, cache_device: str | None = None):
+    """`cache_device`: where the prefix cache goes (`choose_cache_device`); default --cache-device as given."""
     from indexcache_calib.runner import PatternRunner
 
     # The naive search is the paper's reference: every candidate is a full forward, no prefix reuse.
+    cache_device = opts.cache_device if cache_device is None else cache_device
     return PatternRunner(
         prep.model, prep.layout, prep.ids, batch_size=opts.batch_size, measure_overlap=opts.overlap,
-        indexer_chunk=opts.indexer_chunk, cache_device="none" if opts.search == "naive" else opts.cache_device,
+        indexer_chunk=opts.indexer_chunk, cache_device="none" if opts.search == "naive" else cache_device,
     )
 
 
@@ -641,36 +643,82 @@ def calibrate(opts: Options, hooks: Hooks | None = None) -> tuple[dict, Path]:
 
 
 def _calibrate(opts: Options, hooks: Hooks, run: RunPlan, t_start: float, world) -> tuple[dict, Path]:
-    from indexcache_calib.parallel import ParallelEvaluator, sum_counters
-
+    """Load, resume, search, and write the layer map (rank 0; other ranks return ({}, run_dir))."""
     from indexcache_calib import model as mdl
     from indexcache_calib.data import tokens_sha256
 
-    run_dir, saved = run.run_dir, run.saved
+    run_dir = run.run_dir
     prep = prepare(opts, hooks, ckpt=run.ckpt, tokens=run.tokens)
     if world.is_main:  # before the first step, so an interrupted run can be scored (evaluate --tokens)
         art.save_tokens(run_dir / art.TOKENS, prep.ids, {"tokens_sha256": tokens_sha256(prep.ids), "seq_len": opts.seq_len})
-    layout = prep.layout
-    n = layout.num_positions
-    num_full, start = search_plan(opts, prep.checkpoint)
     config_sha = mdl.config_sha256(prep.source)
     fp = fingerprint(opts, prep, config_sha)
-    done: list[Step] = []
-    later: list[Step] = []
-    if saved is not None:
-        check_fingerprint(run_dir, saved["fingerprint"], fp)
-        # F-sets are nested, so a run resumed with a larger target just reads its answer off the path;
-        # the steps past it stay in the checkpoint for a later, smaller target.
-        done = [s for s in saved["steps"] if s.pattern.count(FULL) >= num_full]
-        later = saved["steps"][len(done):]
-        hooks.message(f"resuming after step {len(done)}")
+    resumed = resume_steps(run_dir, run.saved, fp, run.num_full, hooks)
+    cache_device = choose_cache_device(opts, prep, hooks)
+    result = run_search(opts, hooks, prep, run, fp, resumed, cache_device, world)
+    if not world.is_main:
+        return {}, run_dir
+    environment = {
+        "wall_seconds": round(time.time() - t_start, 3),
+        "processes": world.size,
+        "cache_device": cache_device,
+        "host_platform": platform.platform(),
+    }
+    layer_map = build_layer_map(opts, prep.layout, result, provenance(opts, prep, config_sha), environment,
+                                composite=prep.checkpoint.text is not prep.checkpoint.config)
+    if opts.plots:
+        from indexcache_calib.plots import calibration_plots
 
-    def kept(steps: list[Step]) -> list[Step]:
-        return steps + later[len(steps) - len(done):]
-    all_full = all_full_pattern(prep.checkpoint)
+        calibration_plots(layer_map, run_dir)
+    art.write_json(run_dir / art.LAYER_MAP, layer_map)
+    return layer_map, run_dir
 
-    opts.cache_device = choose_cache_device(opts, prep, hooks)
-    runner = make_runner(prep, opts)
+
+@dataclass
+class Resumed:
+    """The steps a checkpoint holds, split at the target."""
+
+    done: list[Step] = field(default_factory=list)  # on the path to this target: read off, not searched again
+    later: list[Step] = field(default_factory=list)  # past it: kept in the checkpoint for a later, smaller target
+
+
+def resume_steps(run_dir: Path, saved: dict | None, fp: dict, num_full: int, hooks: Hooks) -> Resumed:
+    """What a resumed run starts from. F-sets are nested, so a run resumed with a larger target just reads its
+    answer off the path; the steps past it stay in the checkpoint for a later, smaller target."""
+    if saved is None:
+        return Resumed()
+    check_fingerprint(run_dir, saved["fingerprint"], fp)
+    done = [s for s in saved["steps"] if s.pattern.count(FULL) >= num_full]
+    hooks.message(f"resuming after step {len(done)}")
+    return Resumed(done, saved["steps"][len(done):])
+
+
+@dataclass
+class SearchResult:
+    """What the search found and what it cost this session, everything the layer map reports of it."""
+
+    start: str
+    num_full: int  # the target
+    start_score: Score
+    steps: list[Step]  # the whole path: the resumed steps first
+    resumed: int  # how many of `steps` were read from the checkpoint
+    final: str
+    all_full_loss: float
+    final_score: Score
+    layer_overlap: dict
+    uniform: dict  # "1/N" -> uniform interleaving scored on the same tokens
+    work: dict  # this session's counters, summed over processes (with `seconds`)
+
+
+def run_search(opts: Options, hooks: Hooks, prep: Prepared, run: RunPlan, fp: dict, resumed: Resumed,
+               cache_device: str, world) -> SearchResult:
+    """The greedy search from `run.start` to `run.num_full` Full layers after the resumed steps, with a
+    checkpoint after every step, then the scores the layer map reports (all-Full, final, uniform)."""
+    from indexcache_calib.parallel import ParallelEvaluator, sum_counters
+
+    layout, num_full, start, run_dir = prep.layout, run.num_full, run.start, run.run_dir
+    done, later = resumed.done, resumed.later
+    runner = make_runner(prep, opts, cache_device)
     runner.on_sequences = hooks.sequences
     evaluator = ParallelEvaluator(runner, world)
     baseline: list[Score] = []
@@ -678,12 +726,12 @@ def _calibrate(opts: Options, hooks: Hooks, run: RunPlan, t_start: float, world)
     def checkpoint(steps: list[Step]) -> None:
         if not world.is_main:
             return
-        steps = kept(steps)
+        steps = steps + later[len(steps) - len(done):]
         art.write_json(run_dir / art.CHECKPOINT, {
             "fingerprint": fp, "baseline_loss": baseline[0].loss if baseline else None,
             "steps": [s.to_json() for s in steps],
         })
-        art.write_trace(run_dir / art.TRACE, baseline[0].loss, steps, prep.layout.positions)
+        art.write_trace(run_dir / art.TRACE, baseline[0].loss, steps, layout.positions)
 
     all_steps = list(done)
 
@@ -691,6 +739,12 @@ def _calibrate(opts: Options, hooks: Hooks, run: RunPlan, t_start: float, world)
         all_steps.append(step)
         checkpoint(all_steps)
         hooks.step(step)
+
+    under_way: list = []  # the (step, candidates done, of) the search last reported
+
+    def on_candidate(step_no: int, done_now: int, total: int) -> None:
+        under_way[:] = [step_no, done_now, total]
+        hooks.candidate(step_no, done_now, total)
 
     class _Observed:
         """Passes the baseline score to the checkpoint as soon as it is known."""
@@ -716,21 +770,15 @@ def _calibrate(opts: Options, hooks: Hooks, run: RunPlan, t_start: float, world)
             for p in patterns:
                 scores += evaluator.score_many([p])
                 if under_way:
-                    step_no, done, total = under_way
-                    hooks.candidate(step_no, min(done + len(scores), total), total)
+                    step_no, done_before, total = under_way
+                    hooks.candidate(step_no, min(done_before + len(scores), total), total)
             return scores
-
-    under_way: list = []  # the (step, candidates done, of) the search last reported
-
-    def on_candidate(step_no: int, done: int, total: int) -> None:
-        under_way[:] = [step_no, done, total]
-        hooks.candidate(step_no, done, total)
 
     remaining = max(0, start.count(FULL) - num_full - len(done))
     hooks.search_started(remaining, len(start) - len(layout.fixed_shared) - 1)
-    family, positions = layout.family, layout.positions
+    family, positions, n = layout.family, layout.positions, layout.num_positions
     try:
-        base_score, steps = greedy_search(
+        start_score, steps = greedy_search(
             start, num_full, _Observed(), layout.fixed_shared, opts.search, done=done,
             on_step=on_step, on_candidate=on_candidate, allowed=lambda p: family.runs(p, positions) is None,
             race=Race(opts.race_alpha, opts.race_first, parse_tolerance(opts.tolerance)),
@@ -739,7 +787,8 @@ def _calibrate(opts: Options, hooks: Hooks, run: RunPlan, t_start: float, world)
         if final.count(FULL) > num_full:
             hooks.warn(f"no layer can be shared below {plural(final.count(FULL), 'full layer')} on {family.name} "
                        f"({family.note or 'the library cannot run such patterns'}); the layer map stops there")
-        all_full_loss = base_score.loss if start == all_full else runner.score(all_full).loss
+        all_full = all_full_pattern(prep.checkpoint)
+        all_full_loss = start_score.loss if start == all_full else runner.score(all_full).loss
         final_score = runner.set_base(final)
         layer_overlap = runner.last_layer_overlap
         # Uniform interleaving at the paper's ratios, scored on the same tokens: the baseline a
@@ -752,16 +801,51 @@ def _calibrate(opts: Options, hooks: Hooks, run: RunPlan, t_start: float, world)
     finally:
         runner.close()
     checkpoint(steps)
-    counters = sum_counters(runner.counters.as_dict())
-    if not world.is_main:
-        return {}, run_dir
+    return SearchResult(start, num_full, start_score, steps, len(done), final, all_full_loss, final_score, layer_overlap,
+                        uniform, sum_counters(runner.counters.as_dict()))
 
-    seconds = counters.pop("seconds")
+
+def provenance(opts: Options, prep: Prepared, config_sha: str | None) -> dict:
+    """Where the layer map comes from: model, data, tokens, settings and library versions."""
+    from indexcache_calib import model as mdl
+    from indexcache_calib.data import tokens_sha256
+
+    return {
+        "model": opts.model,
+        "model_location": prep.source.location,  # the directory or hub id an alias resolved to
+        "architecture": type(prep.model).__name__,
+        "model_type": prep.model.config.model_type,
+        "revision": mdl.revision(prep.source),
+        "config_sha256": config_sha,
+        "index_topk": prep.layout.budget,
+        "self_check": prep.self_check,
+        "data": opts.data,
+        "data_sha256": prep.data_sha256,
+        "text_field": opts.text_field,
+        "tokens_sha256": tokens_sha256(prep.ids),
+        "tokens_file": art.TOKENS,
+        "seq_len": opts.seq_len,
+        "num_samples": int(prep.ids.shape[0]),
+        "num_samples_requested": opts.num_samples,
+        "seed": opts.seed,
+        "batch_size": opts.batch_size,
+        "dtype": opts.dtype,
+        "measure_overlap": opts.overlap,
+        "device_map": mdl.device_map_of(prep.model),
+        "versions": versions(),
+    }
+
+
+def build_layer_map(opts: Options, layout, result: SearchResult, provenance: dict, environment: dict,
+                    composite: bool) -> dict:
+    """The layer map: a function of the search result, the model's layout, the options, the provenance and
+    the session's environment (wall time, processes, cache device, host), reading nothing else."""
     from indexcache_calib.deploy import consumer_keys, engine_args
 
-    composite = prep.checkpoint.text is not prep.checkpoint.config
-
-    layer_map = {
+    family, positions, final, steps = layout.family, layout.positions, result.final, result.steps
+    work = dict(result.work)
+    seconds = work.pop("seconds")
+    return {
         "schema": art.SCHEMA,
         "family": family.name,
         "selection": family.selection.kind,
@@ -773,21 +857,21 @@ def _calibrate(opts: Options, hooks: Hooks, run: RunPlan, t_start: float, world)
         "fixed_shared_layers": sorted(positions[p] for p in layout.fixed_shared),
         "indexer_types": indexer_types(final, positions, layout.num_layers),
         "source_layers": source_layers(final, positions),
-        "layer_overlap": {str(k): v for k, v in layer_overlap.items()},
-        "target": {"spec": opts.target, "num_full": num_full},
+        "layer_overlap": {str(k): v for k, v in result.layer_overlap.items()},
+        "target": {"spec": opts.target, "num_full": result.num_full},
         "loss": {
-            "all_full": all_full_loss,
-            "start": base_score.loss,
-            "final": final_score.loss,
-            "delta": final_score.loss - all_full_loss,
+            "all_full": result.all_full_loss,
+            "start": result.start_score.loss,
+            "final": result.final_score.loss,
+            "delta": result.final_score.loss - result.all_full_loss,
         },
-        "path": path(start, base_score.loss, steps, positions),
-        "uniform": uniform,
+        "path": path(result.start, result.start_score.loss, steps, positions),
+        "uniform": result.uniform,
         "engines": engine_args(family, final, positions, layout.num_layers),
         "consumers": consumer_keys(family, final, positions, layout.num_layers, composite),
         "search": {
             "strategy": opts.search,
-            "start_pattern": start,
+            "start_pattern": result.start,
             "steps": len(steps),
             "candidates_scored": sum(len(s.scores) for s in steps),
             "full_sweeps": sum(s.swept for s in steps),
@@ -797,47 +881,17 @@ def _calibrate(opts: Options, hooks: Hooks, run: RunPlan, t_start: float, world)
             "undecided_steps": [s.step for s in steps if not s.confidence.decided],
             **(race_section(opts, steps, positions) if opts.search == "race" else {}),
         },
-        "provenance": {
-            "model": opts.model,
-            "model_location": prep.source.location,  # the directory or hub id an alias resolved to
-            "architecture": type(prep.model).__name__,
-            "model_type": prep.model.config.model_type,
-            "revision": mdl.revision(prep.source),
-            "config_sha256": config_sha,
-            "index_topk": layout.budget,
-            "self_check": prep.self_check,
-            "data": opts.data,
-            "data_sha256": prep.data_sha256,
-            "text_field": opts.text_field,
-            "tokens_sha256": tokens_sha256(prep.ids),
-            "tokens_file": art.TOKENS,
-            "seq_len": opts.seq_len,
-            "num_samples": int(prep.ids.shape[0]),
-            "num_samples_requested": opts.num_samples,
-            "seed": opts.seed,
-            "batch_size": opts.batch_size,
-            "dtype": opts.dtype,
-            "measure_overlap": opts.overlap,
-            "device_map": mdl.device_map_of(prep.model),
-            "versions": versions(),
-        },
+        "provenance": provenance,
         # This session only: `search` above is the whole search, the steps of earlier sessions included.
         "environment": {
-            "wall_seconds": round(time.time() - t_start, 3),
+            "wall_seconds": environment["wall_seconds"],
             "search_seconds": round(seconds, 3),
-            "resumed_steps": len(done),
-            "session": session_summary(steps, len(done)),
-            "processes": world.size,
-            "cache_device": opts.cache_device,
+            "resumed_steps": result.resumed,
+            "session": session_summary(steps, result.resumed),
+            "processes": environment["processes"],
+            "cache_device": environment["cache_device"],
             # Work done by this session: a resumed run does less, so it lives here, not in `search`.
-            "work": counters,
-            "host_platform": platform.platform(),
+            "work": work,
+            "host_platform": environment["host_platform"],
         },
     }
-    if opts.plots:
-        from indexcache_calib.plots import calibration_plots
-
-        calibration_plots(layer_map, run_dir)
-    art.write_json(run_dir / art.LAYER_MAP, layer_map)
-    return layer_map, run_dir
-

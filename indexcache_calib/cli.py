@@ -123,7 +123,7 @@ def calibrate(
     from indexcache_calib.calibrate import Hooks, Options
 
     opts = Options(
-        model=model, data=data, target=target, num_full=num_full, out=out_dir, seq_len=seq_len,
+        model=model, data=data, target="1/4" if target is None and num_full is None else target, num_full=num_full, out=out_dir, seq_len=seq_len,
         num_samples=num_samples, seed=seed, batch_size=batch_size, search=search, text_field=text_field,
         overlap=overlap, indexer_chunk=indexer_chunk, cache_device=cache_device, device_map=device_map,
         dtype=dtype, max_memory=max_memory, offload_dir=offload_dir, trust_remote_code=trust_remote_code,
@@ -131,8 +131,6 @@ def calibrate(
         start_pattern=start_pattern, cache_budget=cache_budget, race_alpha=race_alpha, race_first=race_first,
         tolerance=tolerance, attention=attention,
     )
-    if target is None and num_full is None:
-        opts.target = "1/4"
     if dry_run:
         with handled():
             _quiet_libraries()

@@ -407,6 +407,20 @@ def test_training_checks_seq_len_against_the_familys_floor():
     assert e.value.message == "--seq-len 65 exceeds the model's max_position_embeddings 64"
 
 
+def test_calibrate_changes_none_of_its_options(glm_dir, text_data, tmp_path):
+    # The cache device the run resolves (here: past --cache-budget, to disk) is recorded, not written back.
+    from dataclasses import replace
+
+    from indexcache_calib.calibrate import calibrate, dry_run
+
+    opts = replace(cli_options(glm_dir, text_data, tmp_path / "run"), cache_budget="1KB")
+    before = replace(opts)
+    dry_run(opts)
+    assert opts == before
+    layer_map, _ = calibrate(opts)
+    assert opts == before and layer_map["environment"]["cache_device"] == "disk"
+
+
 # -- deploying: apply --overwrite, export with an alias, undecided margins (items 1, 11, 14) -------------------
 
 
