@@ -103,7 +103,7 @@ def _column(ds, field: str, where: str) -> list[str]:
 
 
 def _read_tabular(path: Path, field: str) -> list[str]:
-    from datasets import load_dataset
+    from datasets import load_dataset  # deferred: datasets takes ~0.5 s to import and only tabular files need it
 
     try:
         ds = load_dataset(TABULAR[path.suffix], data_files=str(path), split="train")
@@ -113,7 +113,7 @@ def _read_tabular(path: Path, field: str) -> list[str]:
 
 
 def _read_saved_dataset(path: Path, field: str) -> list[str]:
-    from datasets import DatasetDict, load_from_disk
+    from datasets import DatasetDict, load_from_disk  # deferred: slow import, only saved datasets need it
 
     try:
         ds = load_from_disk(str(path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -9,7 +10,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from huggingface_hub import try_to_load_from_cache
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
 from indexcache_calib.errors import CalibError
+from indexcache_calib.families import family_of, resolve_attr
 
 PACKAGE_DIR = Path(__file__).parent
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -66,10 +74,6 @@ def _not_found(source: ModelSource) -> CalibError:
 
 
 def load_config(source: ModelSource, trust_remote_code: bool = False):
-    from transformers import AutoConfig
-
-    from indexcache_calib.families import family_of
-
     raw = _raw_config(source)
     if raw is not None and raw.get("auto_map") and not trust_remote_code:
         raise CalibError(
@@ -116,8 +120,6 @@ def config_path(source: ModelSource) -> Path | None:
         p = Path(source.location) / "config.json"
         return p if p.is_file() else None
     try:
-        from huggingface_hub import try_to_load_from_cache
-
         p = try_to_load_from_cache(source.location, "config.json")
         return Path(p) if isinstance(p, str) else None
     except Exception:
@@ -254,8 +256,6 @@ def indexer_weight_layers(directory: Path, indexer_at: str = "self_attn.indexer"
             for index in indexes:
                 names += list(json.loads(index.read_text())["weight_map"])
         else:
-            from safetensors import safe_open
-
             files = sorted(directory.glob("*.safetensors"))
             if not files:
                 return None
@@ -271,8 +271,6 @@ def inspect_checkpoint(source: ModelSource, trust_remote_code: bool = False) -> 
     """The family, pattern positions and fixed-Shared layers of a checkpoint. A layer is fixed Shared only
     when the checkpoint has no indexer weights for it; a config that marks layers shared whose weights
     are there (a directory written by `apply`, say) is noted, and those indexers are restored on load."""
-    from indexcache_calib.families import family_of
-
     config = load_config(source, trust_remote_code)
     family = family_of(config, source.spec)
     text = config.get_text_config()
@@ -311,17 +309,12 @@ def inspect_checkpoint(source: ModelSource, trust_remote_code: bool = False) -> 
 def _auto_class(config):
     """The transformers class that loads this config's language model: a CausalLM where transformers has
     one, else the vision-language class (its text decoder is what is calibrated)."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     return AutoModelForCausalLM if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModelForImageTextToText
 
 
 def loading_config(ckpt: Checkpoint):
     """The config to load with: every pattern position that has indexer weights builds its indexer, so
     the model loads all-Full whatever pattern its config carries."""
-    import copy
-
     config = copy.deepcopy(ckpt.config)
     key = ckpt.family.native_key
     text = config.get_text_config()
@@ -345,8 +338,6 @@ def load_model(
     allow_pickle: bool = False,
     checkpoint: Checkpoint | None = None,
 ):
-    import torch
-
     ckpt = checkpoint or inspect_checkpoint(source, trust_remote_code)
     if source.is_local:
         fmt = _weights_format(source.location)
@@ -415,8 +406,6 @@ class DsaLayout:
 def find_dsa(model, ckpt: Checkpoint, name: str = "model") -> DsaLayout:
     """Find each position's indexer where the family's adapter says it is, and check that the loaded
     model agrees with the adapter: an indexer at every position with weights, none elsewhere."""
-    from indexcache_calib.families import resolve_attr
-
     family = ckpt.family
     decoder = model.get_decoder()
     layers = list(getattr(decoder, "layers", []))[: ckpt.num_layers]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from accelerate.utils import get_max_memory
 
 from indexcache_calib.search import Score
 
@@ -54,8 +55,6 @@ def replica_max_memory(world: World, max_memory: dict | None) -> dict | None:
     mine = range(world.local_rank * per, (world.local_rank + 1) * per)
     if max_memory:
         return {k: v for k, v in max_memory.items() if not isinstance(k, int) or k in mine}
-    from accelerate.utils import get_max_memory
-
     return {k: v for k, v in get_max_memory().items() if not isinstance(k, int) or k in mine}
 
 

@@ -7,6 +7,11 @@ import argparse
 from typing import Callable
 
 import torch
+import transformers as tf
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from indexcache_calib.model import _auto_class
 
 # Each family in `families.FAMILIES`, as a tiny config built from its own config class: family name ->
 # builder(layers, hidden, index_topk, **over). A family is added here with its row (tests check every row has
@@ -41,8 +46,6 @@ def _mla(hidden: int, rope: int = 8) -> dict:
 
 def _mla_moe(class_name: str) -> Callable:
     def build(layers: int, hidden: int, index_topk: int, **over):
-        import transformers as tf
-
         kw = dict(**_common(layers, hidden, index_topk), **_mla(hidden), n_group=1, topk_group=1, first_k_dense_replace=1,
                   n_shared_experts=1)
         kw.update(over)
@@ -58,16 +61,12 @@ tiny("axk2")(_mla_moe("AXK2Config"))
 
 @tiny("hy_v4")
 def _hy_v4(layers: int, hidden: int, index_topk: int, **over):
-    import transformers as tf
-
     return tf.HYV4Config(**{**_common(layers, hidden, index_topk), **_mla(hidden), "hc_mult": 2, **over})
 
 
 @tiny("dots3_note")
 def _dots3_note(layers: int, hidden: int, index_topk: int, **over):
     """Layers 0, 1 and every 4th from 1 are indexed; the rest are sliding-window MLA without an indexer."""
-    import transformers as tf
-
     kw = dict(**_common(layers, hidden, index_topk), **_mla(hidden), head_dim=16, sliding_window=16, swa_num_attention_heads=2,
               swa_num_key_value_heads=2, swa_q_lora_rank=hidden // 2, swa_kv_lora_rank=hidden // 2, swa_head_dim=16,
               swa_qk_nope_head_dim=8, swa_v_head_dim=8, n_group=1, topk_group=1)
@@ -78,8 +77,6 @@ def _dots3_note(layers: int, hidden: int, index_topk: int, **over):
 
 @tiny("mistral_large4")
 def _mistral_large4(layers: int, hidden: int, index_topk: int, **over):
-    import transformers as tf
-
     text = dict(model_type="mistral_large4_text", **_common(layers, hidden, index_topk), kv_lora_rank=hidden // 2,
                 qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, head_dim=8)
     text.update(over)
@@ -91,8 +88,6 @@ def _mistral_large4(layers: int, hidden: int, index_topk: int, **over):
 @tiny("glm5_next")
 def _glm5_next(layers: int, hidden: int, index_topk: int, **over):
     """NoPE indexer with k-pools; every third layer is linear attention (KDA), which has no indexer."""
-    import transformers as tf
-
     types = ["linear_attention" if i % 3 == 2 else "indexed_attention" for i in range(layers)]
     text = dict(model_type="glm5_next_text", **_common(layers, hidden, index_topk), q_lora_rank=hidden // 2,
                 kv_lora_rank=hidden // 2, qk_rope_head_dim=0, qk_nope_head_dim=16, v_head_dim=8, index_kpool=2,
@@ -108,8 +103,6 @@ def _glm5_next(layers: int, hidden: int, index_topk: int, **over):
 def _deepseek_v4(layers: int, hidden: int, index_topk: int, **over):
     """Compressed-sparse layers (indexer over compressed entries, rate 2) alternate with heavily compressed
     ones, after a sliding-window layer; index_topk counts compressed entries."""
-    import transformers as tf
-
     types = ["sliding_attention"] + ["compressed_sparse_attention" if i % 2 else "heavily_compressed_attention" for i in range(1, layers)]
     kw = dict(vocab_size=96, hidden_size=hidden, moe_intermediate_size=hidden // 2, num_hidden_layers=layers,
               num_attention_heads=2, num_key_value_heads=1, head_dim=16, q_lora_rank=hidden // 2, n_routed_experts=4,
@@ -125,8 +118,6 @@ def _deepseek_v4(layers: int, hidden: int, index_topk: int, **over):
 @tiny("minimax_m3_vl")
 def _minimax_m3_vl(layers: int, hidden: int, index_topk: int, **over):
     """Block-sparse indexer on minimax_m3_sparse layers: 2-token blocks, 2 selected plus 1 local."""
-    import transformers as tf
-
     types = ["full_attention"] + ["minimax_m3_sparse"] * (layers - 1)
     kw = dict(vocab_size=96, hidden_size=hidden, intermediate_size=hidden, dense_intermediate_size=2 * hidden,
               shared_intermediate_size=hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
@@ -142,8 +133,6 @@ def _minimax_m3_vl(layers: int, hidden: int, index_topk: int, **over):
 def _qwen4_exp(layers: int, hidden: int, index_topk: int, **over):
     """QSA indexer (a token mask from compressed blocks plus the recent tail) on every third layer; the
     others are GatedDeltaNet linear attention. Hyper-connections between layers."""
-    import transformers as tf
-
     types = ["indexed_attention" if i % 3 != 2 else "linear_attention" for i in range(layers)]
     kw = dict(vocab_size=96, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
               head_dim=16, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=2,
@@ -168,8 +157,6 @@ def tiny_config(arch: str = "glm", layers: int = 6, hidden: int = 32, index_topk
 
 def save_tiny(path, arch: str = "glm", layers: int = 6, seed: int = 0, weight_std: float = 0.3, **over):
     """Write a random tiny checkpoint (config, safetensors, character tokenizer) to `path`."""
-    from indexcache_calib.model import _auto_class
-
     torch.manual_seed(seed)
     config = tiny_config(arch, layers, **over)
     model = _auto_class(config).from_config(config)
@@ -184,9 +171,6 @@ def save_tiny(path, arch: str = "glm", layers: int = 6, seed: int = 0, weight_st
 
 def save_char_tokenizer(path, vocab_size: int) -> None:
     """One token per printable character: enough to pack any ASCII text into sequences."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     chars = [chr(c) for c in range(32, 32 + vocab_size - 3)]
     vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
