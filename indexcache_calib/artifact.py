@@ -10,9 +10,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save
 
 from indexcache_calib.errors import CalibError
-from indexcache_calib.search import Step
+from indexcache_calib.search import Step, paired
 
 SCHEMA = "indexcache.layer_map/2"
 # /1 maps had one character per decoder layer and no family: every model then had an indexer in every layer.
@@ -105,7 +106,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     check_run_dir(run_dir, resume, overwrite)
     has_results = _has_results(run_dir)
     if has_results and overwrite and not resume:
-        from indexcache_calib.plots import LOSS_PLOT, PATTERN_PLOT
+        from indexcache_calib.plots import LOSS_PLOT, PATTERN_PLOT  # deferred: plots imports this module
 
         # Only what a run writes: anything else in the directory is the user's and stays.
         for name in (LAYER_MAP, CHECKPOINT, TRACE, TOKENS, LOSS_PLOT, PATTERN_PLOT):
@@ -119,14 +120,10 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 
 def save_tokens(path: Path, ids: torch.Tensor, metadata: dict) -> None:
-    from safetensors.torch import save
-
     atomic_write(path, save({"input_ids": ids.contiguous()}, metadata={k: str(v) for k, v in metadata.items()}))
 
 
 def load_tokens(path: Path) -> torch.Tensor:
-    from safetensors.torch import load_file
-
     return load_file(str(path))["input_ids"]
 
 
@@ -143,8 +140,6 @@ def trace_rows(baseline_loss: float, steps: list[Step], positions: list[int] | N
     paired over the sequences both were scored on, with its standard error `gap_se`; `runner_up` marks
     the candidate the choice beats by the fewest standard errors, and `decided` whether it beats it by
     at least two."""
-    from indexcache_calib.search import paired
-
     rows = []
     for s in steps:
         conf = s.confidence
@@ -171,7 +166,7 @@ def trace_rows(baseline_loss: float, steps: list[Step], positions: list[int] | N
 
 
 def write_trace(path: Path, baseline_loss: float, steps: list[Step], positions: list[int] | None = None) -> None:
-    import pandas as pd
+    import pandas as pd  # deferred: slow import (~0.3 s) only a trace needs; the deploy commands import this module
 
     frame = pd.DataFrame(trace_rows(baseline_loss, steps, positions), columns=TRACE_COLUMNS)
     atomic_write(path, frame.to_csv(index=False, float_format="%.9g", lineterminator="\n"))

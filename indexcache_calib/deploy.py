@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import tempfile
@@ -16,6 +17,7 @@ from indexcache_calib import model as mdl
 from indexcache_calib.errors import EXIT_BAD_INPUT, CalibError
 from indexcache_calib.families import BY_MODEL_TYPE
 from indexcache_calib.pattern import check_pattern, full_layers, indexer_types, source_layers
+from indexcache_calib.search import DECIDED_SE
 
 ENGINES = ("vllm", "sglang", "transformers", "trtllm")
 # vLLM's IndexCache docs list it as required; vllm-ascend, ROCm ATOM and prime-rl read a pattern only
@@ -227,8 +229,6 @@ def provenance_problems(lm: dict, model: ModelInfo) -> tuple[list[str], list[str
             problems.append(f"the layer map was calibrated on a model with {what} {theirs}; {model.spec} has {ours}")
     if lm.get("positions") is not None and list(lm["positions"]) != ckpt.positions and lm.get("num_layers") == ckpt.num_layers:
         problems.append(f"the layer map's indexer layers are {lm['positions']}; {model.spec} has them at {ckpt.positions}")
-    from indexcache_calib import model as mdl
-
     # apply's own output differs from the model calibrated on only by the pattern keys it wrote: the same config.
     if mdl.same_config(prov.get("config_sha256"), ckpt.source) is False and not problems:
         notes.append(f"{model.spec}'s config.json differs from the one calibrated on ({prov.get('model')}): "
@@ -353,8 +353,6 @@ def _transformers_snippet(family, lm: dict, model: str, types: list[str]) -> str
 def _alias_problems(spec: str, lm: dict) -> list[str]:
     """What the alias table knows about `spec` (decoder layers, index_topk: as fields, or in its note as
     "78 layers" / "index_topk 64") against the layer map, for a model whose config is not at hand."""
-    import re
-
     entry = mdl.aliases().get(spec) if not Path(spec).expanduser().is_dir() else None
     if not isinstance(entry, dict):
         return []
@@ -581,8 +579,6 @@ def margin_note(step: dict, short: bool = False) -> str:
 def _se_ratio(ratio: float) -> str:
     """gap/SE with one decimal, or as many more as it takes to stay on the side of the decided rule
     it is on: 1.966 is "1.97", never "2.0"."""
-    from indexcache_calib.search import DECIDED_SE
-
     for digits in range(1, 7):
         text = f"{ratio:.{digits}f}"
         if (float(text) >= DECIDED_SE) == (ratio >= DECIDED_SE):

@@ -11,7 +11,12 @@ import io
 import math
 from pathlib import Path
 
+import numpy as np
+
 from indexcache_calib import artifact as art
+
+# matplotlib takes ~0.3 s to import: each drawing function imports it, so the modules that import this one
+# for its file names (artifact, diagnostics) or that may skip the plots do not pay for it.
 
 LOSS_PLOT = "loss_vs_full.png"
 PATTERN_PLOT = "pattern.png"
@@ -21,7 +26,7 @@ DPI = 120
 
 
 def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # deferred: slow import, see the note at the top
 
     # Constrained layout makes room for titles, labels and outside legends at any layer count.
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
@@ -47,7 +52,7 @@ def _layer_ticks(ax, n: int, axis: str = "x") -> None:
 
 
 def loss_plot(layer_map: dict, path: Path) -> Path:
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # deferred: slow import, see the note at the top
 
     fig = _figure(7, 4.2)
     ax = fig.add_subplot()
@@ -80,6 +85,7 @@ def loss_plot(layer_map: dict, path: Path) -> Path:
 
 
 def pattern_plot(layer_map: dict, path: Path) -> Path:
+    # deferred: slow import, see the note at the top
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
@@ -115,8 +121,7 @@ def calibration_plots(layer_map: dict, run_dir: Path) -> list[Path]:
 
 def overlap_plot(matrix, layers: list[int], title: str, path: Path) -> Path:
     """Heatmap of the layer-by-layer top-k overlap; layers without an indexer (NaN) are drawn grey."""
-    import numpy as np
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # deferred: slow import, see the note at the top
 
     n = len(layers)
     side = max(5.0, min(14.0, 0.18 * n + 3))
