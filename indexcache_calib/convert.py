@@ -17,10 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import Glm4MoeLiteConfig, GlmMoeDsaConfig, GlmMoeDsaForCausalLM
+from transformers.models.glm4_moe_lite import modeling_glm4_moe_lite as lite
 
+from indexcache_calib import model as mdl
 from indexcache_calib import trainloop as tl
+from indexcache_calib.calibrate import versions
 from indexcache_calib.errors import CalibError
-from indexcache_calib.warmup import base_model, decoder_layers, dense, paired, sequence_losses, topk_mass, use_eager
+from indexcache_calib.model import DTYPES, parse_device_map
+from indexcache_calib.warmup import (
+    base_model, decoder_layers, dense, indexer_param_names, paired, sequence_losses, topk_mass, use_eager,
+)
 
 SOURCE_TYPE = "glm4_moe_lite"
 # Keys of a glm4_moe_lite config.json that GlmMoeDsaConfig derives itself or that mean nothing to it.
@@ -31,8 +38,6 @@ DROPPED_KEYS = {"model_type", "architectures", "auto_map", "rope_interleave", "p
 def published_defaults() -> dict:
     """index_topk / index_n_heads / index_head_dim defaults of transformers' GlmMoeDsaConfig, which are GLM-5's
     published values (2048 / 32 / 128; DeepSeek-V3.2 uses 2048 / 64 / 128)."""
-    from transformers import GlmMoeDsaConfig
-
     return {"index_topk": int(getattr(GlmMoeDsaConfig, "index_topk", 2048)),
             "index_n_heads": int(getattr(GlmMoeDsaConfig, "index_n_heads", 32)),
             "index_head_dim": int(getattr(GlmMoeDsaConfig, "index_head_dim", 128))}
@@ -65,8 +70,6 @@ class ConvertOptions:
 
 def read_source_config(spec: str) -> tuple[object, Path, dict]:
     """(ModelSource, directory, raw config.json) of a local glm4_moe_lite checkpoint; refuses anything else."""
-    from indexcache_calib import model as mdl
-
     source, directory, raw = mdl.read_config_json(spec)
     model_type = raw.get("model_type", "?")
     if model_type != SOURCE_TYPE:
@@ -78,8 +81,6 @@ def read_source_config(spec: str) -> tuple[object, Path, dict]:
 
 def dsa_config(raw: dict, index_topk: int, index_heads: int, index_head_dim: int):
     """GlmMoeDsaConfig with the source's settings, every layer Full, and the given indexer sizes."""
-    from transformers import GlmMoeDsaConfig
-
     if raw.get("q_lora_rank") is None:
         raise CalibError("the source has no q_lora_rank (its queries are not low-rank), but GlmMoeDsa's attention and "
                          "indexer read the low-rank query residual", hint="dsa-convert needs q_lora_rank set, as GLM-4.7-Flash has")
@@ -115,10 +116,6 @@ def dsa_config(raw: dict, index_topk: int, index_heads: int, index_head_dim: int
 def load_dsa(directory: Path, config, dtype: str, device_map: str, seed: int):
     """GlmMoeDsaForCausalLM on the source weights (the indexers initialised from `seed`); refuses a checkpoint
     whose weights do not fill every non-indexer parameter."""
-    from transformers import GlmMoeDsaForCausalLM
-
-    from indexcache_calib.model import DTYPES, parse_device_map
-
     if dtype not in DTYPES:
         raise CalibError(f"unknown --dtype {dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
     torch.manual_seed(seed)
@@ -144,9 +141,6 @@ def check_against_source(model, source_dir: Path, ids: torch.Tensor) -> float:
     """Run every decoder layer of the converted model (indexers returning all keys) and the source
     architecture's decoder layer on the same tensors and inputs; also compare the rotary tables. Returns
     the largest difference relative to the output's scale; refuses above 1e-3."""
-    from transformers import Glm4MoeLiteConfig
-    from transformers.models.glm4_moe_lite import modeling_glm4_moe_lite as lite
-
     cfg = Glm4MoeLiteConfig.from_pretrained(str(source_dir), local_files_only=True)
     cfg._attn_implementation = model.config._attn_implementation
     cfg._experts_implementation = getattr(model.config, "_experts_implementation", None)
@@ -219,8 +213,6 @@ def sized_warning(topk: int, seq_len: int, config, topk_default: bool, seq_len_d
 
 
 def convert(opts: ConvertOptions, hooks: tl.Hooks = tl.Hooks(), warn=lambda t: None) -> dict:
-    from indexcache_calib.calibrate import versions
-
     t_start = time.time()
     source, src_dir, raw = read_source_config(opts.model)
     defaults = published_defaults()
@@ -253,8 +245,6 @@ def _run(opts, hooks, source, src_dir, config, windows, eval_ids, settings, fing
     trained = tl.train(model, groups, windows, settings, state_dir, fingerprint, opts.resume, hooks)
     evaluation = evaluate(model, eval_ids, hooks) if eval_ids is not None else None
     hooks.message(f"writing {out}")
-    from indexcache_calib.warmup import indexer_param_names
-
     params = indexer_param_names(model, range(n))
     tensors = tl.checkpoint_tensors(model, params)
     stored = tl.source_dtype(src_dir)  # new tensors are stored like the source's, whatever --dtype trained in

@@ -14,12 +14,16 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from indexcache_calib import artifact as art
+from indexcache_calib import model as mdl
 from indexcache_calib.calibrate import OOM_HINT, Hooks, Options, Prepared, all_full_pattern, check_options, make_runner, prepare
+from indexcache_calib.data import tokens_sha256
 from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, CalibError, is_out_of_memory, plural
 from indexcache_calib.pattern import FULL, check_pattern, uniform_pattern
+from indexcache_calib.plots import OVERLAP_PLOT, overlap_plot
 from indexcache_calib.sharing import install_sharing, sharing_state
 
 OVERLAP_CSV = "overlap.csv"
@@ -152,10 +156,6 @@ def overlap_summary(matrix: np.ndarray) -> dict:
 
 def overlap(opts: Options, hooks: Hooks | None = None, tokens: str | None = None) -> dict:
     """Measure the matrix and write overlap.csv and overlap.png. Returns what the CLI prints."""
-    import pandas as pd
-
-    from indexcache_calib.plots import OVERLAP_PLOT, overlap_plot
-
     hooks = hooks or Hooks()
     if (opts.data is None) == (tokens is None):
         raise CalibError("give exactly one of --data and --tokens")
@@ -270,9 +270,6 @@ def evaluate(
 ) -> list[dict]:
     """Score all-F, uniform interleaving, layer maps and patterns with one model load, on the same
     tokens. Returns one row per entry, all-F first; with `csv_path`, also writes them there."""
-    from indexcache_calib import model as mdl
-    from indexcache_calib.data import tokens_sha256
-
     hooks = hooks or Hooks()
     every = parse_uniform(uniform)
     maps = read_layer_maps(list(layer_maps))
@@ -320,8 +317,6 @@ def evaluate(
         for e in todo
     ]
     if csv_path is not None:
-        import pandas as pd
-
         columns = ["name", "kind", "num_full", "loss", "delta", "perplexity", "mean_overlap", "pattern"]
         art.atomic_write(csv_path, pd.DataFrame(rows, columns=columns).to_csv(index=False, float_format="%.9g", lineterminator="\n"))
     return rows

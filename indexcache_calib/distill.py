@@ -17,10 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
+from transformers import AutoConfig
 
+from indexcache_calib import artifact as art
+from indexcache_calib import convert as cv
+from indexcache_calib import model as mdl
 from indexcache_calib import trainloop as tl
+from indexcache_calib.calibrate import versions
 from indexcache_calib.errors import CalibError, plural
 from indexcache_calib.families import BY_MODEL_TYPE, FAMILIES, Family
+from indexcache_calib.model import DTYPES, parse_device_map
 from indexcache_calib.pattern import FULL, SHARED, full_layers, indexer_types, uniform_pattern, validate_pattern
 from indexcache_calib.warmup import full_groups, indexer_param_names, paired, sequence_losses, use_eager
 
@@ -79,8 +86,6 @@ class DistillOptions:
 
 def read_pattern(opts: DistillOptions, num_layers: int, fixed_shared: frozenset[int]) -> tuple[str, str]:
     """(pattern, where it came from) from exactly one of --layer-map, --pattern, --uniform."""
-    from indexcache_calib import artifact as art
-
     given = [name for name, v in (("--layer-map", opts.layer_map), ("--pattern", opts.pattern), ("--uniform", opts.uniform))
              if v is not None]
     if len(given) != 1:
@@ -118,8 +123,6 @@ def read_pattern(opts: DistillOptions, num_layers: int, fixed_shared: frozenset[
 
 def _load_config(directory: Path):
     """(config, the config its DSA settings are in: the text config of a composite model)."""
-    from transformers import AutoConfig
-
     try:
         config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError) as e:
@@ -128,8 +131,6 @@ def _load_config(directory: Path):
 
 
 def distill(opts: DistillOptions, hooks: tl.Hooks = tl.Hooks(), warn=lambda t: None) -> dict:
-    from indexcache_calib.calibrate import versions
-
     t_start = time.time()
     source, src_dir, raw = _read(opts.model)
     fam = family_to_train(raw, opts.model)
@@ -150,8 +151,6 @@ def distill(opts: DistillOptions, hooks: tl.Hooks = tl.Hooks(), warn=lambda t: N
 
 
 def _read(spec: str):
-    from indexcache_calib import model as mdl
-
     source, directory, raw = mdl.read_config_json(spec)
     if raw.get("auto_map"):
         raise CalibError(f"{spec} ships its own model code (auto_map); distill runs transformers' own classes only")
@@ -160,10 +159,6 @@ def _read(spec: str):
 
 def load_with_pattern(directory: Path, config, sub, fam: Family, pattern: str, dtype: str, device_map: str):
     """The model class built with the pattern (Shared layers get no indexer), on the checkpoint's weights."""
-    import transformers
-
-    from indexcache_calib.model import DTYPES, parse_device_map
-
     if dtype not in DTYPES:
         raise CalibError(f"unknown --dtype {dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
     setattr(sub, fam.native_key, ["full" if c == FULL else "shared" for c in pattern])
@@ -229,9 +224,7 @@ def _run(opts, hooks, src_dir, raw, fam, model_type, config, sub, pattern, origi
 
 
 def _training_block(settings, trained):
-    from indexcache_calib.convert import _training_block as block
-
-    return block(settings, trained)
+    return cv._training_block(settings, trained)
 
 
 def pattern_config(raw: dict, fam: Family, pattern: str) -> dict:
