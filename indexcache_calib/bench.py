@@ -471,6 +471,8 @@ def bench_race(args) -> None:
         row["ran_here"] = bool(run.get("ran_here"))
         row.update({"vs_exact": run["tokens"] / ref["tokens"], "candidates_scored": len(used),
                     "candidate_sequences": sum(used), "candidates_on_every_sequence": sum(u == samples for u in used)})
+        if strategy == "race":
+            row["shares"] = race_shares(steps, run["layer_forwards"], n, samples)
         if "race" in opts:
             row["tolerance"] = race_summary(steps, opts["race"])
         result["searches"][name] = row
@@ -482,6 +484,20 @@ def bench_race(args) -> None:
     result["race_settings"] = race_settings(ref, n, fast["layer_forwards"])
     _save(_race_name(spec, samples, seq, args.seed), result)
     print_race(result)
+
+
+def race_shares(steps, layer_forwards: int, num_layers: int, samples: int) -> dict:
+    """What `dryrun.search_work` models a race with, measured on one: the mean sequences a candidate that did
+    not run to the end used, how many per step ran through every sequence (the winner included), and the
+    layer-forwards beyond the candidates' own (the all-Full base, each step's cache refresh and any winner
+    re-run), per step, in units of the winner's full run."""
+    short = [len(sc.seq_losses) for st in steps for sc in st.scores.values() if len(sc.seq_losses) < samples]
+    whole = sum(len(sc.seq_losses) == samples for st in steps for sc in st.scores.values())
+    own = sum((num_layers - c) * len(sc.seq_losses) for st in steps for c, sc in st.scores.items())
+    winner_runs = sum((num_layers - st.chosen) * samples for st in steps)
+    return {"dropped_mean_sequences": sum(short) / len(short) if short else None,
+            "finalists_per_step": whole / len(steps),
+            "extra_per_step": (layer_forwards - num_layers * samples - own) / winner_runs}
 
 
 def _race_heldout(model, layout, heldout: str, seq: int, ref: dict, result: dict, n: int) -> dict:
@@ -548,6 +564,12 @@ def print_race(r: dict) -> None:
         print(f"| {name} | {s['tokens']:,} | {s['vs_exact']:.3f} | {s['vs_fast_tokens']:.3f} | {s['vs_fast_wall']:.2f}{'' if s.get('ran_here', True) else ' (earlier run)'} | "
               f"{s['candidates_scored']} | {s['candidates_on_every_sequence']} | {ended} | {same} | {gaps} | {fork} | "
               f"{'yes' if s['meets_bar'] else 'NO'} |")
+    for name, s in r["searches"].items():
+        if "shares" in s:
+            sh = s["shares"]
+            print(f"{name}: a candidate stopped early used {sh['dropped_mean_sequences'] or 0:.1f} of {r['sequences']} sequences "
+                  f"on average; {sh['finalists_per_step']:.2f} per step ran through every sequence; other work "
+                  f"{sh['extra_per_step']:.2f} of a winner's run per step")
     h = r.get("heldout")
     if h:
         print(f"\nOn {h['sequences']} held-out sequences of {h['seq_len']} tokens ({h['data']}; all-Full {h['all_full_loss']:.5f}): "
