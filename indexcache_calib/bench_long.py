@@ -209,8 +209,21 @@ def bench_lengths(args) -> None:
         d = paired_differences(dict(enumerate(row["short"]["seq_losses"])), dict(enumerate(row["long"]["seq_losses"])))
         row["short_minus_long"], row["paired_se"] = mean_se(d)
         table.append(row)
+    runner.close()
+    # The same patterns at the short length, on as many held-out tokens: does a pattern's overlap (and
+    # gap) at 512 tokens say what it will be at 4,096?
+    held_short = _tokens(args.model, args.heldout, args.short, args.heldout_samples * args.long // args.short)
+    runner = PatternRunner(model, layout, held_short, cache_device="none")
+    short_full = runner.score("F" * n)
+    for row in table:
+        for label in ("short", "long"):
+            score = runner.score(row[label]["pattern"])
+            row[label]["at_short_length"] = {"gap": score.loss - short_full.loss,
+                                             "overlap": {str(k): v for k, v in runner.last_layer_overlap.items()}}
+    runner.close()
     result = {"model": args.model, "data": args.data, "heldout": args.heldout, "heldout_sequences": int(held.shape[0]),
               "heldout_seq_len": args.long, "all_full_loss": all_full.loss,
+              "short_length_sequences": int(held_short.shape[0]), "short_length_all_full_loss": short_full.loss,
               "runs": runs, "table": table}
     _save("lengths", result)
     print_lengths(result)
@@ -226,6 +239,19 @@ def print_lengths(r: dict) -> None:
         se = f" ± {row['paired_se']:.5f}" if row["paired_se"] is not None else ""
         print(f"| {row['ratio']} | {row['short']['gap']:+.5f} | {row['long']['gap']:+.5f} | {row['short_minus_long']:+.5f}{se} | "
               f"{row['uniform']['gap']:+.5f} | {'yes' if row['short']['pattern'] == row['long']['pattern'] else 'no'} |")
+    print(f"\nMean top-k overlap of the Shared layers (and loss gap to all-Full), scored at {s['seq_len']} tokens on "
+          f"{r.get('short_length_sequences', '?')} held-out sequences and at {l['seq_len']} on {r['heldout_sequences']}")
+    print(f"| ratio | pattern calibrated on | pattern | overlap at {s['seq_len']} | overlap at {l['seq_len']} | gap at {s['seq_len']} | gap at {l['seq_len']} |")
+    print("|---|---|---|---|---|---|---|")
+    for row in r["table"]:
+        for label in ("short", "long"):
+            c = row[label]
+            at = c.get("at_short_length")
+            if at is None:
+                continue
+            mean = lambda o: sum(o.values()) / len(o) if o else float("nan")
+            print(f"| {row['ratio']} | {r['runs'][label]['samples']} x {r['runs'][label]['seq_len']} | `{c['pattern']}` | "
+                  f"{mean(at['overlap']):.3f} | {mean(c['overlap']):.3f} | {at['gap']:+.5f} | {c['gap']:+.5f} |")
 
 
 def main() -> None:
