@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import Glm4MoeLiteConfig, GlmMoeDsaConfig, GlmMoeDsaForCausalLM
-from transformers.models.glm4_moe_lite import modeling_glm4_moe_lite as lite
 
 from indexcache_calib import model as mdl
 from indexcache_calib import trainloop as tl
@@ -29,6 +27,10 @@ from indexcache_calib.warmup import (
     base_model, decoder_layers, dense, indexer_param_names, paired, sequence_losses, topk_mass, use_eager,
 )
 
+# transformers is imported inside the functions that use it: it imports huggingface_hub, which reads
+# HF_HUB_OFFLINE once, when imported, and the commands set it (cli_common._quiet_libraries) after importing
+# this module.
+
 SOURCE_TYPE = "glm4_moe_lite"
 # Keys of a glm4_moe_lite config.json that GlmMoeDsaConfig derives itself or that mean nothing to it.
 DROPPED_KEYS = {"model_type", "architectures", "auto_map", "rope_interleave", "pretraining_tp", "transformers_version",
@@ -38,6 +40,8 @@ DROPPED_KEYS = {"model_type", "architectures", "auto_map", "rope_interleave", "p
 def published_defaults() -> dict:
     """index_topk / index_n_heads / index_head_dim defaults of transformers' GlmMoeDsaConfig, which are GLM-5's
     published values (2048 / 32 / 128; DeepSeek-V3.2 uses 2048 / 64 / 128)."""
+    from transformers import GlmMoeDsaConfig  # deferred: see HF_HUB_OFFLINE at the top
+
     return {"index_topk": int(getattr(GlmMoeDsaConfig, "index_topk", 2048)),
             "index_n_heads": int(getattr(GlmMoeDsaConfig, "index_n_heads", 32)),
             "index_head_dim": int(getattr(GlmMoeDsaConfig, "index_head_dim", 128))}
@@ -81,6 +85,8 @@ def read_source_config(spec: str) -> tuple[object, Path, dict]:
 
 def dsa_config(raw: dict, index_topk: int, index_heads: int, index_head_dim: int):
     """GlmMoeDsaConfig with the source's settings, every layer Full, and the given indexer sizes."""
+    from transformers import GlmMoeDsaConfig  # deferred: see HF_HUB_OFFLINE at the top
+
     if raw.get("q_lora_rank") is None:
         raise CalibError("the source has no q_lora_rank (its queries are not low-rank), but GlmMoeDsa's attention and "
                          "indexer read the low-rank query residual", hint="dsa-convert needs q_lora_rank set, as GLM-4.7-Flash has")
@@ -116,6 +122,8 @@ def dsa_config(raw: dict, index_topk: int, index_heads: int, index_head_dim: int
 def load_dsa(directory: Path, config, dtype: str, device_map: str, seed: int):
     """GlmMoeDsaForCausalLM on the source weights (the indexers initialised from `seed`); refuses a checkpoint
     whose weights do not fill every non-indexer parameter."""
+    from transformers import GlmMoeDsaForCausalLM  # deferred: see HF_HUB_OFFLINE at the top
+
     if dtype not in DTYPES:
         raise CalibError(f"unknown --dtype {dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
     torch.manual_seed(seed)
@@ -141,6 +149,10 @@ def check_against_source(model, source_dir: Path, ids: torch.Tensor) -> float:
     """Run every decoder layer of the converted model (indexers returning all keys) and the source
     architecture's decoder layer on the same tensors and inputs; also compare the rotary tables. Returns
     the largest difference relative to the output's scale; refuses above 1e-3."""
+    # deferred: see HF_HUB_OFFLINE at the top
+    from transformers import Glm4MoeLiteConfig
+    from transformers.models.glm4_moe_lite import modeling_glm4_moe_lite as lite
+
     cfg = Glm4MoeLiteConfig.from_pretrained(str(source_dir), local_files_only=True)
     cfg._attn_implementation = model.config._attn_implementation
     cfg._experts_implementation = getattr(model.config, "_experts_implementation", None)

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import transformers
-from transformers import AutoConfig
 
 from indexcache_calib import artifact as art
 from indexcache_calib import convert as cv
@@ -30,6 +28,10 @@ from indexcache_calib.families import BY_MODEL_TYPE, FAMILIES, Family
 from indexcache_calib.model import DTYPES, parse_device_map
 from indexcache_calib.pattern import FULL, SHARED, full_layers, indexer_types, uniform_pattern, validate_pattern
 from indexcache_calib.warmup import full_groups, indexer_param_names, paired, sequence_losses, use_eager
+
+# transformers is imported inside the functions that use it: it imports huggingface_hub, which reads
+# HF_HUB_OFFLINE once, when imported, and the commands set it (cli_common._quiet_libraries) after importing
+# this module.
 
 
 def family_to_train(raw: dict, spec: str) -> Family:
@@ -123,6 +125,8 @@ def read_pattern(opts: DistillOptions, num_layers: int, fixed_shared: frozenset[
 
 def _load_config(directory: Path):
     """(config, the config its DSA settings are in: the text config of a composite model)."""
+    from transformers import AutoConfig  # deferred: see HF_HUB_OFFLINE at the top
+
     try:
         config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError) as e:
@@ -159,6 +163,8 @@ def _read(spec: str):
 
 def load_with_pattern(directory: Path, config, sub, fam: Family, pattern: str, dtype: str, device_map: str):
     """The model class built with the pattern (Shared layers get no indexer), on the checkpoint's weights."""
+    import transformers  # deferred: see HF_HUB_OFFLINE at the top
+
     if dtype not in DTYPES:
         raise CalibError(f"unknown --dtype {dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
     setattr(sub, fam.native_key, ["full" if c == FULL else "shared" for c in pattern])

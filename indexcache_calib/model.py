@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from huggingface_hub import try_to_load_from_cache
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from indexcache_calib.errors import CalibError
 from indexcache_calib.families import family_of, resolve_attr
+
+# transformers and huggingface_hub are imported inside the functions that use them: huggingface_hub reads
+# HF_HUB_OFFLINE once, when imported, and the commands set it (cli_common._quiet_libraries) after importing the
+# modules that import this one (deploy, convert, distill).
 
 PACKAGE_DIR = Path(__file__).parent
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -74,6 +75,8 @@ def _not_found(source: ModelSource) -> CalibError:
 
 
 def load_config(source: ModelSource, trust_remote_code: bool = False):
+    from transformers import AutoConfig  # deferred: see HF_HUB_OFFLINE at the top
+
     raw = _raw_config(source)
     if raw is not None and raw.get("auto_map") and not trust_remote_code:
         raise CalibError(
@@ -120,6 +123,8 @@ def config_path(source: ModelSource) -> Path | None:
         p = Path(source.location) / "config.json"
         return p if p.is_file() else None
     try:
+        from huggingface_hub import try_to_load_from_cache  # deferred: see HF_HUB_OFFLINE at the top
+
         p = try_to_load_from_cache(source.location, "config.json")
         return Path(p) if isinstance(p, str) else None
     except Exception:
@@ -309,6 +314,10 @@ def inspect_checkpoint(source: ModelSource, trust_remote_code: bool = False) -> 
 def _auto_class(config):
     """The transformers class that loads this config's language model: a CausalLM where transformers has
     one, else the vision-language class (its text decoder is what is calibrated)."""
+    # deferred: see HF_HUB_OFFLINE at the top
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     return AutoModelForCausalLM if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModelForImageTextToText
 
 

@@ -25,9 +25,18 @@ from pathlib import Path
 
 import torch
 
-from indexcache_calib.errors import plural
+from indexcache_calib import artifact as art
+from indexcache_calib.calibrate import Hooks, Options, calibrate, prepare, versions
+from indexcache_calib.data import pack, read_documents
+from indexcache_calib.errors import CalibError, plural
+from indexcache_calib.pattern import FULL, uniform_pattern
 from indexcache_calib.search import paired  # noqa: F401 - part of this module's interface
 from indexcache_calib.warmup import mass_shares as topk_mass  # noqa: F401 - part of this module's interface
+from indexcache_calib.warmup import topk_mass as per_layer
+from indexcache_calib.warmup import use_eager
+
+# transformers, and the modules here that import it (model, runner), are imported inside the functions: it
+# imports huggingface_hub, which reads HF_HUB_OFFLINE once, when imported, and `main` sets that first.
 
 RATIOS = (2, 4, 8)  # 1/2, 1/4 and 1/8 of the layers Full, as in the paper
 TABLE_MD, TABLE_JSON = "paper_table.md", "paper_table.json"
@@ -39,9 +48,6 @@ def attention_mass(model, ids: torch.Tensor, batch_size: int = 1) -> dict:
     forward (every indexer bypassed), the distribution the indexers were trained to imitate; each
     layer's top-k is its own indexer's, run on that forward's inputs (`warmup.topk_mass`). Layers without
     an indexer get None."""
-    from indexcache_calib.warmup import topk_mass as per_layer
-    from indexcache_calib.warmup import use_eager
-
     k, n = int(model.config.index_topk), model.config.num_hidden_layers
     previous = use_eager(model)  # the only implementation that returns attention probabilities
     try:
@@ -60,8 +66,6 @@ def attention_mass(model, ids: torch.Tensor, batch_size: int = 1) -> dict:
 def table_rows(num_layers: int, searched: dict, scores: dict) -> list[dict]:
     """One row per held-out domain and ratio. searched: calibration domain -> ratio -> pattern;
     scores: held-out domain -> pattern -> Score (every pattern scored on that domain's tokens)."""
-    from indexcache_calib.pattern import FULL, uniform_pattern
-
     rows = []
     for domain, by_pattern in scores.items():
         all_f = by_pattern[FULL * num_layers]
@@ -89,11 +93,8 @@ def run(model: str = "tiny-dsa", data_dir: str = "calibration_data", seq_len: in
         log=lambda text: None) -> dict:
     """Calibrate on every domain, then score everything on every domain's held-out split. Returns the
     dict written to paper_table.json."""
-    from indexcache_calib.calibrate import Hooks, Options, calibrate, prepare, versions
-    from indexcache_calib.data import pack, read_documents
-    from indexcache_calib.errors import CalibError
+    # deferred: these import transformers, see HF_HUB_OFFLINE at the top
     from indexcache_calib.model import load_config, resolve
-    from indexcache_calib.pattern import FULL, uniform_pattern
     from indexcache_calib.runner import PatternRunner
 
     t_start = time.time()
@@ -273,10 +274,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
-
-    from indexcache_calib import artifact as art
-    from indexcache_calib.errors import CalibError
+    import transformers  # deferred: see HF_HUB_OFFLINE at the top
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

@@ -21,13 +21,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
 
 import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from indexcache_calib.errors import plural
+from indexcache_calib import trainloop as tl
+from indexcache_calib.calibrate import Hooks, Options, calibrate, versions
+from indexcache_calib.convert import ConvertOptions, convert
+from indexcache_calib.data import pack, read_documents
+from indexcache_calib.distill import DistillOptions, _load_config, distill, family_to_train, load_with_pattern
+from indexcache_calib.errors import CalibError, plural
+from indexcache_calib.model import read_config_json, resolve
+from indexcache_calib.pattern import FULL, uniform_pattern
+from indexcache_calib.warmup import paired, sequence_losses, topk_mass, use_eager
 
 RESULT_MD, RESULT_JSON = "training_evidence.md", "training_evidence.json"
 
@@ -37,8 +48,6 @@ def _log(text: str) -> None:
 
 
 def _hooks(name: str):
-    from indexcache_calib import trainloop as tl
-
     state = {"t0": time.time(), "total": 0}
 
     def started(total, done):
@@ -54,20 +63,14 @@ def _hooks(name: str):
 
 
 def _finished(out: Path) -> bool:
-    from indexcache_calib import trainloop as tl
-
     return (out / "config.json").is_file() and (out / tl.TRAINING_LOG).is_file()
 
 
 def _resumable(out: Path) -> bool:
-    from indexcache_calib import trainloop as tl
-
     return (out / tl.STATE_DIR / tl.STATE).is_file()
 
 
 def heldout(tokenizer, data_dir: Path, domains, seq_len: int, samples: int, seed: int = 0) -> dict:
-    from indexcache_calib.data import pack, read_documents
-
     out = {}
     for d in domains:
         texts = read_documents(data_dir / f"{d}.heldout.jsonl", tokenizer).texts
@@ -76,19 +79,11 @@ def heldout(tokenizer, data_dir: Path, domains, seq_len: int, samples: int, seed
 
 
 def _diff(a: list[float], b: list[float]) -> dict:
-    from indexcache_calib.warmup import paired
-
     mean, se = paired(a, b)
     return {"mean": mean, "se": se}
 
 
 def run_convert(args, data_dir: Path, out: Path) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from indexcache_calib.convert import ConvertOptions, convert
-    from indexcache_calib.model import resolve
-    from indexcache_calib.warmup import sequence_losses, topk_mass, use_eager
-
     target = out / "converted"
     if not _finished(target):
         opts = ConvertOptions(model=args.source, data=str(data_dir / "code.jsonl"), out=str(target), steps=args.convert_steps,
@@ -123,14 +118,6 @@ def run_convert(args, data_dir: Path, out: Path) -> dict:
 
 
 def run_distill(args, data_dir: Path, out: Path) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from indexcache_calib.calibrate import Hooks, Options, calibrate
-    from indexcache_calib.distill import DistillOptions, _load_config, distill, family_to_train, load_with_pattern
-    from indexcache_calib.model import read_config_json
-    from indexcache_calib.pattern import FULL, uniform_pattern
-    from indexcache_calib.warmup import sequence_losses, use_eager
-
     _, src, raw = read_config_json(args.model)
     fam = family_to_train(raw, args.model)  # the registry's family, as distill itself picks it for this checkpoint
     config, sub = _load_config(src)
@@ -249,9 +236,6 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from indexcache_calib.calibrate import versions
-    from indexcache_calib.errors import CalibError
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--source", default="tiny-mla", help="glm4_moe_lite checkpoint to convert")
     p.add_argument("--model", default="tiny-dsa", help="DSA checkpoint to distill")
@@ -279,10 +263,6 @@ def main(argv=None) -> int:
     args.domains = ["code", "docs"]
     if args.threads:
         torch.set_num_threads(args.threads)
-    import logging
-
-    import transformers
-
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("accelerate").setLevel(logging.ERROR)
