@@ -9,9 +9,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.table import Table
+from rich.text import Text
 
 from indexcache_calib import cli_common as _common
 from indexcache_calib.errors import CalibError, plural
+
+# Commands import deploy and artifact (which import torch) inside their functions, so that `--help` and
+# argument errors do not load torch.
 
 F_STYLE, S_STYLE = "bold white on green4", "black on grey70"
 UNDECIDED_STYLE = "yellow"
@@ -39,7 +44,6 @@ def _load_layer_map(arg: str):
     """`deploy.load_layer_map`, saying what an interrupted run directory holds instead of "does not exist"."""
     from indexcache_calib import artifact as art
     from indexcache_calib import deploy
-    from indexcache_calib.errors import plural
 
     path = Path(arg).expanduser()
     if path.is_dir() and not (path / art.LAYER_MAP).exists() and (path / art.CHECKPOINT).is_file():
@@ -165,9 +169,6 @@ def show(
 
 
 def _draw(data: dict) -> None:
-    from rich.table import Table
-    from rich.text import Text
-
     from indexcache_calib.deploy import UNDECIDED, margin_note
 
     out = _common.out

@@ -7,12 +7,16 @@ import json
 from typing import Optional
 
 import typer
+from rich.table import Table
 
 from indexcache_calib.cli_common import (
     AllowPickle, Attention, BatchSize, DeviceMap, Dtype, IndexerChunk, MaxMemory, Model, OffloadDir, Seed, TextField,
-    TrustRemoteCode,
+    TrustRemoteCode, _quiet_libraries, err, handled, out,
 )
 from indexcache_calib.errors import plural
+
+# Commands import calibrate and diagnostics inside their functions, so that `--help` and argument errors do not
+# load torch; diagnostics (which imports transformers) only after `_quiet_libraries` has set HF_HUB_OFFLINE.
 
 DATA_HELP = "JSONL (text or messages), .txt, .parquet/.csv, or a saved datasets dir."
 TOKENS_HELP = "A run's tokens.safetensors (or its run directory): score exactly those token ids instead of --data."
@@ -40,7 +44,6 @@ def overlap(
 ) -> None:
     """Top-k overlap |T_i ∩ T_j| / k between every pair of layers' own indexers (a diagnostic, not an objective)."""
     from indexcache_calib.calibrate import Options
-    from indexcache_calib.cli_common import _quiet_libraries, handled, out
 
     opts = Options(
         model=model, data=data, out=out_dir, seq_len=seq_len, num_samples=num_samples, seed=seed,
@@ -95,10 +98,7 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON on stdout."),
 ) -> None:
     """Score all-F, uniform interleaving, layer maps and patterns on the same tokens, with one model load."""
-    from rich.table import Table
-
     from indexcache_calib.calibrate import Options
-    from indexcache_calib.cli_common import _quiet_libraries, handled, out
 
     opts = Options(
         model=model, data=data, seq_len=seq_len, num_samples=num_samples, seed=seed, batch_size=batch_size,
@@ -133,7 +133,6 @@ def evaluate(
 
 def _hooks():
     from indexcache_calib.calibrate import Hooks
-    from indexcache_calib.cli_common import err
 
     return Hooks(message=lambda t: err.print(t, markup=False), warn=lambda t: err.print(f"Warning: {t}", markup=False))
 
