@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -60,15 +60,16 @@ def read_tokens(path: str | Path) -> tuple[torch.Tensor, Path]:
     return ids.long(), path
 
 
-def load_inputs(opts: Options, hooks: Hooks, tokens: str | None, check_config=None) -> Prepared:
-    """`prepare` on --data, or on the exact token ids of a run (--tokens)."""
+def load_inputs(opts: Options, hooks: Hooks, tokens: str | None, check_config=None) -> tuple[Prepared, Options]:
+    """`prepare` on --data, or on the exact token ids of a run (--tokens); with the options the tokens
+    imply (their file, length and count), as a new object."""
     if (opts.data is None) == (tokens is None):
         raise CalibError("give exactly one of --data and --tokens")
     check_options(opts)
     ids = None
     if tokens is not None:
         ids, path = read_tokens(tokens)
-        opts.data, opts.seq_len, opts.num_samples = str(path), ids.shape[1], ids.shape[0]
+        opts = replace(opts, data=str(path), seq_len=ids.shape[1], num_samples=ids.shape[0])
 
     def check(ckpt):
         vocab = ckpt.text.vocab_size
@@ -80,7 +81,7 @@ def load_inputs(opts: Options, hooks: Hooks, tokens: str | None, check_config=No
         if check_config is not None:
             check_config(ckpt)
 
-    return prepare(opts, hooks, ids=ids, check_config=check)
+    return prepare(opts, hooks, ids=ids, check_config=check), opts
 
 
 def data_label(data: str) -> str:
@@ -168,7 +169,7 @@ def overlap(opts: Options, hooks: Hooks | None = None, tokens: str | None = None
         raise CalibError(f"cannot write to output directory {out_dir}: {e.strerror or e}") from None
     try:
         with _memory_errors():
-            prep = load_inputs(opts, hooks, tokens)
+            prep, opts = load_inputs(opts, hooks, tokens)
             hooks.message(f"running every layer's indexer on {plural(len(prep.ids), 'sequence')} of {prep.ids.shape[1]} tokens")
             matrix = overlap_matrix(prep.model, prep.layout, prep.ids, opts.batch_size, opts.indexer_chunk)
         n = len(matrix)
@@ -283,7 +284,7 @@ def evaluate(
         entries(ckpt, every, maps, patterns)
 
     with _memory_errors():
-        prep = load_inputs(opts, hooks, tokens, early)
+        prep, opts = load_inputs(opts, hooks, tokens, early)
         todo = entries(prep.checkpoint, every, maps, patterns)
         ids_sha = tokens_sha256(prep.ids)
         for name, lm in maps:
@@ -292,8 +293,7 @@ def evaluate(
                 hooks.warn(f"layer map {name} was calibrated on another model config ({prov.get('model')})")
             if tokens is None and prov.get("tokens_sha256") == ids_sha:
                 hooks.warn(f"these are the very tokens layer map {name} was calibrated on, not held-out data")
-        opts.cache_device = "none"  # every pattern is scored from layer 0; nothing to reuse
-        runner = make_runner(prep, opts)
+        runner = make_runner(prep, opts, "none")  # every pattern is scored from layer 0; nothing to reuse
         scores = {}
         try:
             for e in todo:

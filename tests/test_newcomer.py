@@ -421,6 +421,22 @@ def test_calibrate_changes_none_of_its_options(glm_dir, text_data, tmp_path):
     assert opts == before and layer_map["environment"]["cache_device"] == "disk"
 
 
+def test_evaluate_and_overlap_change_none_of_their_options(glm_dir, text_data, tmp_path):
+    # --tokens implies the data, length and count; they go into a new options object, not the caller's.
+    from dataclasses import replace
+
+    from indexcache_calib.calibrate import calibrate
+    from indexcache_calib.diagnostics import evaluate, overlap
+
+    _, run_dir = calibrate(cli_options(glm_dir, text_data, tmp_path / "run"))
+    opts = replace(cli_options(glm_dir, text_data, tmp_path / "ov"), data=None)
+    before = replace(opts)
+    rows = evaluate(opts, tokens=str(run_dir), uniform="2")
+    assert opts == before and rows[0]["name"]
+    result = overlap(opts, tokens=str(run_dir))
+    assert opts == before and result["data"].endswith("tokens.safetensors") and result["seq_len"] > 0
+
+
 # -- deploying: apply --overwrite, export with an alias, undecided margins (items 1, 11, 14) -------------------
 
 
