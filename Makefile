@@ -37,6 +37,8 @@ calibrate: setup
 bench: setup
 	$(BIN)/python -m indexcache_calib.bench search
 	$(BIN)/python -m indexcache_calib.bench race
+	$(BIN)/python -m indexcache_calib.bench race --samples 256 --seq-len 128
+	$(BIN)/python -m indexcache_calib.bench draws --samples 32 --seq-len 128 --strategies fast --tolerance auto
 	$(BIN)/python -m indexcache_calib.bench project
 	$(BIN)/python -m indexcache_calib.bench indexer
 	$(BIN)/python -m indexcache_calib.bench parallel
