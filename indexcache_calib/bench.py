@@ -595,24 +595,26 @@ PAPER_SCALE = {"layers": (47, 61, 78), "sequences": 768, "seq_len": 200_000, "ta
 def bench_project(args) -> None:
     """Tokens through decoder layers of every search at the paper's scale, from the same estimates as
     `calibrate --dry-run` (naive's count is exact; the others are typical counts)."""
-    from indexcache_calib.dryrun import search_work
+    from indexcache_calib.dryrun import RACE_BASIS, search_work
 
+    columns = [(name, name, None) for name in SEARCH_ORDER] + [("race, tolerance auto", "race", "auto")]
     rows = []
     for n in PAPER_SCALE["layers"]:
         num_full = math.ceil(n / PAPER_SCALE["target"])
         row = {"layers": n, "num_full": num_full, "sequences": PAPER_SCALE["sequences"], "seq_len": PAPER_SCALE["seq_len"]}
-        for name in SEARCH_ORDER:
-            w = search_work(n, frozenset(), num_full, name, PAPER_SCALE["sequences"])
+        for name, search, tolerance in columns:
+            w = search_work(n, frozenset(), num_full, search, PAPER_SCALE["sequences"], tolerance=tolerance)
             row[name] = w.get("layer_forwards", w.get("layer_forwards_typical")) * PAPER_SCALE["seq_len"]
         rows.append(row)
     _save("project", rows)
     print(f"\nTokens through decoder layers from all-F to 1/{PAPER_SCALE['target']}, {PAPER_SCALE['sequences']} sequences of "
           f"{PAPER_SCALE['seq_len']:,} tokens (naive: exact count; others: typical, as --dry-run estimates them)")
-    print("| layers | Full at the end | naive | exact | fast | race |")
-    print("|---|---|---|---|---|---|")
+    print("| layers | Full at the end | " + " | ".join(name for name, _, _ in columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
     for r in rows:
-        cells = " | ".join(f"{r[name]:.3g} ({r[name] / r['naive']:.3f})" for name in SEARCH_ORDER)
+        cells = " | ".join(f"{r[name]:.3g} ({r[name] / r['naive']:.3f})" for name, _, _ in columns)
         print(f"| {r['layers']} | {r['num_full']} | {cells} |")
+    print(f"race's numbers: {RACE_BASIS}")
 
 
 # -- indexer memory --------------------------------------------------------------------------

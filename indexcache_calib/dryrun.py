@@ -19,15 +19,26 @@ def size_str(n: float) -> str:
 # The fast search's steps after its first sweep re-score this share of the candidates exact would: 0.43-0.59
 # with 4 to 64 calibration sequences (bench draws, bench race).
 FAST_RESCORED = 0.5
-# A race's typical step, on tiny-dsa with 64 calibration sequences of 512 tokens (bench race): a dropped
-# candidate used 14 sequences on average, 2.6 candidates per step ran through every sequence (the winner
-# and its near-ties), and the winner's whole score repeated 0.6 of a candidate's full run.
-RACE_DROPPED_SEQUENCES = 14
-RACE_FINALISTS = 2.6
-RACE_WINNER_REPEAT = 0.6
-RACE_BASIS = (f"typical: extrapolated from shares measured on tiny-dsa at 64x512 (a dropped candidate used "
-              f"{RACE_DROPPED_SEQUENCES} sequences, {RACE_FINALISTS} per step ran to the end); at most: counted from "
-              "the config, as naive's count is")
+# A race's typical step, measured by `bench race` on tiny-dsa (RACE_MEASURED): a candidate dropped before the
+# end used RACE_DROPPED_SEQUENCES sequences on average, RACE_FINALISTS per step ran through every sequence
+# (the winner and its near-ties), and the rest of the work (the all-Full base, committing) came to
+# RACE_EXTRA of the winner's full run per step.
+RACE_MEASURED = "tiny-dsa at 64x512"
+RACE_DROPPED_SEQUENCES = 13.6
+RACE_FINALISTS = 2.64
+RACE_EXTRA = 0.17
+# With --tolerance auto (2 paired SE over every sequence), clearly worse candidates are dropped by the bound as
+# before; of the near-ties that ran to the end without it, RACE_TOL_FINALISTS per step still do (the winner
+# always does) and the others stop when the tolerance ends the step, after RACE_TOL_SHARE of the sequences on
+# average. That is a share, not a count: the bound on a near-tie meets a tolerance of 2 SE over all N
+# sequences after a fixed share of N (q^2 / (q^2 + 4) with the t quantile q, about half), whatever N is.
+RACE_TOL_FINALISTS = 1.36
+RACE_TOL_SHARE = 0.44
+RACE_TOL_EXTRA = 0.12
+RACE_BASIS = (f"typical: extrapolated from shares measured on {RACE_MEASURED} (bench race): a dropped candidate used "
+              f"{RACE_DROPPED_SEQUENCES} sequences, {RACE_FINALISTS} per step ran to the end; with --tolerance auto, "
+              f"{RACE_TOL_FINALISTS} per step ran to the end and the other near-ties stopped after {RACE_TOL_SHARE:.0%} of the "
+              "sequences; at most: counted from the config, as naive's count is")
 
 
 def race_looks(samples: int, race_first: int = 4, batch_size: int = 1) -> int:
@@ -41,7 +52,8 @@ def race_looks(samples: int, race_first: int = 4, batch_size: int = 1) -> int:
 
 
 def search_work(num_layers: int, fixed: frozenset[int], num_full: int, search: str, samples: int,
-                positions: list[int] | None = None, race_first: int = 4, batch_size: int = 1) -> dict:
+                positions: list[int] | None = None, race_first: int = 4, batch_size: int = 1,
+                tolerance: float | str | None = None) -> dict:
     """Patterns scored and decoder-layer forwards (per sequence x samples). Exact for naive. For the
     others, an upper bound and a typical count, since how far each candidate runs, and how many are
     re-scored or raced to the end, depends on the scores: fast sweeps once, then typically re-scores
@@ -70,13 +82,18 @@ def search_work(num_layers: int, fixed: frozenset[int], num_full: int, search: s
         finalists = min(RACE_FINALISTS * steps, naive_patterns)
         # A dropped candidate has seen at least the first round.
         dropped = max(race_first, min(RACE_DROPPED_SEQUENCES, samples)) * (naive_patterns - finalists)
-        typical = num_layers * samples + mean_tail * (dropped + (finalists + RACE_WINNER_REPEAT * steps) * samples)
+        if tolerance:  # a number of nats is modelled as auto: no tolerance was measured in nats
+            whole = min(RACE_TOL_FINALISTS * steps, finalists)
+            ended = (finalists - whole) * max(race_first, RACE_TOL_SHARE * samples)
+            typical = num_layers * samples + mean_tail * (dropped + ended + (whole + RACE_TOL_EXTRA * steps) * samples)
+        else:
+            typical = num_layers * samples + mean_tail * (dropped + (finalists + RACE_EXTRA * steps) * samples)
         if looks == 1:
             # One look, at race_first sequences: its bound, with that few degrees of freedom, rarely drops
             # anything, and a race scores its candidates in pieces and its leader whole again, so it is no
             # cheaper than exact (measured dearer: 171,520 vs 147,456 tokens at 4x256).
             exact = search_work(num_layers, fixed, num_full, "exact", samples, positions)
-            typical = max(typical, exact["layer_forwards_typical"] + mean_tail * RACE_WINNER_REPEAT * steps * samples)
+            typical = max(typical, exact["layer_forwards_typical"] + mean_tail * RACE_EXTRA * steps * samples)
         # At most: every candidate on every sequence, and each winner once more, whole.
         return {"patterns_at_most": 1 + naive_patterns + steps,
                 "layer_forwards_at_most": int((upper + mean_tail * steps) * samples),
@@ -145,16 +162,20 @@ def plan(opts, ckpt, num_full: int, attention: str = "dense") -> dict:
     from indexcache_calib.search import SEARCHES
 
     race_first = getattr(opts, "race_first", 4)
-    work = search_work(n, fixed, num_full, opts.search, samples, ckpt.positions, race_first, b)
+    tolerance = getattr(opts, "tolerance", None) if opts.search == "race" else None
+    if tolerance not in (None, "auto"):
+        tolerance = float(tolerance) or None  # --tolerance 0 is the race without one
+    work = search_work(n, fixed, num_full, opts.search, samples, ckpt.positions, race_first, b, tolerance)
     # Every search's work on this config, for choosing one: layer-forwards (per sequence) and tokens.
     by_search = {}
     for name in SEARCHES:
-        w = search_work(n, fixed, num_full, name, samples, ckpt.positions, race_first, b)
+        w = search_work(n, fixed, num_full, name, samples, ckpt.positions, race_first, b, tolerance)
         lf = w.get("layer_forwards", w.get("layer_forwards_typical"))
         by_search[name] = {"layer_forwards": lf, "tokens": lf * s, "estimate": "exact" if name == "naive" else "typical"}
     if opts.search == "race" or by_search["race"]["layer_forwards"] != by_search["exact"]["layer_forwards"]:
         by_search["race"]["basis"] = RACE_BASIS + (
-            "; the early end --tolerance allows is not in it" if getattr(opts, "tolerance", None) is not None else "")
+            f"; this estimate is for --tolerance {tolerance}" + ("" if tolerance == "auto" else ", modelled as auto's")
+            if tolerance else "")
     warnings = []
     if opts.search == "race":
         looks = race_looks(samples, race_first, b)

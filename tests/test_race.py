@@ -145,3 +145,19 @@ def test_a_race_with_a_tolerance_records_it_and_resume_refuses_another(glm_dir, 
     assert json.loads((out / CHECKPOINT).read_text())["fingerprint"]["settings"]["tolerance"] == "auto"
     r = calibrate(glm_dir, text_data, out, *args[:-1], "0.001", "--resume")
     assert r.exit_code == 3 and "tolerance (auto -> 0.001)" in one_error_line(r)
+
+
+def test_the_dry_run_models_a_race_with_a_tolerance():
+    # Near-ties stop at a share of the sequences, so the early end saves a share of the race at any size;
+    # a tolerance of 0 is the race without one; the other searches ignore it.
+    from indexcache_calib.dryrun import search_work
+
+    def typical(search, samples, tolerance=None):
+        return search_work(16, frozenset(), 2, search, samples, tolerance=tolerance)["layer_forwards_typical"]
+
+    for samples in (64, 256, 768):
+        assert typical("race", samples, "auto") < typical("race", samples) < typical("exact", samples)
+        assert typical("race", samples, 0.0) == typical("race", samples)
+        assert typical("fast", samples, "auto") == typical("fast", samples)
+    # 1/3 of the default's tokens needs more than the tolerance gives at 64 sequences: the winner runs whole.
+    assert typical("race", 64, "auto") > typical("fast", 64) / 3
