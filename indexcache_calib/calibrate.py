@@ -5,18 +5,36 @@ from __future__ import annotations
 import json
 import math
 import platform
+import re
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+import accelerate
+import torch
+from accelerate.utils import convert_file_size_to_int
+
 from indexcache_calib import __version__
 from indexcache_calib import artifact as art
+from indexcache_calib import data as dat
+from indexcache_calib import dryrun
+from indexcache_calib import model as mdl
+from indexcache_calib.data import tokens_sha256
+from indexcache_calib.deploy import consumer_keys, engine_args
 from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, EXIT_RESUME_MISMATCH, CalibError, is_out_of_memory, plural
+from indexcache_calib.parallel import ParallelEvaluator, init_world, replica_max_memory, sum_counters
 from indexcache_calib.pattern import (
     FULL, SHARED, full_layers, indexer_types, resolve_num_full, source_layers, uniform_pattern, validate_pattern,
 )
+from indexcache_calib.plots import calibration_plots
 from indexcache_calib.search import DECIDED_SE, SEARCHES, Race, Score, Step, greedy_search, path, race_summary
+
+# transformers, and runner and attention (which import it), are imported inside the functions that use them:
+# transformers imports huggingface_hub, which reads HF_HUB_OFFLINE once, when imported, and the commands set it
+# (cli_common._quiet_libraries) after importing this module; see the note at the top of convert.py.
 
 ATTENTION_PATHS = ("auto", "sparse", "dense")
 OOM_HINT = ("lower --seq-len, --num-samples or --batch-size, use --attention sparse where the family allows it, set "
@@ -132,15 +150,13 @@ class RunPlan:
 def dry_run(opts: Options) -> dict:
     """Run every check the real run makes before loading weights (options, model, target, start pattern,
     run directory, resume, data), then estimate what the run needs; loads no weights."""
-    from indexcache_calib.dryrun import plan
-
     notes: list[str] = []
     run = plan_run(opts, Hooks(message=notes.append, warn=notes.append), dry=True)
     cache_device, why = resolved_cache_device(opts)
     planned = replace(opts, cache_device=cache_device)
     if run.tokens is not None and len(run.tokens.ids) < opts.num_samples:  # what the run will calibrate on
         planned = replace(planned, num_samples=len(run.tokens.ids))
-    estimate = plan(planned, run.ckpt, run.num_full, attention_for(opts, run.ckpt))
+    estimate = dryrun.plan(planned, run.ckpt, run.num_full, attention_for(opts, run.ckpt))
     estimate["warnings"][:0] = ([why] if why else []) + notes
     return estimate
 
@@ -149,9 +165,6 @@ def plan_run(opts: Options, hooks: Hooks, dry: bool = False) -> RunPlan:
     """Every check that needs no weights, in the order a user fixes them, changing nothing on disk:
     options, model, target and start pattern, the run directory and its checkpoint, then the data,
     tokenized and packed (a dry run on a config without a tokenizer reads the data but cannot pack it)."""
-    from indexcache_calib import data as dat
-    from indexcache_calib import model as mdl
-
     check_options(opts)
     source = mdl.resolve(opts.model)
     ckpt = mdl.inspect_checkpoint(source, opts.trust_remote_code)
@@ -178,8 +191,6 @@ def plan_run(opts: Options, hooks: Hooks, dry: bool = False) -> RunPlan:
         return RunPlan(source, ckpt, num_full, start, run_dir, saved, None)
     tokens = read_tokens(opts, hooks, tokenizer)
     if saved is not None:  # a resume on other tokens is refused here too
-        from indexcache_calib.data import tokens_sha256
-
         check_fingerprint(run_dir, {"tokens_sha256": saved["fingerprint"].get("tokens_sha256")},
                           {"tokens_sha256": tokens_sha256(tokens.ids)})
     return RunPlan(source, ckpt, num_full, start, run_dir, saved, tokens)
@@ -188,8 +199,6 @@ def plan_run(opts: Options, hooks: Hooks, dry: bool = False) -> RunPlan:
 def resumable_sibling(run_dir: Path, num_full: int, opts: Options, config_sha: str | None, ckpt, hooks: Hooks) -> Path:
     """With the default --out, a run resumed with another target looks for its checkpoint under another
     Full count (`..._4F` for `..._8F`): the run of the same model and data whose settings match."""
-    import re
-
     prefix = run_dir.name[: -len(f"{num_full}F")]
     if not run_dir.name.endswith(f"_{num_full}F") or not run_dir.parent.is_dir():
         return run_dir
@@ -276,7 +285,7 @@ def parse_tolerance(value) -> float | str | None:
 
 
 def check_options(opts: Options) -> None:
-    from indexcache_calib.runner import CACHE_DEVICES
+    from indexcache_calib.runner import CACHE_DEVICES  # deferred: see HF_HUB_OFFLINE at the top
 
     if opts.cache_device not in CACHE_DEVICES:
         raise CalibError(f"unknown --cache-device {opts.cache_device!r}", hint=f"use one of {', '.join(CACHE_DEVICES)}")
@@ -311,11 +320,6 @@ def check_options(opts: Options) -> None:
 
 def check_placement(opts: Options) -> None:
     """--dtype, --device-map, --max-memory and --cache-budget, before anything loads (the dry run too)."""
-    import torch
-    from accelerate.utils import convert_file_size_to_int
-
-    from indexcache_calib import model as mdl
-
     if opts.dtype not in mdl.DTYPES:
         raise CalibError(f"unknown --dtype {opts.dtype!r}", hint=f"use one of {', '.join(mdl.DTYPES)}")
     device_map = mdl.parse_device_map(opts.device_map)
@@ -336,15 +340,13 @@ def check_placement(opts: Options) -> None:
 
 def resolved_cache_device(opts: Options) -> tuple[str, str | None]:
     """The cache device the run will really use, and a warning when that is not what was asked."""
-    import torch
-
     if opts.cache_device == "gpu" and not torch.cuda.is_available():
         return "cpu", "--cache-device gpu on a host without a GPU: the prefix cache stays on cpu"
     return opts.cache_device, None
 
 
 def load_tokenizer(opts: Options, source):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: see HF_HUB_OFFLINE at the top
 
     try:
         return AutoTokenizer.from_pretrained(source.location, local_files_only=True, trust_remote_code=opts.trust_remote_code)
@@ -354,8 +356,6 @@ def load_tokenizer(opts: Options, source):
 
 def read_tokens(opts: Options, hooks: Hooks, tokenizer) -> Tokens:
     """--data read, tokenized and packed into --num-samples sequences of --seq-len tokens."""
-    from indexcache_calib import data as dat
-
     docs = dat.read_documents(opts.data, tokenizer, opts.text_field)
     for note in docs.skipped:
         hooks.warn(f"{opts.data}: skipped {note}")
@@ -373,10 +373,8 @@ def prepare(opts: Options, hooks: Hooks, ids=None, check_config=None, ckpt=None,
     """Resolve and check everything cheap first (config, weight names, data, lengths), then load the
     weights, then check that this tool's all-Full loss is the model's own. `before_loading(ids)` runs
     once the calibration tokens are known, before any weights load. `tokens`: already read and packed."""
-    from indexcache_calib import data as dat
-    from indexcache_calib import model as mdl
-    from indexcache_calib.attention import set_attention
-    from indexcache_calib.runner import self_check
+    from indexcache_calib.attention import set_attention  # deferred: see HF_HUB_OFFLINE at the top
+    from indexcache_calib.runner import self_check  # deferred: see HF_HUB_OFFLINE at the top
 
     check_placement(opts)
     source = mdl.resolve(opts.model)
@@ -397,8 +395,6 @@ def prepare(opts: Options, hooks: Hooks, ids=None, check_config=None, ckpt=None,
         hooks.message(
             f"Note: the config of {opts.model} carries a pattern ({plural(len(ckpt.config_shared), 'layer')} marked shared); their "
             "indexer weights are in the checkpoint, so they are restored and all-Full is measured with every indexer")
-    from indexcache_calib.parallel import init_world, replica_max_memory
-
     hooks.message(f"loading {source.location}")
     max_memory = replica_max_memory(init_world(), mdl.parse_max_memory(opts.max_memory))
     model = mdl.load_model(
@@ -437,7 +433,7 @@ def search_plan(opts: Options, ckpt) -> tuple[int, str]:
 
 def make_runner(prep: Prepared, opts: Options, cache_device: str | None = None):
     """`cache_device`: where the prefix cache goes (`choose_cache_device`); default --cache-device as given."""
-    from indexcache_calib.runner import PatternRunner
+    from indexcache_calib.runner import PatternRunner  # deferred: see HF_HUB_OFFLINE at the top
 
     # The naive search is the paper's reference: every candidate is a full forward, no prefix reuse.
     cache_device = opts.cache_device if cache_device is None else cache_device
@@ -449,13 +445,7 @@ def make_runner(prep: Prepared, opts: Options, cache_device: str | None = None):
 
 def choose_cache_device(opts: Options, prep: Prepared, hooks: Hooks) -> str:
     """Keep the prefix cache within --cache-budget: past it, the cache moves to disk."""
-    import shutil
-    import tempfile
-
-    from accelerate.utils import convert_file_size_to_int
-
-    from indexcache_calib.dryrun import size_str
-    from indexcache_calib.runner import cache_bytes_estimate
+    from indexcache_calib.runner import cache_bytes_estimate  # deferred: see HF_HUB_OFFLINE at the top
 
     if opts.search == "naive" or opts.cache_device == "none":
         return opts.cache_device
@@ -469,21 +459,19 @@ def choose_cache_device(opts: Options, prep: Prepared, hooks: Hooks) -> str:
     if opts.cache_budget:
         budget = convert_file_size_to_int(opts.cache_budget)
         if need > budget and device != "disk":
-            hooks.warn(f"the prefix cache needs up to {size_str(need)}, over --cache-budget {opts.cache_budget}: keeping it on disk")
+            hooks.warn(f"the prefix cache needs up to {dryrun.size_str(need)}, over --cache-budget {opts.cache_budget}: keeping it on disk")
             device = "disk"
     if device == "disk":
         free = shutil.disk_usage(tempfile.gettempdir()).free
         if need > free:
             raise CalibError(
-                f"the prefix cache needs up to {size_str(need)} on disk, but {tempfile.gettempdir()} has {size_str(free)} free",
+                f"the prefix cache needs up to {dryrun.size_str(need)} on disk, but {tempfile.gettempdir()} has {dryrun.size_str(free)} free",
                 hint="point TMPDIR at a larger disk, lower --num-samples or --seq-len, or use --cache-device none",
             )
     return device
 
 
 def fingerprint(opts: Options, prep: Prepared, config_sha: str | None) -> dict:
-    from indexcache_calib.data import tokens_sha256
-
     return {
         "config_sha256": config_sha,
         "tokens_sha256": tokens_sha256(prep.ids),
@@ -599,9 +587,7 @@ def session_summary(steps: list[Step], resumed: int) -> dict:
 
 
 def versions() -> dict:
-    import accelerate
-    import torch
-    import transformers
+    import transformers  # deferred: see HF_HUB_OFFLINE at the top
 
     return {
         "accelerate": accelerate.__version__,
@@ -615,8 +601,6 @@ def versions() -> dict:
 def calibrate(opts: Options, hooks: Hooks | None = None) -> tuple[dict, Path]:
     """Run the search and write the artifact. Returns (layer map, run directory). Everything that can be
     checked without weights is checked before the run directory is touched."""
-    from indexcache_calib.parallel import init_world
-
     world = init_world()
     hooks = (hooks or Hooks()) if world.is_main else Hooks()
     t_start = time.time()
@@ -644,9 +628,6 @@ def calibrate(opts: Options, hooks: Hooks | None = None) -> tuple[dict, Path]:
 
 def _calibrate(opts: Options, hooks: Hooks, run: RunPlan, t_start: float, world) -> tuple[dict, Path]:
     """Load, resume, search, and write the layer map (rank 0; other ranks return ({}, run_dir))."""
-    from indexcache_calib import model as mdl
-    from indexcache_calib.data import tokens_sha256
-
     run_dir = run.run_dir
     prep = prepare(opts, hooks, ckpt=run.ckpt, tokens=run.tokens)
     if world.is_main:  # before the first step, so an interrupted run can be scored (evaluate --tokens)
@@ -667,8 +648,6 @@ def _calibrate(opts: Options, hooks: Hooks, run: RunPlan, t_start: float, world)
     layer_map = build_layer_map(opts, prep.layout, result, provenance(opts, prep, config_sha), environment,
                                 composite=prep.checkpoint.text is not prep.checkpoint.config)
     if opts.plots:
-        from indexcache_calib.plots import calibration_plots
-
         calibration_plots(layer_map, run_dir)
     art.write_json(run_dir / art.LAYER_MAP, layer_map)
     return layer_map, run_dir
@@ -714,8 +693,6 @@ def run_search(opts: Options, hooks: Hooks, prep: Prepared, run: RunPlan, fp: di
                cache_device: str, world) -> SearchResult:
     """The greedy search from `run.start` to `run.num_full` Full layers after the resumed steps, with a
     checkpoint after every step, then the scores the layer map reports (all-Full, final, uniform)."""
-    from indexcache_calib.parallel import ParallelEvaluator, sum_counters
-
     layout, num_full, start, run_dir = prep.layout, run.num_full, run.start, run.run_dir
     done, later = resumed.done, resumed.later
     runner = make_runner(prep, opts, cache_device)
@@ -807,9 +784,6 @@ def run_search(opts: Options, hooks: Hooks, prep: Prepared, run: RunPlan, fp: di
 
 def provenance(opts: Options, prep: Prepared, config_sha: str | None) -> dict:
     """Where the layer map comes from: model, data, tokens, settings and library versions."""
-    from indexcache_calib import model as mdl
-    from indexcache_calib.data import tokens_sha256
-
     return {
         "model": opts.model,
         "model_location": prep.source.location,  # the directory or hub id an alias resolved to
@@ -840,8 +814,6 @@ def build_layer_map(opts: Options, layout, result: SearchResult, provenance: dic
                     composite: bool) -> dict:
     """The layer map: a function of the search result, the model's layout, the options, the provenance and
     the session's environment (wall time, processes, cache device, host), reading nothing else."""
-    from indexcache_calib.deploy import consumer_keys, engine_args
-
     family, positions, final, steps = layout.family, layout.positions, result.final, result.steps
     work = dict(result.work)
     seconds = work.pop("seconds")
