@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -17,10 +18,21 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save, save_file
 
 from indexcache_calib import artifact as art
+from indexcache_calib import data as dat
+from indexcache_calib.calibrate import check_seq_len_floor
+from indexcache_calib.data import file_sha256, tokens_sha256
 from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, EXIT_RESUME_MISMATCH, CalibError, Terminated
+from indexcache_calib.families import BY_MODEL_TYPE
+from indexcache_calib.model import config_sha256
 from indexcache_calib.warmup import IndexerOptimizer, freeze_all_but, indexer_param_names, indexer_step, lr_at
+
+# transformers is imported inside the functions that use it: it imports huggingface_hub, which reads
+# HF_HUB_OFFLINE once, when imported, and the commands set it (cli_common._quiet_libraries) after importing
+# this module; see the note at the top of convert.py.
 
 STATE_DIR = ".indexcache-train"  # inside --out while training; removed once the model is written
 STATE = "state.safetensors"
@@ -35,14 +47,12 @@ NOT_COPIED = {"config.json", "README.md", CARD, TRAINING_LOG, LOG_CSV}
 
 def training_windows(data: str, tokenizer, seq_len: int, text_field: str = "text", warn=lambda t: None) -> torch.Tensor:
     """Every non-overlapping window of `seq_len` tokens of the documents joined with EOS: [n, seq_len]."""
-    from indexcache_calib.data import pack, read_documents
-
-    docs = read_documents(data, tokenizer, text_field)
+    docs = dat.read_documents(data, tokenizer, text_field)
     for note in docs.skipped:
         warn(f"{data}: skipped {note}")
     for note in docs.notes:
         warn(f"{data}: {note}")
-    ids, available = pack(docs.texts, tokenizer, seq_len, 1 << 62, 0)
+    ids, available = dat.pack(docs.texts, tokenizer, seq_len, 1 << 62, 0)
     return ids
 
 
@@ -128,9 +138,6 @@ def output_dir(out: Path, resume: bool, overwrite: bool):
 def check_numbers(opts, seq_len: int, topk: int, config) -> None:
     """The options' numbers, and --seq-len against the floor of `config`'s family (calibrate's own check);
     `topk` is the floor only for a config outside the registry of families."""
-    from indexcache_calib.calibrate import check_seq_len_floor
-    from indexcache_calib.families import BY_MODEL_TYPE
-
     for name in ("steps", "batch_size", "checkpoint_every", "eval_samples"):
         if getattr(opts, name) < 1:
             raise CalibError(f"--{name.replace('_', '-')} must be at least 1")
@@ -147,10 +154,7 @@ def prepare_training(command: str, opts, source, src_dir: Path, seq_len: int, wa
     """Everything cheap, before any weights load: --out checked, the tokenizer, the training and held-out
     windows, the settings, and the fingerprint (checked against the saved state on --resume).
     Returns (out, windows, eval_ids or None, settings, fingerprint)."""
-    from transformers import AutoTokenizer
-
-    from indexcache_calib.data import file_sha256, tokens_sha256
-    from indexcache_calib.model import config_sha256
+    from transformers import AutoTokenizer  # deferred: see HF_HUB_OFFLINE at the top
 
     out = Path(opts.out).expanduser()
     check_out(out, src_dir, opts.resume, opts.overwrite)
@@ -228,8 +232,6 @@ def load_state(state_dir: Path, fingerprint: dict, tensors: bool = True) -> tupl
     path = state_dir / STATE
     if not path.is_file():
         return None
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -248,8 +250,6 @@ def load_state(state_dir: Path, fingerprint: dict, tensors: bool = True) -> tupl
 
 
 def save_state(state_dir: Path, opt: IndexerOptimizer, fingerprint: dict, step: int, log: list[dict], wall_s: float) -> None:
-    from safetensors.torch import save
-
     meta = {"fingerprint": json.dumps(fingerprint, sort_keys=True), "step": str(step), "skipped": str(opt.skipped),
             "log": json.dumps(log), "wall_s": f"{wall_s:.3f}"}
     art.atomic_write(state_dir / STATE, save(opt.state_tensors(), metadata=meta))
@@ -342,18 +342,12 @@ def source_weight_files(directory: Path) -> tuple[dict[str, str], dict]:
     if not single.is_file():
         raise CalibError(f"{directory} has no model.safetensors (or safetensors index)",
                          hint="this command reads and writes safetensors checkpoints only")
-    from safetensors import safe_open
-
     with safe_open(str(single), framework="pt") as f:
         return {k: "model.safetensors" for k in f.keys()}, {}
 
 
 def source_dtype(directory: Path) -> torch.dtype | None:
     """The floating dtype most of the checkpoint's tensors are stored in (read from the file headers)."""
-    from collections import Counter
-
-    from safetensors import safe_open
-
     weight_map, _ = source_weight_files(directory)
     counts: Counter = Counter()
     for fname in sorted(set(weight_map.values())):
@@ -370,7 +364,7 @@ def checkpoint_tensors(model, params: dict[str, torch.Tensor]) -> dict[str, torc
     renamings (and any conversion) it applied when loading, the same one `save_pretrained` applies."""
     state = {k: v.detach() for k, v in params.items()}
     try:
-        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.core_model_loading import revert_weight_conversion  # deferred: see HF_HUB_OFFLINE at the top
     except ImportError:  # a transformers without load-time conversions saves what it loads
         return state
     return dict(revert_weight_conversion(model, state))
@@ -380,9 +374,6 @@ def write_weights(source: Path, out: Path, add: dict[str, torch.Tensor], drop: s
     """Write the checkpoint's tensors to `out`: every source tensor byte for byte under its own name, except
     those in `drop`; tensors in `add` replace or join them (a new one goes to the shard of its layer). The
     file layout follows the source (one file, or the same shards with a new index). Returns a summary."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     weight_map, index_meta = source_weight_files(source)
     files = sorted(set(weight_map.values()))
     new_map = {k: v for k, v in weight_map.items() if k not in drop}
