@@ -7,9 +7,11 @@ import json
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from indexcache_calib import cli_common
 from indexcache_calib.cli_common import (
@@ -17,7 +19,8 @@ from indexcache_calib.cli_common import (
 )
 from indexcache_calib.errors import Terminated, plural
 
-
+# Commands import trainloop, convert and distill (which import torch) inside their functions, so that `--help`
+# and argument errors do not load torch.
 
 SEQ_LEN = "Tokens per training sequence; must exceed index_topk. Default: twice index_topk."
 SEED = "Seeds the order of the training windows (and, in dsa-convert, the indexers' initial weights)."
@@ -35,8 +38,6 @@ def _handled(out_dir: str, resume_hint: str, rerun: str | None = None):
     """The one error contract of every command (`cli_common.handled`); an interruption says where the
     training state is and how to resume, or, before the first training step was saved (the run's directory
     is then removed, so --resume would find nothing), how to rerun."""
-    from pathlib import Path
-
     from indexcache_calib import trainloop as tl
 
     saved: dict = {}
@@ -60,8 +61,6 @@ def _handled(out_dir: str, resume_hint: str, rerun: str | None = None):
 
 def _hooks():
     """Progress on stderr: a bar with ETA on a terminal, otherwise a line about every 5% of the steps."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from indexcache_calib import trainloop as tl
 
     err = cli_common.err
