@@ -9,14 +9,22 @@ import time
 from typing import Optional
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 from typer.core import TyperGroup
 
+from indexcache_calib import __version__, deploy_cli, inspect_cli, train_cli
 from indexcache_calib.cli_common import (
     EXIT_SIGINT, AllowPickle, Attention, BatchSize, DeviceMap, Dtype, IndexerChunk, MaxMemory, Model, OffloadDir, Seed, TextField,
     TrustRemoteCode, _quiet_libraries, err, handled, out, rerun_command, resume_command,
 )
+from indexcache_calib.dryrun import describe
 from indexcache_calib.errors import plural
+
+# Commands import calibrate, artifact and deploy (which import torch) inside their functions, so that `--help`
+# and argument errors do not load torch.
+
 
 class _Commands(TyperGroup):
     """Command-line mistakes get the same `Error:`/`Hint:` lines as every other bad input, and a reader
@@ -52,8 +60,6 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from indexcache_calib import __version__
-
         out.print(f"indexcache {__version__}", markup=False)
         raise typer.Exit(0)
 
@@ -135,7 +141,6 @@ def calibrate(
         with handled():
             _quiet_libraries()
             from indexcache_calib.calibrate import dry_run as plan
-            from indexcache_calib.dryrun import describe
 
             estimate = plan(opts)
         if as_json:
@@ -199,9 +204,6 @@ def _clock_text(seconds: float | None) -> str:
 def _run_calibration(opts, Hooks, where: dict):
     """Progress on stderr: on a terminal, bars for the steps, the step's candidates and the sequences of the
     forward under way, each with an ETA from the work so far; on a log or pipe, one line per finished step."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
-    from rich.text import Text
-
     from indexcache_calib.calibrate import calibrate as run
 
     class EtaColumn(ProgressColumn):
@@ -308,8 +310,6 @@ def _print_summary(layer_map: dict, run_dir) -> None:
 
 
 def _register_commands() -> None:
-    from indexcache_calib import deploy_cli, inspect_cli, train_cli
-
     deploy_cli.register(app)
     inspect_cli.register(app)
     train_cli.register(app)
