@@ -3,6 +3,7 @@ stdout, progress and errors on stderr) and the error contract (`Error:`/`Hint:` 
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import signal
@@ -13,6 +14,10 @@ import typer
 from rich.console import Console
 
 from indexcache_calib.errors import CalibError, Terminated
+
+# transformers and datasets are imported in _quiet_libraries, after it sets HF_HUB_OFFLINE: they import
+# huggingface_hub, which reads it once, when imported (see the note at the top of convert.py); and `--help`
+# and argument errors must not load them (or torch).
 
 Model = Annotated[str, typer.Option("--model", "-m", help="Local checkpoint dir, hub id (from the local HF cache) or alias.")]
 Seed = Annotated[int, typer.Option(help="Picks which packed sequences are used.")]
@@ -53,10 +58,8 @@ EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
-    from datasets.utils.logging import disable_progress_bar as datasets_quiet
-
-    import logging
+    import transformers  # deferred: see the note at the top
+    from datasets.utils.logging import disable_progress_bar as datasets_quiet  # deferred: see the note at the top
 
     logging.getLogger("accelerate").setLevel(logging.ERROR)
     transformers.utils.logging.set_verbosity_error()
