@@ -281,11 +281,17 @@ def supported() -> str:
     return ", ".join(f.name for f in FAMILIES)
 
 
+def lookup(config) -> Family | None:
+    """The adapter for a config; None where it has none (a model without an indexer, or an unknown family)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return BY_MODEL_TYPE.get(getattr(config, "model_type", None)) or BY_MODEL_TYPE.get(getattr(text, "model_type", None))
+
+
 def family_of(config, name: str = "model") -> Family:
     """The adapter for a config, or a refusal that says why."""
     model_type = getattr(config, "model_type", None) or "?"
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    family = BY_MODEL_TYPE.get(model_type) or BY_MODEL_TYPE.get(getattr(text, "model_type", None))
+    family = lookup(config)
     if family is not None:
         return family
     if model_type == "glm4_moe_lite":

@@ -29,7 +29,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from indexcache_calib.errors import CalibError
-from indexcache_calib.families import family_of, resolve_attr
+from indexcache_calib.families import lookup, resolve_attr
 from indexcache_calib.stats import mean_se
 
 # Index scores at or below this are masked (the library adds finfo.min or fills -inf).
@@ -52,13 +52,19 @@ def decoder_layers(model) -> list:
 
 
 def attention_of(model, layer):
-    """The layer's attention module, where the family's row says it is."""
-    return getattr(layer, family_of(model.config).attention_at)
+    """The layer's attention module, where the family's row says it is (`self_attn` in a model without an
+    indexer, such as the MLA source of dsa-convert)."""
+    family = lookup(model.config)
+    return getattr(layer, family.attention_at if family else "self_attn")
 
 
 def indexers(model) -> dict[int, torch.nn.Module]:
-    """Layer id -> indexer module, for the layers that have one (Shared layers built by the library have none)."""
-    path = family_of(model.config).indexer_at
+    """Layer id -> indexer module, for the layers that have one (Shared layers built by the library have none;
+    a model without an indexer family has none at all)."""
+    family = lookup(model.config)
+    if family is None:
+        return {}
+    path = family.indexer_at
     out = {}
     for i, layer in enumerate(decoder_layers(model)):
         parent, name = resolve_attr(layer, path)
