@@ -6,6 +6,9 @@ import os
 
 from indexcache_calib.errors import CalibError, plural
 
+# torch, accelerate and the pipeline modules are imported inside the functions that need them: the command line
+# imports this module for `describe`, and `indexcache --help` must not load torch.
+
 
 def size_str(n: float) -> str:
     for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
