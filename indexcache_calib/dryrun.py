@@ -24,7 +24,7 @@ def size_str(n: float) -> str:
 FAST_RESCORED = 0.5
 # A race's typical step, measured by `bench race` on tiny-dsa (RACE_MEASURED): a candidate dropped before the
 # end used RACE_DROPPED_SEQUENCES sequences on average, RACE_FINALISTS per step ran through every sequence
-# (the winner and its near-ties), and the rest of the work (the all-Full base, committing) came to
+# (the winner and its near-ties), and the work beyond the candidates' own and the all-Full base came to
 # RACE_EXTRA of the winner's full run per step.
 # How soon a worse candidate is dropped depends on how noisy one sequence's loss is: at 64x512 it took 13.6
 # sequences, at 256x128 (shorter, noisier sequences) 77.9. The larger count is the one used here.
