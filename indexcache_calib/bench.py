@@ -18,6 +18,7 @@ import json
 import math
 import os
 import resource
+import socket
 import subprocess
 import sys
 import tempfile
@@ -679,14 +680,19 @@ def bench_parallel(args) -> None:
               "--num-samples", str(args.samples), "--batch-size", "2", "--target", "1/4", "--search", "naive",
               "--no-plots", "--no-overlap"]
     bin_dir = os.path.dirname(sys.executable)
+    with socket.socket() as sock:  # a free port: a fixed one may be held by another run on this host
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
     timings = {}
     for name, cmd, threads in [
         ("1 process", [sys.executable, "-m", "indexcache_calib", *common, "--out", str(tmp / "one")], "2"),
-        ("2 processes", [os.path.join(bin_dir, "torchrun"), "--nproc_per_node", "2", "--master_port", "29577", "-m",
+        ("2 processes", [os.path.join(bin_dir, "torchrun"), "--nproc_per_node", "2", "--master_port", port, "-m",
                          "indexcache_calib", *common, "--out", str(tmp / "two")], "1"),
     ]:
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": threads})
+        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": threads})
+        if p.returncode:
+            raise SystemExit(f"Error: {name} exited {p.returncode}: {' '.join(cmd)}\n{p.stderr[-4000:]}")
         timings[name] = time.perf_counter() - t0
     maps = [json.loads((tmp / d / "layer_map.json").read_text()) for d in ("one", "two")]
     same = maps[0]["pattern"] == maps[1]["pattern"] and maps[0]["path"] == maps[1]["path"]
