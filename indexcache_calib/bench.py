@@ -352,7 +352,6 @@ def bench_draws(args) -> None:
     depend on the picks.
     """
     from indexcache_calib.dryrun import search_work
-    from indexcache_calib.search import Race
 
     spec = args.model
     seq = args.seq_len or SEARCH_CASES[spec][1]
@@ -368,8 +367,7 @@ def bench_draws(args) -> None:
                       "tokens_sha256": ref["tokens_sha256"], "naive_layer_forwards": naive,
                       "exact": {k: ref[k] for k in ("layer_forwards", "tokens", "patterns", "wall_s")},
                       "exact_undecided_steps": _undecided(ref), "exact_steps": len(ref["steps"]), "searches": {}}
-            searches = [(s, s, {}) for s in args.strategies] + [
-                (f"race, tolerance {t}", "race", {"race": Race(tolerance=t)}) for t in args.tolerance]
+            searches = [(s, s, {}) for s in args.strategies] + tolerance_races(args.tolerance)
             for strategy, kind, opts in searches:
                 run = _run(kind, model, layout, ids, floor, **opts)
                 row = compare_to_exact(ref, run, n)
@@ -438,6 +436,17 @@ RACE_CASE = ("tiny-dsa", 64, 512)  # model, sequences, tokens each
 RACE_HELDOUT = 32  # held-out sequences each searched pattern is scored on
 
 
+def tolerance_races(tolerances) -> list[tuple[str, str, dict]]:
+    """(name, strategy, search options) of a race with each tolerance (nats per step, or "auto")."""
+    from indexcache_calib.search import Race
+
+    return [(f"race, tolerance {t}", "race", {"race": Race(tolerance=t)}) for t in tolerances]
+
+
+def _tolerance(text: str) -> float | str:
+    return text if text == "auto" else float(text)
+
+
 def _race_name(spec: str, samples: int, seq: int, seed: int) -> str:
     return f"race_{spec}_{samples}x{seq}" + (f"_seed{seed}" if seed else "")
 
@@ -447,7 +456,7 @@ def bench_race(args) -> None:
     down to 1/8: tokens through decoder layers, and the decisions and losses against exact's, on the
     calibration sequences and on held-out ones. The race runs as Algorithm 1's guarantee (no tolerance)
     and with each `--tolerance`."""
-    from indexcache_calib.search import Race, Step, race_summary
+    from indexcache_calib.search import Step, race_summary
 
     spec = RACE_CASE[0]
     samples = args.samples or RACE_CASE[1]
@@ -462,7 +471,7 @@ def bench_race(args) -> None:
               "exact_ran_here": bool(ref.get("ran_here")), "exact_undecided_steps": _undecided(ref),
               "exact_steps": len(ref["steps"]), "searches": {}}
     searches = [("fast", "fast", {}), *([("race", "race", {})] if not args.no_plain_race else []),
-                *((f"race, tolerance {t}", "race", {"race": Race(tolerance=t)}) for t in args.tolerance)]
+                *tolerance_races(args.tolerance)]
     for name, strategy, opts in searches:
         run = _cached_run(spec, model, layout, ids, floor, strategy, name, fresh=args.fresh, **opts)
         row = compare_to_exact(ref, run, n)
@@ -490,7 +499,7 @@ def bench_race(args) -> None:
 def race_shares(steps, layer_forwards: int, num_layers: int, samples: int) -> dict:
     """What `dryrun.search_work` models a race with, measured on one: the mean sequences a candidate that did
     not run to the end used, how many per step ran through every sequence (the winner included), and the
-    layer-forwards beyond the candidates' own (the all-Full base, each step's cache refresh and any winner
+    layer-forwards beyond the candidates' own and the all-Full base (each step's cache refresh and any winner
     re-run), per step, in units of the winner's full run."""
     short = [len(sc.seq_losses) for st in steps for sc in st.scores.values() if len(sc.seq_losses) < samples]
     whole = sum(len(sc.seq_losses) == samples for st in steps for sc in st.scores.values())
@@ -779,7 +788,7 @@ def main() -> None:
     d.add_argument("--strategies", nargs="*", default=["fast", "race"], choices=["fast", "race", "naive"],
                    help="searches compared with exact (none: only compute and keep exact's runs)")
     d.add_argument("--data", default="calibration_data/code.jsonl")
-    d.add_argument("--tolerance", nargs="*", default=[], type=lambda t: t if t == "auto" else float(t),
+    d.add_argument("--tolerance", nargs="*", default=[], type=_tolerance,
                    help="also race with each of these tolerances (nats per step, or auto)")
     rc = sub.add_parser("race")
     rc.add_argument("--seed", type=int, default=0)
@@ -787,7 +796,7 @@ def main() -> None:
     rc.add_argument("--fresh", action="store_true", help="rerun every search even if outputs/bench/ holds its run")
     rc.add_argument("--samples", type=int, default=None, help=f"calibration sequences (default {RACE_CASE[1]})")
     rc.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence (default {RACE_CASE[2]})")
-    rc.add_argument("--tolerance", nargs="*", default=["auto"], type=lambda t: t if t == "auto" else float(t),
+    rc.add_argument("--tolerance", nargs="*", default=["auto"], type=_tolerance,
                     help="race again with each of these tolerances (nats per step, or auto)")
     rc.add_argument("--no-plain-race", action="store_true", help="skip the race without a tolerance")
     rc.add_argument("--heldout", default="calibration_data/code.heldout.jsonl")

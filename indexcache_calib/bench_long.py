@@ -243,13 +243,16 @@ def print_lengths(r: dict) -> None:
           f"{r.get('short_length_sequences', '?')} held-out sequences and at {l['seq_len']} on {r['heldout_sequences']}")
     print(f"| ratio | pattern calibrated on | pattern | overlap at {s['seq_len']} | overlap at {l['seq_len']} | gap at {s['seq_len']} | gap at {l['seq_len']} |")
     print("|---|---|---|---|---|---|---|")
+
+    def mean(overlap: dict) -> float:
+        return sum(overlap.values()) / len(overlap) if overlap else float("nan")
+
     for row in r["table"]:
         for label in ("short", "long"):
             c = row[label]
             at = c.get("at_short_length")
             if at is None:
                 continue
-            mean = lambda o: sum(o.values()) / len(o) if o else float("nan")
             print(f"| {row['ratio']} | {r['runs'][label]['samples']} x {r['runs'][label]['seq_len']} | `{c['pattern']}` | "
                   f"{mean(at['overlap']):.3f} | {mean(c['overlap']):.3f} | {at['gap']:+.5f} | {c['gap']:+.5f} |")
 
