@@ -79,6 +79,12 @@ def is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
+def _bare_state_dir(out: Path) -> bool:
+    """--out holds only the state directory, with no state in it: what a run killed before its first
+    checkpoint leaves (no `finally` runs on SIGKILL). Nothing there is anyone's, nor worth resuming."""
+    return [p.name for p in out.iterdir()] == [STATE_DIR] and not (out / STATE_DIR / STATE).is_file()
+
+
 def check_out(out: Path, source: Path | None, resume: bool, overwrite: bool) -> None:
     """Refuse an --out that would clobber something; changes nothing."""
     if out.exists() and not out.is_dir():
@@ -87,7 +93,7 @@ def check_out(out: Path, source: Path | None, resume: bool, overwrite: bool) -> 
         o, s = out.resolve(), source.resolve()
         if o == s or s in o.parents or o in s.parents:
             raise CalibError(f"--out {out} overlaps the source checkpoint {source}", hint="choose a separate directory")
-    if not out.is_dir() or not any(out.iterdir()):
+    if not out.is_dir() or not any(out.iterdir()) or _bare_state_dir(out):
         return
     has_state = (out / STATE_DIR / STATE).is_file()
     if overwrite:
@@ -121,7 +127,7 @@ def prepare_out(out: Path, resume: bool, overwrite: bool) -> Path:
 def output_dir(out: Path, resume: bool, overwrite: bool):
     """Create --out (after `check_out`) for the body, which gets the state directory; out of memory becomes
     one line, and a directory this run created is removed unless it holds a state or a finished model."""
-    existed = out.exists()
+    existed = out.exists() and not (out.is_dir() and _bare_state_dir(out))
     state_dir = prepare_out(out, resume, overwrite)
     try:
         yield state_dir

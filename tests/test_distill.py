@@ -183,6 +183,24 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(lite_dir, c
     assert result["evaluation"]["loss"] == ref_log["evaluation"]["loss"]
 
 
+@pytest.mark.parametrize("resume, overwrite", [(False, False), (False, True)])
+def test_a_run_killed_before_its_first_checkpoint_leaves_nothing_in_the_way(tmp_path, resume, overwrite):
+    """SIGKILL runs no `finally`: --out keeps only an empty state directory. A rerun (plain or --overwrite)
+    takes it, and removes it again if it fails before a checkpoint; --resume says there is nothing to resume."""
+    out = tmp_path / "killed"
+    (out / tl.STATE_DIR).mkdir(parents=True)
+    tl.check_out(out, None, resume, overwrite)
+    with pytest.raises(ValueError), tl.output_dir(out, resume, overwrite):
+        raise ValueError("failed before the first checkpoint")
+    assert not out.exists()
+    (out / tl.STATE_DIR).mkdir(parents=True)
+    with pytest.raises(tl.CalibError, match="nothing to resume"):
+        tl.check_resume(out, {})
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(tl.CalibError, match="did not write"):
+        tl.check_out(out, None, False, True)
+
+
 def test_a_crash_resumes_from_the_last_checkpoint(lite_dir, converted, text_data, tmp_path):
     from indexcache_calib.convert import ConvertOptions, convert
 
