@@ -48,6 +48,28 @@ def test_every_family_has_a_tiny_test_config():
     assert set(EXTRA) <= set(names)
 
 
+def test_the_readme_example_of_a_family_is_the_codes_own():
+    """README's "Adding a family" shows one row and one test config: each line is in the file it names."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("**Adding a family.**"):]
+    start = section.index("```python\n") + len("```python\n")
+    block = section[start:section.index("\n```", start)]
+    squash = lambda text: " ".join(text.split())  # noqa: E731
+    shown: dict[str, list[str]] = {}
+    for line in block.splitlines():
+        if line.startswith("# "):
+            source = line[2:].split(",")[0]
+            shown[source] = []
+        else:
+            shown[source].append(line)
+    assert set(shown) == {"indexcache_calib/families.py", "indexcache_calib/testing.py"}
+    for source, lines in shown.items():
+        assert squash("\n".join(lines)) in squash((root / source).read_text()), source
+
+
 @pytest.mark.parametrize("name", [f.name for f in FAMILIES])
 def test_each_tiny_config_is_its_own_family_and_the_registry_reads_its_keys(name):
     config = tiny_config(name)
