@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from indexcache_calib.bench import OUT, _save, _tokens, quiet
+from indexcache_calib.errors import plural
 
 LENGTHS = (2048, 4096, 8192, 16384, 32768)
 
@@ -100,7 +101,7 @@ def print_memory(result: dict) -> None:
     get = {(r["seq_len"], r["what"], r["path"]): r for r in rows}
     gib = lambda r: f"{r['peak_added_bytes'] / 2**30:.2f} GiB" if r.get("fits") else f"over {result['limit_bytes'] / 2**30:.0f} GiB"
     sec = lambda r: f"{r['wall_s']:.1f} s" if r.get("fits") else "-"
-    print(f"\n{result['model']}; one process per cell, {result['threads']} thread(s), peak resident memory the work added")
+    print(f"\n{result['model']}; one process per cell, {plural(result['threads'], 'thread')}, peak resident memory the work added")
     print("| tokens | forward dense | forward sparse | sparse / dense | step dense | step sparse | sparse / dense | same loss |")
     print("|---|---|---|---|---|---|---|---|")
     for seq in sorted({r["seq_len"] for r in rows}):

@@ -272,7 +272,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     try:
         result = {
-            "settings": {k: v for k, v in vars(args).items()} | {"device": f"cpu, {torch.get_num_threads()} thread(s)"},
+            "settings": {k: v for k, v in vars(args).items()} | {"device": f"cpu, {plural(torch.get_num_threads(), 'thread')}"},
             "convert": run_convert(args, data_dir, out),
             "distill": run_distill(args, data_dir, out),
             "versions": versions(),

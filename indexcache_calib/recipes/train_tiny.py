@@ -62,6 +62,7 @@ from transformers import Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM, GlmMoeDsaCon
 
 from indexcache_calib import warmup
 from indexcache_calib.warmup import Call, decay_groups, lr_at
+from indexcache_calib.errors import plural
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOMAINS = ("code", "docs")
@@ -609,7 +610,7 @@ def _rel(path: Path) -> str:
 def _device_name(args) -> str:
     if args.device == "cuda":
         return f"cuda ({torch.cuda.get_device_name()})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"cpu ({platform.processor() or platform.machine()}, {plural(torch.get_num_threads(), 'thread')})"
 
 
 def model_card(log: dict) -> str:
