@@ -79,7 +79,7 @@ def bench_memory(args) -> None:
                 if earlier and not earlier[-1]["fits"]:
                     rows.append({"seq_len": seq, "what": what, "path": path, "fits": False, "skipped": True})
                     continue
-                cmd = [sys.executable, "-m", "indexcache_calib.bench_long", "--threads", str(args.threads), "_memory-child",
+                cmd = [sys.executable, "-m", "indexcache_calib.bench_long", "--threads", str(args.cell_threads), "_memory-child",
                        "--model-dir", model_dir, "--seq", str(seq), "--path", path, "--what", what]
                 p = subprocess.run(cmd, capture_output=True, text=True,
                                    preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
@@ -91,7 +91,7 @@ def bench_memory(args) -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     result = {"model": f"random GlmMoeDsa, {args.layers} layers, hidden 128, index_topk 64, 4 indexer heads of dim 32",
-              "limit_bytes": limit, "threads": args.threads, "rows": rows}
+              "limit_bytes": limit, "threads": args.cell_threads, "rows": rows}
     _save(args.name, result)
     print_memory(result)
 
@@ -266,6 +266,8 @@ def main() -> None:
     m.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
     m.add_argument("--layers", type=int, default=4)
     m.add_argument("--limit-gib", type=float, default=16.0, help="address-space limit of each measuring process")
+    # One thread by default, as the README's table was measured: the top-level --threads is this process's.
+    m.add_argument("--cell-threads", type=int, default=1, help="torch threads of each measuring process")
     m.add_argument("--name", default="long_memory", help="result file under outputs/bench/")
     c = sub.add_parser("_memory-child")
     c.add_argument("--model-dir")
