@@ -183,14 +183,14 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(lite_dir, c
     assert result["evaluation"]["loss"] == ref_log["evaluation"]["loss"]
 
 
-@pytest.mark.parametrize("resume, overwrite", [(False, False), (False, True)])
-def test_a_run_killed_before_its_first_checkpoint_leaves_nothing_in_the_way(tmp_path, resume, overwrite):
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_run_killed_before_its_first_checkpoint_leaves_nothing_in_the_way(tmp_path, overwrite):
     """SIGKILL runs no `finally`: --out keeps only an empty state directory. A rerun (plain or --overwrite)
     takes it, and removes it again if it fails before a checkpoint; --resume says there is nothing to resume."""
     out = tmp_path / "killed"
     (out / tl.STATE_DIR).mkdir(parents=True)
-    tl.check_out(out, None, resume, overwrite)
-    with pytest.raises(ValueError), tl.output_dir(out, resume, overwrite):
+    tl.check_out(out, None, False, overwrite)
+    with pytest.raises(ValueError), tl.output_dir(out, False, overwrite):
         raise ValueError("failed before the first checkpoint")
     assert not out.exists()
     (out / tl.STATE_DIR).mkdir(parents=True)

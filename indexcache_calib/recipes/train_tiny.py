@@ -61,8 +61,8 @@ import transformers
 from transformers import Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM, GlmMoeDsaConfig, GlmMoeDsaForCausalLM, PreTrainedTokenizerFast
 
 from indexcache_calib import warmup
-from indexcache_calib.warmup import Call, decay_groups, lr_at
 from indexcache_calib.errors import plural
+from indexcache_calib.warmup import Call, decay_groups, lr_at
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOMAINS = ("code", "docs")
