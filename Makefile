@@ -37,8 +37,9 @@ calibrate: setup
 bench: setup
 	$(BIN)/python -m indexcache_calib.bench search
 	$(BIN)/python -m indexcache_calib.bench race
-	$(BIN)/python -m indexcache_calib.bench race --samples 256 --seq-len 128
-	$(BIN)/python -m indexcache_calib.bench draws --samples 32 --seq-len 128 --strategies fast --tolerance auto
+	$(BIN)/python -m indexcache_calib.bench race --samples 256 --seq-len 128 --tolerance 0.004
+	$(BIN)/python -m indexcache_calib.bench race --samples 32 --seq-len 128 --seeds 0 1 2 3 4 5
+	$(BIN)/python -m indexcache_calib.bench race --model tiny-dsa-deep --samples 16 --seq-len 256
 	$(BIN)/python -m indexcache_calib.bench project
 	$(BIN)/python -m indexcache_calib.bench indexer
 	$(BIN)/python -m indexcache_calib.bench parallel

@@ -1,3 +1,3 @@
 """indexcache: training-free IndexCache calibration for DSA sparse-attention models."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

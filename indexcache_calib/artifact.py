@@ -22,6 +22,7 @@ LAYER_MAP = "layer_map.json"
 TRACE = "search_trace.csv"
 TOKENS = "tokens.safetensors"
 CHECKPOINT = "checkpoint.json"
+IN_FLIGHT = "step_in_flight.json"  # the scores of the step under way, so a resume need not run them again
 REQUIRED_KEYS = (
     "schema", "pattern", "num_layers", "num_full", "full_layers", "indexer_types", "target", "loss",
     "path", "engines", "provenance", "environment",
@@ -109,7 +110,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         from indexcache_calib.plots import LOSS_PLOT, PATTERN_PLOT  # deferred: plots imports this module
 
         # Only what a run writes: anything else in the directory is the user's and stays.
-        for name in (LAYER_MAP, CHECKPOINT, TRACE, TOKENS, LOSS_PLOT, PATTERN_PLOT):
+        for name in (LAYER_MAP, CHECKPOINT, IN_FLIGHT, TRACE, TOKENS, LOSS_PLOT, PATTERN_PLOT):
             (run_dir / name).unlink(missing_ok=True)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -152,7 +153,7 @@ def trace_rows(baseline_loss: float, steps: list[Step], positions: list[int] | N
                 "candidate": layer if positions is None else positions[layer],
                 "loss": sc.loss,
                 "delta_vs_all_full": sc.loss - baseline_loss,
-                "delta_vs_step_base": sc.loss - s.base_loss,
+                "delta_vs_step_base": s.delta(layer),
                 "mean_overlap": sc.overlap,
                 "sequences": len(sc.seq_losses),
                 "gap_vs_chosen": gap,
@@ -186,6 +187,45 @@ def read_layer_map(path: str | Path) -> dict:
     if missing:
         raise CalibError(f"{path} is missing {', '.join(missing)}")
     return data
+
+
+class StepRecord:
+    """What the step under way has scored, written after every answer (by the process that writes the
+    run): a run stopped mid-step resumes without scoring any of it again. The search asks for the same
+    scores in the same order on resume (it decides only from scores), so the saved answers are replayed
+    in order, as long as each matches what is asked; the first that does not ends the replay."""
+
+    def __init__(self, path: Path, base: str, saved: dict | None, write: bool):
+        self.path, self.base, self.write = Path(path), base, write
+        self.calls: list = []
+        self.replay = list(saved["calls"]) if saved and saved.get("base") == base else []
+
+    @staticmethod
+    def read(path: Path) -> dict | None:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            return None  # none, or cut short: the step runs whole again
+        return data if isinstance(data, dict) and isinstance(data.get("calls"), list) else None
+
+    def answer(self, key: list):
+        """The saved answer to `key`, or None (and no more replay)."""
+        if self.replay and self.replay[0].get("key") == key:
+            call = self.replay.pop(0)
+            self.calls.append(call)
+            return call["answer"]
+        self.replay = []
+        return None
+
+    def add(self, key: list, answer) -> None:
+        self.calls.append({"key": key, "answer": answer})
+        if self.write:
+            write_json(self.path, {"base": self.base, "calls": self.calls})
+
+    def next_step(self, base: str) -> None:
+        self.base, self.calls, self.replay = base, [], []
+        if self.write:
+            self.path.unlink(missing_ok=True)
 
 
 def remove_partial(run_dir: Path) -> None:

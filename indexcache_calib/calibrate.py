@@ -9,7 +9,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +30,9 @@ from indexcache_calib.pattern import (
     FULL, SHARED, full_layers, indexer_types, resolve_num_full, source_layers, uniform_pattern, validate_pattern,
 )
 from indexcache_calib.plots import calibration_plots
-from indexcache_calib.search import DECIDED_SE, SEARCHES, Race, Score, Step, greedy_search, path, race_summary
+from indexcache_calib.search import (
+    DECIDED_SE, DEFAULT_SEARCH, RETIRED, SEARCHES, Race, Score, Step, greedy_search, path, race_summary,
+)
 
 # transformers, and runner and attention (which import it), are imported inside the functions that use them:
 # transformers imports huggingface_hub, which reads HF_HUB_OFFLINE once, when imported, and the commands set it
@@ -52,7 +54,7 @@ class Options:
     num_samples: int = 8
     seed: int = 0
     batch_size: int = 1
-    search: str = "fast"
+    search: str = DEFAULT_SEARCH
     text_field: str = "text"
     overlap: bool = True
     indexer_chunk: int | None = None  # query rows per indexer call; None = automatic, 0 = one call
@@ -68,9 +70,10 @@ class Options:
     plots: bool = True
     start_pattern: str | None = None  # begin the search here instead of all-F
     cache_budget: str | None = None  # e.g. "64GiB": a larger prefix cache goes to disk
-    race_alpha: float = 0.05  # --search race: chance per step of dropping Algorithm 1's choice
-    race_first: int = 4  # --search race: sequences in the first round
-    tolerance: str | float | None = None  # --search race: nats per step, or "auto" (see search.Race)
+    # --search race (the default); None: the default of `search.Race`. Set for another search, refused.
+    race_alpha: float | None = None  # chance per step of dropping the best candidate raced
+    race_first: int | None = None  # sequences in the first round
+    tolerance: str | float | None = None  # nats per step, "auto", or 0 for none (see search.Race)
     attention: str = "auto"  # sparse, dense, or auto: sparse where the family passes its selection as indices
 
     def fingerprint_fields(self, ckpt) -> dict:
@@ -78,17 +81,20 @@ class Options:
         # resumed run can stop later or earlier on the same path. The attention path is recorded as
         # resolved: `auto` and the path it picks are one run.
         fields = ("seq_len", "num_samples", "seed", "batch_size", "search", "text_field", "dtype", "start_pattern")
-        if self.search == "race":
-            fields += ("race_alpha", "race_first")
         settings = {k: getattr(self, k) for k in fields}
-        if self.search == "race" and self.tolerance is not None:
-            # As parsed ("0.010" and "0.01" are one run); absent without one, as in older checkpoints.
-            settings["tolerance"] = parse_tolerance(self.tolerance)
+        if self.search == "race":  # as the race takes them ("0.010" and "0.01" are one run)
+            race = self.race()
+            settings.update(race_alpha=race.alpha, race_first=race.first, tolerance=race.tolerance)
         if not self.overlap:
             # Absent while measured, as in older checkpoints: a trace half with overlap and half without
             # would say neither. `same_fingerprint` reads a missing value as measured.
             settings["overlap"] = False
         return {**settings, "attention": attention_for(self, ckpt)}
+
+    def race(self) -> Race:
+        """The race's settings, the defaults where none was given (after `check_options`)."""
+        given = {"alpha": self.race_alpha, "first": self.race_first, "tolerance": parse_tolerance(self.tolerance)}
+        return Race(**{k: v for k, v in given.items() if v is not None})
 
 
 @dataclass
@@ -289,6 +295,9 @@ def check_options(opts: Options) -> None:
 
     if opts.cache_device not in CACHE_DEVICES:
         raise CalibError(f"unknown --cache-device {opts.cache_device!r}", hint=f"use one of {', '.join(CACHE_DEVICES)}")
+    if opts.search in RETIRED:
+        raise CalibError(f"--search {opts.search} is retired: {RETIRED[opts.search]}",
+                         hint=f"leave --search out, or use one of {', '.join(SEARCHES)}")
     if opts.search not in SEARCHES:
         raise CalibError(f"unknown --search {opts.search!r}", hint=f"use one of {', '.join(SEARCHES)}")
     for name in ("seq_len", "num_samples", "batch_size"):
@@ -298,19 +307,21 @@ def check_options(opts: Options) -> None:
         raise CalibError("--indexer-chunk must be 0 (one call) or a number of query rows")
     if opts.attention not in ATTENTION_PATHS:
         raise CalibError(f"unknown --attention {opts.attention!r}", hint=f"use one of {', '.join(ATTENTION_PATHS)}")
-    if not 0 < opts.race_alpha < 0.5:
-        raise CalibError(f"--race-alpha {opts.race_alpha} is not between 0 and 0.5", hint="use e.g. 0.05")
-    if opts.race_first < 2:
+    given = [f"--{name.replace('_', '-')}" for name in ("race_alpha", "race_first", "tolerance") if getattr(opts, name) is not None]
+    if given and opts.search != "race":
+        raise CalibError(f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} the race, not --search {opts.search}",
+                         hint="leave --search out (race is the default), or leave " + " and ".join(given) + " out")
+    if opts.race_alpha is not None and not 0 < opts.race_alpha < 0.5:
+        raise CalibError(f"--race-alpha {opts.race_alpha} is not between 0 and 0.5 (the confidence, 1 - alpha, is "
+                         "between 0.5 and 1)", hint="use e.g. 0.05")
+    if opts.race_first is not None and opts.race_first < 2:
         raise CalibError("--race-first must be at least 2 sequences", hint="a paired standard error needs two")
     parse_tolerance(opts.tolerance)
-    if opts.tolerance is not None and opts.search != "race":
-        raise CalibError(f"--tolerance applies to --search race only, not --search {opts.search}",
-                         hint="add --search race, or leave --tolerance out")
-    if opts.search == "race" and -(-opts.race_first // opts.batch_size) >= -(-opts.num_samples // opts.batch_size):
+    if opts.race_first is not None and -(-opts.race_first // opts.batch_size) >= -(-opts.num_samples // opts.batch_size):
         raise CalibError(
-            f"--search race with {plural(opts.num_samples, 'sequence')} and --race-first {opts.race_first}: the first round "
-            "already scores every sequence, so there is nothing to race",
-            hint="use --search exact (the same steps), more --num-samples, or a smaller --race-first",
+            f"--race-first {opts.race_first} with {plural(opts.num_samples, 'sequence')}: the first round already "
+            "scores every sequence, so there is nothing to race",
+            hint="use more --num-samples or a smaller --race-first, or --search exact",
         )
     if opts.resume and opts.overwrite:
         raise CalibError("--resume and --overwrite contradict each other: one continues the run in --out, the other "
@@ -555,23 +566,22 @@ def check_resume_settings(run_dir: Path, saved: dict, opts: Options, config_sha:
 
 
 def race_section(opts: Options, steps: list[Step], positions: list[int]) -> dict:
-    """The layer map's race settings and, per step, what was dropped when and why; with a tolerance,
-    the tolerance (requested, and in nats per step), the confidence, and what it can have cost."""
-    tolerance = parse_tolerance(opts.tolerance)
-    summary = race_summary(steps, Race(opts.race_alpha, opts.race_first, tolerance), positions)
-    race = {"alpha": opts.race_alpha, "first_sequences": opts.race_first}
-    if tolerance is not None:
-        per_step = [r["tolerance"] for r in summary["steps"] if r["tolerance"] is not None]
-        race["confidence"] = 1 - opts.race_alpha
-        race["tolerance"] = {
-            "requested": tolerance,
-            "nats_per_step": per_step if tolerance == "auto" else tolerance,
+    """The layer map's race settings and, per step, which candidates entered and what was dropped when
+    and why; the tolerance (requested, and in nats per step), the confidence, and what it can have cost."""
+    race = opts.race()
+    summary = race_summary(steps, race, positions)
+    per_step = [r["tolerance"] for r in summary["steps"]]
+    section = {
+        "alpha": race.alpha, "confidence": 1 - race.alpha, "first_sequences": race.first, "entered_first": race.enter,
+        "tolerance": {
+            "requested": race.tolerance,
+            "nats_per_step": per_step,
             "steps_ended_early": summary["steps_ended_early"],
-            # Against the greedy best at each step (not Algorithm 1's end point: the paths may part).
+            # Against the best candidate each step raced (not Algorithm 1's end point: the paths may part).
             "given_away_at_most": summary["given_away_at_most"],
-            "steps_times_tolerance": summary["steps_times_tolerance"],
-        }
-    return {"race": race, "race_steps": summary["steps"]}
+        },
+    }
+    return {"race": section, "race_steps": summary["steps"]}
 
 
 def session_summary(steps: list[Step], resumed: int) -> dict:
@@ -689,6 +699,9 @@ class SearchResult:
     work: dict  # this session's counters, summed over processes (with `seconds`)
 
 
+UNIFORM_EVERY = (2, 4, 8)  # the paper's ratios: uniform interleaving, and the path, are scored at each
+
+
 def run_search(opts: Options, hooks: Hooks, prep: Prepared, run: RunPlan, fp: dict, resumed: Resumed,
                cache_device: str, world) -> SearchResult:
     """The greedy search from `run.start` to `run.num_full` Full layers after the resumed steps, with a
@@ -711,10 +724,16 @@ def run_search(opts: Options, hooks: Hooks, prep: Prepared, run: RunPlan, fp: di
         art.write_trace(run_dir / art.TRACE, baseline[0].loss, steps, layout.positions)
 
     all_steps = list(done)
+    under_way_at = all_steps[-1].pattern if all_steps else start
+    record = art.StepRecord(run_dir / art.IN_FLIGHT, under_way_at, art.StepRecord.read(run_dir / art.IN_FLIGHT)
+                            if opts.resume else None, world.is_main)
+    if record.replay:
+        hooks.message(f"resuming step {len(done) + 1} with {plural(len(record.replay), 'saved score')}")
 
     def on_step(step: Step) -> None:
         all_steps.append(step)
         checkpoint(all_steps)
+        record.next_step(step.pattern)
         hooks.step(step)
 
     under_way: list = []  # the (step, candidates done, of) the search last reported
@@ -724,7 +743,8 @@ def run_search(opts: Options, hooks: Hooks, prep: Prepared, run: RunPlan, fp: di
         hooks.candidate(step_no, done_now, total)
 
     class _Observed:
-        """Passes the baseline score to the checkpoint as soon as it is known."""
+        """Passes the baseline score to the checkpoint as soon as it is known, and keeps every score of the
+        step under way in `record` (answering from it on resume)."""
 
         parallel = world.size
 
@@ -736,16 +756,37 @@ def run_search(opts: Options, hooks: Hooks, prep: Prepared, run: RunPlan, fp: di
 
         num_batches, batch_size = runner.num_batches, runner.batch_size
 
+        def rebase(self, pattern):
+            evaluator.rebase(pattern)
+
+        def base_losses(self, batches):
+            key = ["base", list(batches)]
+            saved = record.answer(key)
+            if saved is not None:
+                return saved
+            losses = evaluator.base_losses(batches)
+            record.add(key, losses)
+            return losses
+
         def score(self, pattern, batches=None):
-            return evaluator.score_many([pattern], batches)[0]
+            return self.score_many([pattern], batches)[0]
+
+        def _scored(self, patterns, batches):
+            key = ["score", list(patterns), None if batches is None else list(batches)]
+            saved = record.answer(key)
+            if saved is not None:
+                return [Score(**sc) for sc in saved]
+            scores = evaluator.score_many(patterns, batches)
+            record.add(key, [asdict(sc) for sc in scores])
+            return scores
 
         def score_many(self, patterns, batches=None):
-            if batches is not None or world.size > 1 or len(patterns) < 2:
-                return evaluator.score_many(patterns, batches)
+            if world.size > 1 or len(patterns) < 2:
+                return self._scored(patterns, batches)
             # One process scores one pattern after another anyway: say so after each, not once at the end.
             scores = []
             for p in patterns:
-                scores += evaluator.score_many([p])
+                scores += self._scored([p], batches)
                 if under_way:
                     step_no, done_before, total = under_way
                     hooks.candidate(step_no, min(done_before + len(scores), total), total)
@@ -754,12 +795,16 @@ def run_search(opts: Options, hooks: Hooks, prep: Prepared, run: RunPlan, fp: di
     remaining = max(0, start.count(FULL) - num_full - len(done))
     hooks.search_started(remaining, len(start) - len(layout.fixed_shared) - 1)
     family, positions, n = layout.family, layout.positions, layout.num_positions
+    # The end points a user reads, scored on every sequence by every search: the target, and the ratios
+    # uniform interleaving is scored at.
+    ratios = {uniform_pattern(n, every, layout.fixed_shared).count(FULL) for every in UNIFORM_EVERY}
     try:
         start_score, steps = greedy_search(
             start, num_full, _Observed(), layout.fixed_shared, opts.search, done=done,
             on_step=on_step, on_candidate=on_candidate, allowed=lambda p: family.runs(p, positions) is None,
-            race=Race(opts.race_alpha, opts.race_first, parse_tolerance(opts.tolerance)),
+            race=opts.race() if opts.search == "race" else None, whole_at=frozenset(ratios | {num_full}),
         )
+        record.next_step("")
         final = steps[-1].pattern if steps else start
         if final.count(FULL) > num_full:
             hooks.warn(f"no layer can be shared below {plural(final.count(FULL), 'full layer')} on {family.name} "
@@ -771,7 +816,7 @@ def run_search(opts: Options, hooks: Hooks, prep: Prepared, run: RunPlan, fp: di
         # Uniform interleaving at the paper's ratios, scored on the same tokens: the baseline a
         # searched pattern has to beat.
         uniform = {}
-        for every in (2, 4, 8):
+        for every in UNIFORM_EVERY:
             pattern = uniform_pattern(n, every, layout.fixed_shared)
             if n >= every and pattern.count(FULL) >= num_full and family.runs(pattern, positions) is None:
                 uniform[f"1/{every}"] = {"pattern": pattern, "num_full": pattern.count(FULL), "loss": runner.score(pattern).loss}

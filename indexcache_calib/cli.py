@@ -102,10 +102,10 @@ def calibrate(
     num_samples: int = typer.Option(8, help="Calibration sequences."),
     seed: Seed = 0,
     batch_size: BatchSize = 1,
-    search: str = typer.Option("fast", help="fast (prefix reuse + lazy re-scoring), race (Algorithm 1's candidates raced over calibration sequences), exact (Algorithm 1's answer bit for bit, prefix reuse only) or naive (Algorithm 1, full forwards)."),
-    race_alpha: float = typer.Option(0.05, help="--search race: chance per step of dropping the candidate Algorithm 1 would choose."),
-    race_first: int = typer.Option(4, help="--search race: sequences every candidate is scored on first (then doubling)."),
-    tolerance: Optional[str] = typer.Option(None, metavar="NATS|auto", help="--search race: end a step once every candidate left is, at confidence 1 - --race-alpha, within NATS of the best (auto: 2 paired SE over all sequences, per step)."),
+    search: str = typer.Option("race", help="race (candidates entered lazily and raced over calibration sequences, with an indifference zone; the default), exact (Algorithm 1's answer bit for bit, prefix reuse) or naive (Algorithm 1, full forwards)."),
+    race_alpha: Optional[float] = typer.Option(None, show_default="0.05", help="--search race: chance per step of dropping the best candidate raced, or of a commit more than --tolerance worse than it."),
+    race_first: Optional[int] = typer.Option(None, show_default="4", help="--search race: sequences every candidate is scored on first (then 1.25 times as many each round)."),
+    tolerance: Optional[str] = typer.Option(None, metavar="NATS|auto", show_default="auto", help="--search race: let a candidate go once it is, at confidence 1 - --race-alpha, at most NATS better than the leader (auto: 0.05% of the loss; 0: none)."),
     text_field: TextField = "text",
     overlap: bool = typer.Option(True, "--overlap/--no-overlap", help="Measure top-k overlap of shared layers (runs their own indexers)."),
     indexer_chunk: IndexerChunk = None,
@@ -245,8 +245,11 @@ def _run_calibration(opts, Hooks, where: dict):
         eta = tasks["eta"]
         eta.step(len(s.scores))
         progress.update(tasks["steps"], advance=1, eta_at=at(eta.search_left()))
+        whole = s.whole
+        loss = (f"loss {whole.loss:.5f}" if whole.sequences is None else
+                f"delta {s.delta(s.chosen):+.5f} on {plural(len(whole.sequences), 'sequence')}")
         progress.console.print(
-            f"step {s.step}: layer {s.chosen} -> S, {s.pattern.count('F')} full, loss {s.loss:.5f} "
+            f"step {s.step}: layer {s.chosen} -> S, {s.pattern.count('F')} full, {loss} "
             f"({plural(len(s.scores), 'candidate')} scored)", markup=False,
         )
 
@@ -274,6 +277,21 @@ def search_rows(layer_map: dict) -> list[tuple[str, str]]:
             ("this session", f"resumed after step {session['resumed_after_step']}: {mine}, {work}")]
 
 
+def tolerance_rows(layer_map: dict) -> list[tuple[str, str]]:
+    """The race's indifference zone and what it can have given away, for the summary and `show`."""
+    race = layer_map["search"].get("race")
+    tol = (race or {}).get("tolerance")
+    if not tol or not tol.get("requested"):
+        return []
+    per = [t for t in tol["nats_per_step"] if t is not None]
+    size = (f"auto: {min(per):.2g}-{max(per):.2g} nats" if per and min(per) != max(per) else f"auto: {per[0]:.2g} nats" if per
+            else "auto") if tol["requested"] == "auto" else f"{tol['requested']:.4g} nats"
+    ended = tol["steps_ended_early"]
+    return [("tolerance", f"{size} per step at {race['confidence']:.0%} confidence; {plural(ended, 'step')} let candidates go "
+                          f"within it: at most {tol['given_away_at_most']:.5f} nats given away against the best candidate "
+                          "each step raced")]
+
+
 def _print_summary(layer_map: dict, run_dir) -> None:
     loss = layer_map["loss"]
     table = Table(title="IndexCache layer map", show_header=False, title_justify="left")
@@ -283,14 +301,8 @@ def _print_summary(layer_map: dict, run_dir) -> None:
     table.add_row("loss pattern", f"{loss['final']:.5f} (delta {loss['delta']:+.5f})")
     for key, value in search_rows(layer_map):
         table.add_row(key, value)
-    search = layer_map["search"]
-    tol = search.get("race", {}).get("tolerance")
-    if tol:
-        per = f"{tol['requested']:.4g} nats" if tol["requested"] != "auto" else "auto (2 paired SE)"
-        ended = tol["steps_ended_early"]
-        table.add_row("tolerance", f"{per} per step at {search['race']['confidence']:.0%} confidence; {plural(ended, 'step')} "
-                      f"ended early: at most {tol['given_away_at_most']:.5f} nats given away vs the greedy best at each step "
-                      f"(steps x tolerance: {tol['steps_times_tolerance']:.5f})")
+    for key, value in tolerance_rows(layer_map):
+        table.add_row(key, value)
     out.print(table)
     from indexcache_calib.deploy import undecided_line
 

@@ -19,52 +19,43 @@ def size_str(n: float) -> str:
 
 # Typical counts, measured on the embedded models; estimates only, since how many candidates are in
 # doubt or tie depends on the model and the data.
-# The fast search's steps after its first sweep re-score this share of the candidates exact would: 0.43-0.59
-# with 4 to 64 calibration sequences (bench draws, bench race).
-FAST_RESCORED = 0.5
-# A race's typical step, measured by `bench race` on tiny-dsa (RACE_MEASURED): a candidate dropped before the
-# end used RACE_DROPPED_SEQUENCES sequences on average, RACE_FINALISTS per step ran through every sequence
-# (the winner and its near-ties), and the work beyond the candidates' own and the all-Full base came to
-# RACE_EXTRA of the winner's full run per step.
-# How soon a worse candidate is dropped depends on how noisy one sequence's loss is: at 64x512 it took 13.6
-# sequences, at 256x128 (shorter, noisier sequences) 77.9. The larger count is the one used here.
+# The race, measured by `bench race` on RACE_MEASURED (the race's `shares`): at the first step every
+# candidate enters and raced RACE_FIRST_SEQUENCES sequences on average; each later step entered
+# RACE_ENTERED candidates, which raced RACE_LATER_SEQUENCES sequences each; the committed pattern reran
+# RACE_BASE_RUNS sequence-tails per step where a candidate needed it; and each end point (the committed
+# pattern scored on every sequence) cost RACE_ENDPOINT_SHARE of a whole forward. The sequences are counts,
+# carried as counts to other sizes: a tolerance in nats ends a near-tie after a count of sequences set by the
+# zone and the pair's paired spread, not a share of them (the one extrapolation here).
 RACE_MEASURED = "tiny-dsa at 256x128"
-RACE_DROPPED_SEQUENCES = 77.9
-RACE_FINALISTS = 3.64
-RACE_EXTRA = 0.13
-# With --tolerance auto (2 paired SE over every sequence), clearly worse candidates are dropped by the bound as
-# before; of the near-ties that ran to the end without it, RACE_TOL_FINALISTS per step still do (the winner
-# always does) and the others stop when the tolerance ends the step, after RACE_TOL_SHARE of the sequences on
-# average. That is a share, not a count: the bound on a near-tie meets a tolerance of 2 SE over all N
-# sequences after a fixed share of N (q^2 / (q^2 + 4) with the t quantile q, about half), whatever N is.
-RACE_TOL_FINALISTS = 1.50
-RACE_TOL_SHARE = 0.33
-RACE_TOL_EXTRA = 0.11
-RACE_BASIS = (f"typical: extrapolated from shares measured on {RACE_MEASURED} (bench race): a dropped candidate used "
-              f"{RACE_DROPPED_SEQUENCES} sequences, {RACE_FINALISTS} per step ran to the end; with --tolerance auto, "
-              f"{RACE_TOL_FINALISTS} per step ran to the end and the other near-ties stopped after {RACE_TOL_SHARE:.0%} of the "
-              "sequences; at most: counted from the config, as naive's count is")
+RACE_FIRST_SEQUENCES = 25.6
+RACE_ENTERED = 3.0
+RACE_LATER_SEQUENCES = 55.8
+RACE_BASE_RUNS = 10.1
+RACE_ENDPOINT_SHARE = 0.54
+RACE_BASIS = (f"typical: the counts measured on {RACE_MEASURED} (bench race): {RACE_FIRST_SEQUENCES:g} sequences per "
+              f"candidate at the first step, {RACE_ENTERED:g} candidates entered per later step racing "
+              f"{RACE_LATER_SEQUENCES:g} sequences each, {RACE_BASE_RUNS:g} reruns of the committed pattern per step, each end "
+              f"point {RACE_ENDPOINT_SHARE:g} of a whole forward; carried as counts (a tolerance in nats ends a near-tie "
+              "after a count of sequences); at most: every candidate on every sequence, as exact")
 
 
-def race_looks(samples: int, race_first: int = 4, batch_size: int = 1) -> int:
-    """How many times a race over `samples` sequences can drop candidates before the end (the rounds of
-    search.race_rounds, less the last): 0 races nothing, 1 looks once, at `race_first` sequences, with
-    too few degrees of freedom for its bound to drop much."""
-    from indexcache_calib.search import race_rounds
+def endpoint_counts(num_positions: int, fixed: frozenset[int], num_full: int) -> set[int]:
+    """The numbers of Full layers whose patterns a calibration scores on every sequence: the target, and
+    the ratios uniform interleaving is scored at (calibrate.UNIFORM_EVERY)."""
+    from indexcache_calib.pattern import uniform_pattern
 
-    bs = max(1, batch_size)
-    return len(race_rounds(-(-samples // bs), -(-race_first // bs))) - 1
+    return {uniform_pattern(num_positions, every, fixed).count("F") for every in (2, 4, 8)} | {num_full}
 
 
 def search_work(num_layers: int, fixed: frozenset[int], num_full: int, search: str, samples: int,
-                positions: list[int] | None = None, race_first: int = 4, batch_size: int = 1,
-                tolerance: float | str | None = None) -> dict:
+                positions: list[int] | None = None, tolerance: float | str | None = "auto",
+                endpoints: frozenset[int] = frozenset()) -> dict:
     """Patterns scored and decoder-layer forwards (per sequence x samples). Exact for naive. For the
     others, an upper bound and a typical count, since how far each candidate runs, and how many are
-    re-scored or raced to the end, depends on the scores: fast sweeps once, then typically re-scores
-    FAST_RESCORED of each step's candidates; race typically drops all but RACE_FINALISTS candidates per
-    step after RACE_DROPPED_SEQUENCES sequences.
-    `positions`: the decoder layer of each pattern position (default: every layer); `fixed` are positions."""
+    entered or raced to the end, depends on the scores (see RACE_BASIS). `endpoints`: the numbers of Full
+    layers at which the race scores the committed pattern on every sequence (exact and naive score every
+    step's). `positions`: the decoder layer of each pattern position (default: every layer); `fixed` are
+    positions."""
     positions = list(range(num_layers)) if positions is None else positions
     cands = [positions[p] for p in range(1, len(positions)) if p not in fixed]
     steps = len(cands) + 1 - num_full
@@ -80,37 +71,23 @@ def search_work(num_layers: int, fixed: frozenset[int], num_full: int, search: s
         typical = num_layers + mean_tail * (naive_patterns + steps)
         return {"patterns": 1 + naive_patterns, "layer_forwards_at_most": int(upper * samples),
                 "layer_forwards_typical": int(typical * samples)}
-    if search == "race":
-        looks = race_looks(samples, race_first, batch_size)
-        if looks == 0:  # nothing to race: Algorithm 1's steps
-            return search_work(num_layers, fixed, num_full, "exact", samples, positions)
-        finalists = min(RACE_FINALISTS * steps, naive_patterns)
-        # A dropped candidate has seen at least the first round.
-        dropped = max(race_first, min(RACE_DROPPED_SEQUENCES, samples)) * (naive_patterns - finalists)
-        if tolerance:  # a number of nats is modelled as auto: no tolerance was measured in nats
-            whole = min(RACE_TOL_FINALISTS * steps, finalists)
-            ended = (finalists - whole) * max(race_first, RACE_TOL_SHARE * samples)
-            typical = num_layers * samples + mean_tail * (dropped + ended + (whole + RACE_TOL_EXTRA * steps) * samples)
-        else:
-            typical = num_layers * samples + mean_tail * (dropped + (finalists + RACE_EXTRA * steps) * samples)
-        if looks == 1:
-            # One look, at race_first sequences: its bound, with that few degrees of freedom, rarely drops
-            # anything, and a race scores its candidates in pieces and its leader whole again, so it is no
-            # cheaper than exact (measured dearer: 171,520 vs 147,456 tokens at 4x256).
-            exact = search_work(num_layers, fixed, num_full, "exact", samples, positions)
-            typical = max(typical, exact["layer_forwards_typical"] + mean_tail * RACE_EXTRA * steps * samples)
-        # At most: every candidate on every sequence, and each winner once more, whole.
-        return {"patterns_at_most": 1 + naive_patterns + steps,
-                "layer_forwards_at_most": int((upper + mean_tail * steps) * samples),
-                "layer_forwards_typical": int(min(typical, (upper + mean_tail * steps) * samples))}
-    # fast: one full sweep, then a share of each step's candidates re-scored (those whose stale delta
-    # could still win, see search._lazy).
-    typical = num_layers + sweep + mean_tail * (FAST_RESCORED * (naive_patterns - len(cands)) + max(0, steps - 1))
-    return {
-        "patterns_at_most": 1 + naive_patterns,
-        "layer_forwards_at_most": int(upper * samples),
-        "layer_forwards_typical": int(typical * samples),
+    # race
+    reached = [k for k in endpoints if num_full <= k <= len(cands)]
+    ends = len(reached) * num_layers * samples
+    at_most = int(upper * samples + ends)
+    if not tolerance:  # no zone: near-ties run to every sequence; nothing measured says how many
+        return {"patterns_at_most": 1 + naive_patterns, "layer_forwards_at_most": at_most, "layer_forwards_typical": at_most,
+                "parts": {"start": num_layers * samples, "first_step": 0, "later_steps": 0, "base": 0, "endpoints": 0}}
+    parts = {
+        "start": num_layers * samples,
+        "first_step": len(cands) * min(samples, RACE_FIRST_SEQUENCES) * mean_tail,
+        "later_steps": sum(min(len(cands) - s, RACE_ENTERED) for s in range(1, steps)) * min(samples, RACE_LATER_SEQUENCES) * mean_tail,
+        "base": steps * min(samples, RACE_BASE_RUNS) * mean_tail,
+        "endpoints": RACE_ENDPOINT_SHARE * ends,
     }
+    typical = min(at_most, int(sum(parts.values())))
+    return {"patterns_at_most": 1 + naive_patterns, "layer_forwards_at_most": at_most, "layer_forwards_typical": typical,
+            "parts": {k: int(v) for k, v in parts.items()}}
 
 
 def plan(opts, ckpt, num_full: int, attention: str = "dense") -> dict:
@@ -166,30 +143,17 @@ def plan(opts, ckpt, num_full: int, attention: str = "dense") -> dict:
         cache = cache_bytes_estimate(len(ckpt.positions), ckpt.budget, samples, s, hidden, elem)
     from indexcache_calib.search import SEARCHES
 
-    race_first = getattr(opts, "race_first", 4)
-    tolerance = getattr(opts, "tolerance", None) if opts.search == "race" else None
-    if tolerance not in (None, "auto"):
-        tolerance = float(tolerance) or None  # --tolerance 0 is the race without one
-    work = search_work(n, fixed, num_full, opts.search, samples, ckpt.positions, race_first, b, tolerance)
+    tolerance = opts.race().tolerance if opts.search == "race" else None
+    endpoints = frozenset(endpoint_counts(len(ckpt.positions), fixed, num_full))
+    work = search_work(n, fixed, num_full, opts.search, samples, ckpt.positions, tolerance, endpoints)
     # Every search's work on this config, for choosing one: layer-forwards (per sequence) and tokens.
     by_search = {}
     for name in SEARCHES:
-        w = search_work(n, fixed, num_full, name, samples, ckpt.positions, race_first, b, tolerance)
+        w = search_work(n, fixed, num_full, name, samples, ckpt.positions, tolerance if name == opts.search else "auto", endpoints)
         lf = w.get("layer_forwards", w.get("layer_forwards_typical"))
         by_search[name] = {"layer_forwards": lf, "tokens": lf * s, "estimate": "exact" if name == "naive" else "typical"}
-    if opts.search == "race" or by_search["race"]["layer_forwards"] != by_search["exact"]["layer_forwards"]:
-        by_search["race"]["basis"] = RACE_BASIS + (
-            f"; this estimate is for --tolerance {tolerance}" + ("" if tolerance == "auto" else ", modelled as auto's")
-            if tolerance else "")
+    by_search["race"]["basis"] = RACE_BASIS
     warnings = []
-    if opts.search == "race":
-        looks = race_looks(samples, race_first, b)
-        if looks <= 1:
-            warnings.append(f"too few calibration sequences for racing to pay ({samples}, --race-first {race_first}: "
-                            + ("nothing to race" if looks == 0 else "one look before the end")
-                            + f"): race costs at least what exact does; use --search exact, or more than {2 * race_first} sequences")
-        elif by_search["race"]["tokens"] >= by_search["exact"]["tokens"]:
-            warnings.append("race's estimate is not below exact's on this config: --search exact costs no more")
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if cache and opts.cache_device == "cpu" and cache > host // 2:
         warnings.append(f"the activation cache ({size_str(cache)}) exceeds half of this host's memory ({size_str(host)}): use --cache-device disk")

@@ -113,7 +113,7 @@ def run(model: str = "tiny-dsa", data_dir: str = "calibration_data", seq_len: in
         t0 = time.time()
         log(f"calibrating on {d}")
         opts = Options(model=model, data=str(data_dir / f"{d}.jsonl"), num_full=min(num_full.values()), seq_len=seq_len,
-                       num_samples=num_samples, seed=seed, batch_size=batch_size, search="fast", plots=False,
+                       num_samples=num_samples, seed=seed, batch_size=batch_size, search="race", plots=False,
                        out=str(out / "calibration" / d), overwrite=True)
         layer_map, run_dir = calibrate(opts, hooks)
         by_count = {row["num_full"]: row for row in layer_map["path"]}
@@ -152,7 +152,7 @@ def run(model: str = "tiny-dsa", data_dir: str = "calibration_data", seq_len: in
     return {
         "settings": {"model": model, "data_dir": str(data_dir), "domains": domains, "num_layers": n,
                      "index_topk": prep.layout.budget, "seq_len": seq_len, "num_samples": num_samples,
-                     "heldout_samples": heldout_samples, "batch_size": batch_size, "seed": seed, "search": "fast"},
+                     "heldout_samples": heldout_samples, "batch_size": batch_size, "seed": seed, "search": "race"},
         "attention_mass": mass,
         "calibration": calibration,
         "heldout": {d: {"sequences": len(heldout[d]), "windows_available": available[d],

@@ -69,6 +69,14 @@ class ParallelEvaluator:
     def set_base(self, pattern: str) -> Score:
         return self.runner.set_base(pattern)
 
+    def rebase(self, pattern: str) -> None:
+        self.runner.rebase(pattern)
+
+    def base_losses(self, batches: list[int]) -> list[float]:
+        """Every rank runs the committed pattern where it needs it (each keeps its own cache); the losses the
+        search decides on are rank 0's, so that every rank takes the same decisions."""
+        return broadcast(self.runner.base_losses(batches))
+
     def score(self, pattern: str, batches: list[int] | None = None) -> Score:
         return self.score_many([pattern], batches)[0]
 
@@ -89,6 +97,15 @@ def gather_dict(mine: dict) -> dict:
     for part in parts:
         merged.update(part)
     return merged
+
+
+def broadcast(value):
+    """Rank 0's `value` on every rank."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def sum_counters(counters: dict) -> dict:

@@ -36,6 +36,7 @@ CACHE_DEVICES = ("cpu", "gpu", "disk", "none")
 class Counters:
     layer_forwards: int = 0  # decoder-layer forward passes, counted per sequence
     tokens: int = 0  # tokens through decoder layers (layer_forwards x seq_len)
+    base_layer_forwards: int = 0  # of `layer_forwards`: the committed pattern's own, after the first
     patterns_scored: int = 0
     seconds: float = 0.0
     peak_cache_bytes: int = 0
@@ -135,9 +136,8 @@ class _Store:
             self.drop(key)
         self.items.update(other.items)
         self.bytes += other.bytes
-        if other._dir is not None:
-            self._adopted.append(other._dir)
-        other.items, other.bytes, other._dir = {}, 0, None
+        self._adopted += other._adopted + ([other._dir] if other._dir is not None else [])
+        other.items, other.bytes, other._dir, other._adopted = {}, 0, None, []
 
     def close(self) -> None:
         self.items.clear()
@@ -232,27 +232,57 @@ def _slots(layout, driver: _Driver):
 
 
 @dataclass
+class _Batch:
+    """One batch's part of an evaluation: summed loss per sequence, and overlap counts by decoder layer of
+    the layers it ran (or, for the lazy base, of every layer whose input is still the committed pattern's)."""
+
+    sums: list[float] | None
+    hits: dict = field(default_factory=dict)
+    total: dict = field(default_factory=dict)
+
+    def below(self, layer: int) -> "_Batch":
+        return _Batch(None, {i: v for i, v in self.hits.items() if i < layer}, {i: v for i, v in self.total.items() if i < layer})
+
+    def joined(self, later: "_Batch") -> "_Batch":
+        return _Batch(later.sums, {**self.hits, **later.hits}, {**self.total, **later.total})
+
+
+def _hit_totals(parts: list[_Batch]) -> tuple[dict, dict]:
+    hits: dict = {}
+    total: dict = {}
+    for part in parts:
+        for i, v in part.hits.items():
+            hits[i] = hits.get(i, 0.0) + v
+        for i, v in part.total.items():
+            total[i] = total.get(i, 0.0) + v
+    return hits, total
+
+
+def _overlaps(parts: list[_Batch]) -> dict[int, float]:
+    hits, total = _hit_totals(parts)
+    return {i: hits.get(i, 0.0) / total[i] for i in sorted(total) if total[i]}
+
+
+@dataclass
 class _Candidate:
     """A candidate of the current step whose layer inputs are kept, so committing it runs nothing again:
-    the best whole score so far, or a race's partial scores, batch by batch. `sums`: the summed loss of
-    each sequence of each batch kept; `hits`/`total`: overlap counts of the layers from `start` on, over
-    those batches. `score` and `overlap` (the base's layers before `start` included) once it is whole."""
+    exact's best whole score so far, with `score` and `overlap` (hits and totals by layer, the base's
+    layers before `start` included); or a race's candidate, batch by batch (`batches`: the `_Batch` of
+    the layers it ran on each batch scored)."""
 
     pattern: str
     start: int
     store: _Store
     score: Score | None = None
     overlap: tuple = ({}, {})
-    sums: dict = field(default_factory=dict)
-    hits: dict = field(default_factory=dict)
-    total: dict = field(default_factory=dict)
+    batches: dict = field(default_factory=dict)
 
     @property
     def rank(self) -> tuple:
         return (self.score.loss, self.start)
 
     def partial_mean(self) -> float:
-        sums = [x for v in self.sums.values() for x in v]
+        sums = [x for v in self.batches.values() for x in v.sums]
         return math.fsum(sums) / len(sums) if sums else math.inf
 
 
@@ -285,9 +315,15 @@ class PatternRunner:
         self._last_overlap: tuple[dict, dict] = ({}, {})
         self._best: _Candidate | None = None
         self._pieces: dict[str, _Candidate] = {}  # a race's partial scores this step, by pattern
-        self._last_sums: list[float] = []  # summed loss per sequence of the last evaluation
         self._last_scored: tuple | None = None  # without a cache: the step's best candidate
         self._batches = [tokens[i : i + self.batch_size] for i in range(0, len(tokens), self.batch_size)]
+        self._last_batches: dict[int, _Batch] = {}
+        # The race's lazy base (`rebase`): per batch, what is known of the committed pattern there (its sums
+        # once it has run to the end; overlap counts of the layers whose input is still its own), and the
+        # batches where it must rerun from a layer before a candidate past that layer can start there.
+        self._lazy = False
+        self._known: dict[int, _Batch] = {}
+        self._stale: dict[int, int] = {}
         self.last_layer_overlap: dict[int, float] = {}
         # Called after each batch of an evaluation: (sequences done, sequences in this evaluation).
         self.on_sequences: Callable[[int, int], None] | None = None
@@ -348,6 +384,7 @@ class PatternRunner:
         seq_sums: list[float] = []
         todo = range(len(self._batches)) if batches is None else batches
         num_seqs = sum(len(self._batches[b]) for b in todo)
+        self._last_batches = {}
         with install_sharing(layout, state), _slots(layout, driver):
             for b in todo:
                 driver.start, driver.into, driver.batch = start, into, b
@@ -356,11 +393,16 @@ class PatternRunner:
                 else:
                     driver.replay = self.store.get(("hidden", start, b))
                     state.current = self.store.get(("topk", positions[sources[flipped - 1]], b))
-                seq_sums += self._forward(self._batches[b])
+                hits0, total0 = dict(state.overlap_hits), dict(state.overlap_total)
+                sums = self._forward(self._batches[b])
+                seq_sums += sums
+                # This batch's own counts of the layers it ran (whole numbers: the differences are exact).
+                self._last_batches[b] = _Batch(
+                    sums, {i: v - hits0.get(i, 0.0) for i, v in state.overlap_hits.items() if i >= start},
+                    {i: v - total0.get(i, 0.0) for i, v in state.overlap_total.items() if i >= start})
                 if self.on_sequences is not None:
                     self.on_sequences(len(seq_sums), num_seqs)
         state.current, driver.replay, driver.into = None, None, None
-        self._last_sums = seq_sums
         per_token = self.tokens.shape[1] - 1
         overlaps = state.layer_overlap()
         score = Score(
@@ -376,18 +418,20 @@ class PatternRunner:
 
     def _restart_layer(self, pattern: str) -> int:
         """The decoder layer a pattern that flips one cached full position of the base can restart
-        from, else 0."""
+        from, else 0. The lazy base keeps every input it may restart from until the batch reruns."""
         if self.store is None or self.base is None or len(self.base) != len(pattern):
             return 0
         diff = [p for p, (a, b) in enumerate(zip(self.base, pattern)) if a != b]
         if len(diff) == 1 and self.base[diff[0]] == FULL:
             layer = self.layout.positions[diff[0]]
-            if ("hidden", layer, 0) in self.store.items:
+            if self._lazy or ("hidden", layer, 0) in self.store.items:
                 return layer
         return 0
 
     def set_base(self, pattern: str) -> Score:
         """Score the committed pattern and cache what its candidates share with it."""
+        if self._lazy:
+            return self._whole_base(pattern)
         if self.store is None:
             # The committed pattern was scored as a candidate a moment ago: no need to run it again.
             last, self._last_scored = self._last_scored, None
@@ -395,20 +439,11 @@ class PatternRunner:
                 score, self.last_layer_overlap = last[1], last[2]
             else:
                 score = self._evaluate(pattern, 0, None)
+                self._known = dict(self._last_batches)
             self.base, self.base_score = pattern, score
             return score
         start = self._restart_layer(pattern)
         best, self._best = self._best, None
-        if start > 0 and (best is None or best.pattern != pattern) and pattern in self._pieces:
-            # A race's winner that this process scored only in part (another process scored it whole):
-            # keep what was computed and run only its missing batches, while the old base is still whole.
-            if best is not None:
-                best.store.close()
-            best = self._complete(self._pieces[pattern])
-            del self._pieces[pattern]
-        for kept in self._pieces.values():
-            kept.store.close()
-        self._pieces = {}
         # Everything from the flipped layer on changes; the input of the flipped layer itself does not,
         # and is the starting point of the refresh.
         stale = [k for k in self.store.items if start == 0 or k[1] > start or (k[0] == "topk" and k[1] == start)]
@@ -426,41 +461,29 @@ class PatternRunner:
                 best.store.close()
             self.base, self.base_score = pattern, self._evaluate(pattern, start, self.store)
             self._base_overlap = self._last_overlap
+            if start == 0:  # every batch's counts: what a lazy base that follows starts from
+                self._known = dict(self._last_batches)
         for key in [k for k in self.store.items if k[0] == "hidden" and k[1] == start]:
             self.store.drop(key)  # no longer a candidate
         return self.base_score
 
     def score(self, pattern: str, batches: list[int] | None = None) -> Score:
-        """Score `pattern` on every calibration batch, or only on `batches` (indices into the batches of
-        `batch_size` sequences): its `seq_losses` are then those batches' sequences, in that order.
-
-        A race scores a candidate batch by batch: what each partial score computed is kept (within the
-        room of one candidate's cache, the likeliest winners first), so scoring the winner whole, or
-        committing it, runs only the batches it has not been scored on."""
-        start = self._restart_layer(pattern)
+        """Score `pattern` on every calibration batch, or, after `rebase`, only on `batches` (indices into
+        the batches of `batch_size` sequences): its `seq_losses` are then those batches' sequences, in
+        that order."""
+        if self._lazy:
+            return self._score_lazy(pattern, batches)
         if batches is not None and list(batches) != list(range(self.num_batches)):
-            if start == 0:  # no cached base to start from: nothing worth keeping
-                return self._evaluate(pattern, 0, None, list(batches))
-            kept = self._pieces.pop(pattern, None)
-            if kept is not None and set(batches) & kept.sums.keys():  # scored again: start over
-                kept.store.close()
-                kept = None
-            self._pieces[pattern] = kept = kept or _Candidate(pattern, start, _Store(self.cache_device))
-            score = self._add_batches(kept, list(batches))
-            self._trim_pieces()
-            return score
+            raise ValueError("partial scores need a lazy base (rebase)")
+        start = self._restart_layer(pattern)
         if start == 0:
             score = self._evaluate(pattern, 0, None)
             if self.store is None and (self._last_scored is None or score.loss < self._last_scored[1].loss):
                 self._last_scored = (pattern, score, self.last_layer_overlap)
             return score
-        if pattern in self._pieces:  # a race's candidate: only the batches it was not scored on run
-            candidate = self._complete(self._pieces[pattern])
-            del self._pieces[pattern]
-        else:
-            scratch = _Store(self.cache_device)
-            score = self._evaluate(pattern, start, scratch)
-            candidate = _Candidate(pattern, start, scratch, score, self._last_overlap)
+        scratch = _Store(self.cache_device)
+        score = self._evaluate(pattern, start, scratch)
+        candidate = _Candidate(pattern, start, scratch, score, self._last_overlap)
         # Keep the layer inputs of the best candidate so far: it is the likely next base.
         if self._best is None or candidate.rank < self._best.rank:
             if self._best is not None:
@@ -470,50 +493,120 @@ class PatternRunner:
             candidate.store.close()
         return candidate.score
 
-    def _add_batches(self, kept: _Candidate, batches: list[int]) -> Score:
-        """Score `kept`'s pattern on `batches` from its flipped layer, and keep their layer inputs,
-        per-sequence sums and overlap counts with it."""
-        scratch = _Store(self.cache_device)
-        score = self._evaluate(kept.pattern, kept.start, scratch, batches)
-        kept.store.adopt(scratch)
-        sums = iter(self._last_sums)
-        for b in batches:
-            kept.sums[b] = [next(sums) for _ in range(len(self._batches[b]))]
-        hits, total = self._last_overlap
-        for i in total:
-            if i >= kept.start:  # earlier layers were not run: their counts are the base's
-                kept.hits[i] = kept.hits.get(i, 0.0) + hits.get(i, 0.0)
-                kept.total[i] = kept.total.get(i, 0.0) + total[i]
-        return score
+    # -- the race's lazy base -------------------------------------------------------------------------
 
-    def _complete(self, kept: _Candidate) -> _Candidate:
-        """The whole score of a candidate kept in part: its missing batches run, the rest is reused. The
-        loss is summed from the same per-sequence sums as a whole evaluation's, so it is the same bits."""
-        missing = [b for b in range(self.num_batches) if b not in kept.sums]
-        if missing:
-            self._add_batches(kept, missing)
-        sums = [x for b in range(self.num_batches) for x in kept.sums[b]]
+    def rebase(self, pattern: str) -> None:
+        """Commit `pattern` without running it. Where its candidate's run was kept (the batches a race
+        scored it on), its layer inputs are adopted and it is known to the end; elsewhere its inputs are
+        still the old base's up to the flipped layer, and it reruns from there only when a candidate past
+        that layer, or `base_losses`, needs it on that batch."""
+        if pattern == self.base and self._known.keys() == set(range(self.num_batches)):
+            self._lazy = True  # the scored base, known on every batch: the race starts from it
+            return
+        start = self._restart_layer(pattern)
+        kept = self._pieces.pop(pattern, None)
+        for piece in self._pieces.values():
+            piece.store.close()
+        self._pieces = {}
+        if self._best is not None:
+            self._best.store.close()
+            self._best = None
+        if start == 0:  # not one flip of the cached base (or no cache): it reruns from layer 0 where needed
+            if self.store is not None:
+                self.store.close()
+                self.store = _Store(self.cache_device)
+            covered = kept.batches if kept is not None else {}
+            self._known = {b: covered[b] for b in covered}
+            self._stale = {b: 0 for b in range(self.num_batches) if b not in covered}
+        else:
+            for key in [k for k in self.store.items if k[1] > start or (k[0] == "topk" and k[1] == start)]:
+                self.store.drop(key)
+            for b in range(self.num_batches):
+                if kept is not None and b in kept.batches:
+                    self.store.drop(("hidden", start, b))  # no longer a candidate, and nothing reruns from it
+                    self._known[b] = self._known[b].below(start).joined(kept.batches[b])
+                    self._stale.pop(b, None)
+                else:
+                    self._stale[b] = min(self._stale.get(b, start), start)
+                    self._known[b] = self._known[b].below(self._stale[b])
+            if kept is not None:
+                self.store.adopt(kept.store)
+        if kept is not None and start == 0:
+            kept.store.close()
+        self.base, self.base_score, self._lazy = pattern, None, True
+
+    def _catch_up(self, batches, upto: int) -> None:
+        """Rerun the committed pattern, to its last layer, on those of `batches` where its layer inputs are
+        known only below `upto`: from the layer it changed at, with its selections and inputs recorded."""
+        by_layer: dict[int, list[int]] = {}
+        for b in batches:
+            if b in self._stale and self._stale[b] < upto:
+                by_layer.setdefault(self._stale[b], []).append(b)
+        for layer, group in sorted(by_layer.items()):
+            before = self.counters.layer_forwards
+            self._evaluate(self.base, layer, self.store, group)
+            self.counters.base_layer_forwards += self.counters.layer_forwards - before
+            for b in group:
+                self._known[b] = self._known[b].below(layer).joined(self._last_batches[b]) if layer else self._last_batches[b]
+                del self._stale[b]
+                if layer and self.store is not None:
+                    self.store.drop(("hidden", layer, b))
+
+    def base_losses(self, batches: list[int]) -> list[float]:
+        """The committed pattern's per-sequence losses on `batches` (run where not yet known)."""
+        self._catch_up(batches, self.layout.num_layers)
         per_token = self.tokens.shape[1] - 1
-        base_hits, base_total = self._base_overlap
-        hits = {i: v for i, v in base_hits.items() if i < kept.start}
-        total = {i: v for i, v in base_total.items() if i < kept.start}
-        hits.update(kept.hits)
-        total.update(kept.total)
-        overlaps = {i: hits[i] / total[i] for i in sorted(total) if total[i]}
-        kept.score = Score(
-            loss=math.fsum(sums) / (per_token * len(sums)),
-            seq_losses=[x / per_token for x in sums],
-            overlap=(math.fsum(overlaps.values()) / len(overlaps)) if overlaps else None,
-        )
-        kept.overlap = (hits, total)
+        return [x / per_token for b in batches for x in self._known[b].sums]
+
+    def _score_lazy(self, pattern: str, batches: list[int] | None) -> Score:
+        whole = batches is None
+        todo = list(range(self.num_batches)) if whole else list(batches)
+        start = self._restart_layer(pattern)
+        per_token = self.tokens.shape[1] - 1
+        if start == 0:  # no cached base to start from: a plain forward, nothing kept
+            score = self._evaluate(pattern, 0, None, todo)
+            return score if whole else Score(score.loss, score.seq_losses, score.overlap)
+        self._catch_up(todo, start)
+        kept = self._pieces.get(pattern)
+        if kept is None:
+            kept = self._pieces[pattern] = _Candidate(pattern, start, _Store(self.cache_device))
+        missing = [b for b in todo if b not in kept.batches]
+        if missing:
+            scratch = _Store(self.cache_device)
+            self._evaluate(pattern, start, scratch, missing)
+            kept.store.adopt(scratch)
+            kept.batches.update({b: self._last_batches[b] for b in missing})
+        sums = [x for b in todo for x in kept.batches[b].sums]
+        overlaps = _overlaps([self._known[b].below(start) for b in todo] + [kept.batches[b] for b in todo])
         self.last_layer_overlap = overlaps
-        return kept
+        self._trim_pieces()
+        return Score(math.fsum(sums) / (per_token * len(sums)), [x / per_token for x in sums],
+                     (math.fsum(overlaps.values()) / len(overlaps)) if overlaps else None)
+
+    def _whole_base(self, pattern: str) -> Score:
+        """`set_base` after a lazy base: the pattern on every batch, run only where not yet known. The base
+        stays lazy: later candidates may be scored on some batches, and committed with `rebase`."""
+        if pattern != self.base:
+            self.rebase(pattern)
+        self._catch_up(range(self.num_batches), self.layout.num_layers)
+        parts = [self._known[b] for b in range(self.num_batches)]
+        sums = [x for part in parts for x in part.sums]
+        per_token = self.tokens.shape[1] - 1
+        overlaps = _overlaps(parts)
+        self._base_overlap = _hit_totals(parts)
+        self.last_layer_overlap = overlaps
+        self.base_score = Score(math.fsum(sums) / (per_token * len(sums)), [x / per_token for x in sums],
+                                (math.fsum(overlaps.values()) / len(overlaps)) if overlaps else None)
+        return self.base_score
 
     def _trim_pieces(self) -> None:
-        """Partial scores keep their layer inputs within the room of one whole candidate's cache (what
+        """A race's candidates keep their layer inputs within the room of one whole candidate's cache (what
         `cache_bytes_estimate` counts for the step's best): past it, the candidates with the highest mean
-        loss so far (a race drops those first) give theirs up, and are run again if one of them wins."""
-        room = max(0, self.store.bytes - (self._best.store.bytes if self._best else 0))
+        loss so far (a race drops those first) give theirs up; one of them that wins reruns on those
+        batches when a later candidate needs them."""
+        if self.store is None:
+            return
+        room = max(0, self.store.bytes)
         while self._pieces and sum(p.store.bytes for p in self._pieces.values()) > room:
             worst = max(self._pieces.values(), key=lambda p: (p.partial_mean(), p.start))
             self._pieces.pop(worst.pattern).store.close()

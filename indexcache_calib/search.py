@@ -1,4 +1,5 @@
-"""Greedy layer selection (the paper's Algorithm 1) and cheaper searches that take its decisions.
+"""Greedy layer selection (the paper's Algorithm 1) and a race that takes its decisions for a fraction
+of the work.
 
 Pure logic: everything model-specific sits behind an `Evaluator`, so the search is tested with fakes.
 A search is a list of `Step`s; replaying finished steps (from a checkpoint) and continuing gives the
@@ -15,20 +16,16 @@ from typing import Callable, Protocol
 from indexcache_calib.pattern import FULL, flip, full_layers
 from indexcache_calib.stats import mean_se, paired_differences, t_quantile
 
-SEARCHES = ("fast", "race", "exact", "naive")
+SEARCHES = ("race", "exact", "naive")
+DEFAULT_SEARCH = "race"
+# Searches earlier versions offered, and what took their place.
+RETIRED = {"fast": "race (the default) enters candidates lazily as fast did, and races them"}
 DECIDED_SE = 2.0  # a step is decided when its choice beats every other candidate by at least this many paired SE
 RACE_ORDER_SEED = 0  # the fixed order in which a race visits calibration batches
-# `--tolerance auto`: this many paired standard errors of the step's differences over *every* calibration
-# sequence. A gap under DECIDED_SE standard errors is one the whole calibration set leaves undecided (a
-# different draw of sequences could flip it), so a candidate that close to the best is, as far as these
-# sequences can tell, as good a choice as Algorithm 1's; the tolerance then says that, with the race's
-# confidence, each early commit is at worst such an undecided choice. The standard error is estimated at the
-# step's first round: the median over candidates of the per-sequence standard deviation of their paired
-# difference to the leader, divided by sqrt(all sequences). The median pools every candidate (a first round
-# has few sequences), and is not pulled up by clearly worse candidates, whose differences spread more.
-# The loss level's own spread (all-Full per-sequence losses) is the wrong scale: pairing cancels most of it,
-# and at the embedded models' sizes one SE of the level is larger than a whole path's loss increase.
-AUTO_TOLERANCE_SE = DECIDED_SE
+# `--tolerance auto`: the indifference zone of each step, as a share of the committed pattern's loss. Sharing a
+# layer that costs this much more than the best candidate is a change of the loss users do not see, and a zone
+# in nats ends a near-tie after a count of sequences that does not grow with their number.
+AUTO_SHARE = 5e-4
 WORSE_BY_BOUND = "worse by bound"
 WITHIN_TOLERANCE = "within tolerance at commit"
 
@@ -43,6 +40,13 @@ class Score:
     def by_sequence(self) -> dict[int, float]:
         ids = self.sequences if self.sequences is not None else range(len(self.seq_losses))
         return dict(zip(ids, self.seq_losses))
+
+    @staticmethod
+    def of(losses: dict[int, float], num_sequences: int) -> "Score":
+        """The score of per-sequence losses (sequence id -> loss): whole when every sequence is there."""
+        ids = sorted(losses)
+        values = [losses[i] for i in ids]
+        return Score(math.fsum(values) / len(values), values, None, None if len(ids) == num_sequences else ids)
 
 
 @dataclass
@@ -68,82 +72,111 @@ class Confidence:
 class Step:
     step: int
     base: str  # committed pattern before this step
-    base_loss: float
+    base_loss: float  # its loss: over every sequence, or over `base_score`'s where the race kept the base lazy
     scores: dict[int, Score]  # candidate layer -> score of `base` with that layer flipped to S
     chosen: int
     pattern: str  # committed pattern after this step
     swept: bool  # True if every candidate was scored
     # search="race": {"sequences", "tolerance" (nats, None without one), "ended_after" (sequences seen when
-    # the tolerance ended the step; None otherwise), "dropped": [{"candidate", "sequences", "reason"}]}
+    # the tolerance ended the step; None otherwise), "entered" (candidates raced, in the order they
+    # entered), "dropped": [{"candidate", "sequences", "reason"}]}
     race: dict | None = None
+    # search="race": the committed pattern's losses on the sequences this step's candidates were scored on
+    # (the race runs the base only where it needs it); None where the base was scored on every sequence.
+    base_score: Score | None = None
+    # search="race": `pattern` scored on every sequence, where the search was asked for its loss (`whole_at`).
+    committed: Score | None = None
 
     @property
     def loss(self) -> float:
-        return self.scores[self.chosen].loss
+        """The committed pattern's loss: over every sequence where known, else over those the race saw."""
+        return self.whole.loss
+
+    @property
+    def whole(self) -> Score:
+        return self.committed if self.committed is not None else self.scores[self.chosen]
 
     @property
     def confidence(self) -> Confidence:
         return confidence(self.scores, self.chosen)
 
+    def delta(self, layer: int) -> float:
+        """Candidate minus base, paired over the sequences the candidate was scored on."""
+        if self.base_score is None:
+            return self.scores[layer].loss - self.base_loss
+        return paired(self.scores[layer], self.base_score)[0]
+
     def to_json(self) -> dict:
         d = asdict(self)
         d["scores"] = {str(k): asdict(v) for k, v in sorted(self.scores.items())}
-        if d["race"] is None:  # other searches' steps (and checkpoints written before races kept a log)
-            del d["race"]
+        for key in ("race", "base_score", "committed"):  # other searches' steps (and older checkpoints)
+            if d[key] is None:
+                del d[key]
         return d
 
     @staticmethod
     def from_json(d: dict) -> "Step":
         scores = {int(k): Score(**v) for k, v in d["scores"].items()}
-        return Step(d["step"], d["base"], d["base_loss"], scores, d["chosen"], d["pattern"], d["swept"], d.get("race"))
+        base = Score(**d["base_score"]) if d.get("base_score") else None
+        whole = Score(**d["committed"]) if d.get("committed") else None
+        return Step(d["step"], d["base"], d["base_loss"], scores, d["chosen"], d["pattern"], d["swept"], d.get("race"), base,
+                    whole)
 
 
 @dataclass(frozen=True)
 class Race:
-    """Settings of `search="race"`: every candidate is scored on a growing share of the calibration
-    batches (first `first` sequences, then twice as many each round, in a fixed shuffled order) and
-    dropped once it is worse than the step's current best by more than a bound; the survivors and the
-    winner are scored on every sequence.
+    """Settings of `search="race"`, the default. Each step:
 
-    The bound is a one-sided Student t test on the paired per-sequence differences, with the finite
-    population correction (the question is about the mean over *these* calibration sequences, so the
-    standard error shrinks to 0 as they are all seen), at level `alpha / (looks x (candidates - 1))`:
-    by the union bound, the chance that a step drops the candidate with the lowest loss over every
-    sequence (Algorithm 1's choice) is at most `alpha`, however many rounds and candidates it has.
-
-    `tolerance` (nats per step, or "auto": `AUTO_TOLERANCE_SE` paired standard errors, see there) adds an
-    indifference zone: after a round, the step ends and commits the current best once, for every candidate
-    still racing, the upper bound of (best's loss - its loss) over all sequences, at the same level, is at
-    most the tolerance. Then, with probability at least 1 - alpha, the committed candidate is no more than
-    `tolerance` worse than the step's best over these sequences. The same level serves both rules at no
-    extra cost: for the best candidate c* and the committed b, a false drop of c* and a false "b is within
-    the tolerance of c*" both need b - c*'s t statistic below -q, one tail of one test per round and pair.
-    None or 0: no early end, the race as without it.
+    - Entry (lazy): after the first step, only the `enter` candidates with the lowest last-known delta and
+      the two Full neighbours of the layer just committed enter; then, one at a time, every candidate whose
+      last-known delta, lowered by the largest fall per step seen among this step's entered candidates
+      times its age and by one paired standard error, could still beat the leader's fresh delta.
+    - Racing: the entered candidates are scored on the first `first` sequences of a fixed shuffled order,
+      then twice as many each round, until every sequence; a candidate is dropped once its paired
+      difference to the leader is above a one-sided Student t bound with the finite-population correction,
+      at level `alpha / (looks x (candidates - 1))`: by the union bound, the chance that a step drops the
+      candidate with the lowest loss over every sequence is at most `alpha`.
+    - Indifference zone: `tolerance` nats (or "auto": AUTO_SHARE of the loss): the step ends and commits the
+      leader once, for every candidate still racing, the upper bound of (leader's loss - its loss) over
+      all sequences, at the same level, is at most the tolerance. With probability at least 1 - alpha the
+      committed candidate is then no more than `tolerance` worse than the best of those raced. A
+      tolerance in nats ends a near-tie after a count of sequences that does not grow with their number.
+    - Lazy base: the committed pattern runs only on the sequences a later step scores candidates on, and
+      only from the layers it needs; nothing is scored on every sequence unless the race gets there.
+    None or 0: no indifference zone.
     """
 
     alpha: float = 0.05
     first: int = 4
-    tolerance: float | str | None = None
+    tolerance: float | str | None = "auto"
+    enter: int = 1
 
     def __post_init__(self):
         if not 0.0 < self.alpha < 0.5:
             raise ValueError("race alpha must be in (0, 0.5)")
         if self.first < 2:
             raise ValueError("a race's first round needs at least 2 sequences")
+        if self.enter < 1:
+            raise ValueError("a race enters at least one candidate per step")
         t = self.tolerance
-        if not (t is None or t == "auto" or (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0)):
+        if not (t is None or t == "auto" or (isinstance(t, (int, float)) and not isinstance(t, bool)
+                                             and math.isfinite(t) and t >= 0)):
             raise ValueError("a race's tolerance is a number of nats >= 0, 'auto' or None")
 
 
 class Evaluator(Protocol):
     def score(self, pattern: str) -> Score: ...
 
-    # Called once per step with the committed pattern before its candidates are scored, so an
-    # evaluator can cache what every candidate shares with it (layer inputs before the flipped layer).
+    # Called with the pattern a search starts from, and by naive and exact once per step with the committed
+    # pattern before its candidates are scored, so an evaluator can cache what every candidate shares with
+    # it (layer inputs before the flipped layer).
     def set_base(self, pattern: str) -> Score: ...
 
-    # For search="race" only: `num_batches`, `batch_size`, and `score(pattern, batches=[...])`, which
-    # scores those batches (of `batch_size` consecutive sequences) and returns their sequences' losses.
+    # For search="race" only: `num_batches`, `batch_size`; `score(pattern, batches=[...])`, which scores
+    # those batches (of `batch_size` consecutive sequences) and returns their sequences' losses;
+    # `rebase(pattern)`, which commits a pattern without scoring it; and `base_losses(batches)`, the
+    # committed pattern's per-sequence losses on those batches. After `rebase`, `set_base` of the committed
+    # pattern scores it on every sequence, running it only where it is not yet known, and stays lazy.
 
 
 def candidates(pattern: str, fixed_shared: frozenset[int] = frozenset()) -> list[int]:
@@ -152,10 +185,8 @@ def candidates(pattern: str, fixed_shared: frozenset[int] = frozenset()) -> list
 
 
 def _pick(scores: dict[int, Score]) -> int:
-    # Lowest loss among the candidates scored on every sequence; ties go to the lower layer id so the
-    # result never depends on dict order.
-    complete = [layer for layer, sc in scores.items() if sc.sequences is None]
-    return min(complete, key=lambda layer: (scores[layer].loss, layer))
+    # Lowest loss; ties go to the lower layer id so the result never depends on dict order.
+    return min(scores, key=lambda layer: (scores[layer].loss, layer))
 
 
 def _neighbours(pattern: str, layer: int, cands: list[int]) -> list[int]:
@@ -195,12 +226,17 @@ def race_order(num_batches: int) -> list[int]:
     return order
 
 
+RACE_GROWTH = 1.25  # each round sees this many times the batches of the one before
+
+
 def race_rounds(num_batches: int, first_batches: int) -> list[int]:
-    """Batches seen after each round: first_batches, doubling, ending with every batch."""
+    """Batches seen after each round: first_batches, then RACE_GROWTH times as many (at least one more)
+    each round, ending with every batch. Rounds closer than doubling let the tolerance end a step nearer
+    the count it needs, for a few more looks in the union bound."""
     rounds, r = [], max(1, first_batches)
     while r < num_batches:
         rounds.append(r)
-        r *= 2
+        r = max(r + 1, math.ceil(r * RACE_GROWTH))
     return rounds + [num_batches]
 
 
@@ -217,43 +253,46 @@ def greedy_search(
     num_full: int,
     evaluator: Evaluator,
     fixed_shared: frozenset[int] = frozenset(),
-    search: str = "naive",
+    search: str = "race",
     done: list[Step] | None = None,
     on_step: Callable[[Step], None] | None = None,
     on_candidate: Callable[[int, int, int], None] | None = None,
-    rescore_best: int = 2,
     allowed: Callable[[str], bool] | None = None,
     race: Race | None = None,
+    whole_at: frozenset[int] = frozenset(),
 ) -> tuple[Score, list[Step]]:
     """Flip one layer per step to S until `num_full` layers are full. Returns (score of `start`, steps).
 
     search="naive": every candidate is scored at every step (Algorithm 1).
     search="exact": the same decisions as naive; only the evaluator differs (it reuses prefixes).
-    search="fast": after the first full sweep, each step re-scores the `rescore_best` candidates with
-    the lowest last-known delta plus the two full neighbours of the layer just committed, then every
-    candidate whose last-known delta, lowered by the largest fall per step seen among the re-scored
-    candidates times the steps since it was scored, comes within one paired standard error of the best
-    fresh delta. Deltas are loss minus the step's base loss.
-    search="race": every candidate at every step, raced over calibration sequences (see `Race`).
+    search="race": candidates entered lazily and raced over calibration sequences, with an indifference
+    zone and a lazy base (see `Race`).
     `allowed`: patterns the target can run; a candidate whose flip it rejects is never scored, and the
     search stops early if no candidate is left.
+    `whole_at`: numbers of Full layers at which the race scores the committed pattern on every sequence
+    (`Step.committed`): the end points a user reads. The other searches score every step's on all of them.
     """
     if search not in SEARCHES:
         raise ValueError(f"unknown search {search!r}")
     race = race or Race()
     steps = list(done or [])
     pattern = steps[-1].pattern if steps else start
-    base_score = evaluator.set_base(start)
-    start_score = base_score
-    if steps:
+    start_score = evaluator.set_base(start)
+    num_sequences = len(start_score.seq_losses)
+    lazy = search == "race"
+    base_score = start_score
+    if lazy:  # the race knows the committed pattern's losses where its last step scored it
+        evaluator.rebase(pattern)
+        if steps:
+            base_score = steps[-1].whole
+    elif steps:
         base_score = evaluator.set_base(pattern)
-    # For the fast search: layer -> (delta, step it was scored at, per-sequence deltas), rebuilt from
-    # replayed steps (a step's base is the previous step's choice).
-    memory: dict[int, tuple[float, int, list[float]]] = {}
-    for i, s in enumerate(steps):
-        base_seqs = (steps[i - 1].scores[steps[i - 1].chosen] if i else start_score).seq_losses
-        _remember(memory, s.scores, s.base_loss, base_seqs, s.step)
-    group = max(1, getattr(evaluator, "parallel", 1))
+    # The race's memory: layer -> (step it was last scored at, its per-sequence deltas to that step's base),
+    # rebuilt from replayed steps.
+    memory: dict[int, tuple[int, dict[int, float]]] = {}
+    for s in steps:
+        if s.base_score is not None:
+            _remember(memory, s, s.base_score)
     while pattern.count(FULL) > num_full:
         cands = candidates(pattern, fixed_shared)
         if allowed is not None:
@@ -276,189 +315,213 @@ def greedy_search(
                 progress["done"] += len(layers)
             return out
 
-        chosen, log = None, None
-        if search == "race":
-            scores, chosen, log = _race(cands, score, evaluator, len(base_score.seq_losses), race, progress)
-        elif search == "fast" and steps and all(c in memory for c in cands):
-            scores = _lazy(pattern, cands, memory, step_no, steps[-1].chosen, base_score.loss, base_score.seq_losses,
-                           score, group, rescore_best)
+        log, step_base = None, None
+        if lazy:
+            last = steps[-1].chosen if steps else None
+            scores, chosen, log, step_base = _race(pattern, cands, memory, step_no, last, race, evaluator, score,
+                                                   num_sequences, base_score.by_sequence(), progress)
         else:
             scores = dict(zip(cands, score(cands)))
-        _remember(memory, scores, base_score.loss, base_score.seq_losses, step_no)
-        if chosen is None:
             chosen = _pick(scores)
         new_pattern = flip(pattern, chosen)
-        step = Step(step_no, pattern, base_score.loss, scores, chosen, new_pattern, len(scores) == len(cands), log)
+        step = Step(step_no, pattern, (step_base or base_score).loss, scores, chosen, new_pattern,
+                    len(scores) == len(cands), log, step_base)
+        if lazy:
+            _remember(memory, step, step_base)
+            # Committed without running anything: its losses are known where it was raced, and run on the
+            # other sequences only where a later step, or an end point, needs them.
+            evaluator.rebase(new_pattern)
+            base_score = scores[chosen]
+            if new_pattern.count(FULL) in whole_at:  # run where not yet known; the race goes on lazily
+                step.committed = base_score = evaluator.set_base(new_pattern)
         steps.append(step)
         pattern = new_pattern
         if on_step:
             on_step(step)
-        if pattern.count(FULL) > num_full:
+        if pattern.count(FULL) > num_full and not lazy:
             base_score = evaluator.set_base(pattern)
     return start_score, steps
 
 
-def _remember(memory: dict, scores: dict[int, Score], base_loss: float, base_seqs: list[float], step_no: int) -> None:
-    for layer, sc in scores.items():
-        if sc.sequences is None:  # scored on every sequence
-            memory[layer] = (sc.loss - base_loss, step_no, [x - b for x, b in zip(sc.seq_losses, base_seqs)])
+def _remember(memory: dict, step: Step, base: Score) -> None:
+    """Each candidate scored at `step`: its per-sequence deltas to the step's base."""
+    b = base.by_sequence()
+    for layer, sc in step.scores.items():
+        memory[layer] = (step.step, {i: x - b[i] for i, x in sc.by_sequence().items() if i in b})
 
 
-def _lazy(pattern, cands, memory, step_no, last_chosen, base_loss, base_seqs, score, group, rescore_best) -> dict[int, Score]:
-    """The fast search's step: re-score the likely winners, then whatever stale delta could still win."""
-
-    def stale(c):
-        return memory[c][0]
-
-    def age(c):
-        return step_no - memory[c][1]
-
-    ranked = sorted(cands, key=lambda c: (stale(c), c))
-    neighbours = _neighbours(pattern, last_chosen, cands)
-    first = sorted(set(ranked[:rescore_best] + neighbours))
-    scores = dict(zip(first, score(first)))
-    fresh = {c: [x - b for x, b in zip(scores[c].seq_losses, base_seqs)] for c in scores}
-
-    def fall() -> float:
-        # The largest fall of a delta per step among the re-scored candidates whose runs did not just
-        # merge (sharing a layer can lower other layers' deltas); 0 when every delta rose.
-        falls = [(stale(c) - (scores[c].loss - base_loss)) / age(c) for c in scores if c not in neighbours]
-        return max([0.0] + falls)
-
-    def spread(c, best) -> float:
-        # One paired standard error, over calibration sequences, of c's stale delta against the best's
-        # fresh one: a gap this small the calibration sequences cannot tell from a tie.
-        return mean_se([x - y for x, y in zip(memory[c][2], fresh[best])])[1] or 0.0
-
-    pending: dict[int, Score] = {}
-    while True:
-        leader = min(scores, key=lambda c: (scores[c].loss, c))
-        best = scores[leader].loss - base_loss
-        drop = fall()
-        bound = {c: stale(c) - drop * age(c) - spread(c, leader) for c in cands if c not in scores}
-        doubt = sorted((c for c in bound if bound[c] < best), key=lambda c: (bound[c], c))
-        if not doubt:
-            return scores
-        # One candidate at a time, always the most doubtful; with several workers the next few are
-        # scored together, but only the ones this rule reaches are kept, so the steps never depend on
-        # the number of workers.
-        layer = doubt[0]
-        if layer not in pending:
-            batch = [c for c in doubt if c not in pending][:group]
-            pending.update(zip(batch, score(batch)))
-        scores[layer] = pending[layer]
-        fresh[layer] = [x - b for x, b in zip(scores[layer].seq_losses, base_seqs)]
+def auto_tolerance(base: dict[int, float]) -> float:
+    """`--tolerance auto` for one step: AUTO_SHARE of the committed pattern's loss, over the sequences it
+    is known on when the step first looks. A zone in nats ends a near-tie after a count of sequences set
+    by the zone and the pair's paired spread, however many sequences there are."""
+    return AUTO_SHARE * math.fsum(base.values()) / len(base)
 
 
-def _auto_tolerance(stats: dict[int, tuple[float, float | None]], n: int, num_sequences: int) -> float:
-    """`AUTO_TOLERANCE_SE` paired standard errors over all `num_sequences`, from the first round's `n`
-    sequences: `stats` holds each candidate's (gap, standard error without the finite-population
-    correction) against the leader."""
-    sds = sorted(se * math.sqrt(n) for _, se in stats.values() if se is not None)
-    if not sds:
-        return 0.0
-    mid = len(sds) // 2
-    median = sds[mid] if len(sds) % 2 else 0.5 * (sds[mid - 1] + sds[mid])
-    return AUTO_TOLERANCE_SE * median / math.sqrt(num_sequences)
-
-
-def _race(cands, score, evaluator, num_sequences: int, race: Race, progress: dict) -> tuple[dict[int, Score], int | None, dict | None]:
-    """Algorithm 1's step with early stopping: every candidate is scored on a growing set of sequences
-    and dropped once the bound says it is worse than the current best over *all* sequences; with a
-    tolerance, the step also ends once every candidate left is within it of the best (see `Race`).
-    Returns (scores, chosen, log); chosen is None where every candidate was scored whole, and log (see
-    `Step.race`) is None where nothing was raced."""
-    if len(cands) == 1:
-        return dict(zip(cands, score(cands))), None, None
+def _race(pattern, cands, memory, step_no, last_chosen, race: Race, evaluator, score, num_sequences: int,
+          base_known: dict[int, float], progress: dict):
+    """One step of the race (see `Race`). Returns (scores, chosen, log, base score on the sequences seen)."""
     batch_seqs = _batch_sequences(evaluator, num_sequences)
     num_batches = len(batch_seqs)
     order = race_order(num_batches)
     rounds = race_rounds(num_batches, math.ceil(race.first / len(batch_seqs[0])))
-    if len(rounds) == 1:  # too few sequences to race: Algorithm 1's step
-        return dict(zip(cands, score(cands))), None, None
-    q_level = race.alpha / ((len(rounds) - 1) * (len(cands) - 1))
+    q_level = race.alpha / (max(1, len(rounds) - 1) * max(1, len(cands) - 1))
+    neighbours = set(_neighbours(pattern, last_chosen, cands)) if last_chosen is not None else set()
+    # Candidates nothing is known of (every one at the first step) enter, with the committed layer's
+    # neighbours, whose runs just merged, and the likeliest winners among the others by their last-known
+    # delta (whose change since then is the drift that lazy entry allows for).
+    known = sorted((c for c in cands if c in memory and c not in neighbours), key=lambda c: (_mean(memory[c][1]), c))
+    first = sorted(set(known[: race.enter]) | neighbours | {c for c in cands if c not in memory})
     seen: dict[int, dict[int, float]] = {c: {} for c in cands}
-    full: dict[int, Score] = {}
-    alive = list(cands)
-    tolerance = race.tolerance if isinstance(race.tolerance, (int, float)) else None
-    log = {"sequences": num_sequences, "tolerance": tolerance, "ended_after": None, "dropped": []}
+    scored: dict[int, set[int]] = {c: set() for c in cands}  # batches each candidate was scored on
+    overlaps: dict[int, list] = {c: [] for c in cands}  # (sequences, mean top-k overlap) of each of its scores
+    base = dict(base_known)
+    tolerance = race.tolerance if isinstance(race.tolerance, (int, float)) and race.tolerance else None
+    log = {"sequences": num_sequences, "tolerance": tolerance, "ended_after": None, "entered": [], "dropped": []}
+    alive: list[int] = []
+    zoned: dict[int, dict] = {}  # candidates let go within the tolerance, with when
+    pending = first
+    ids: list[int] = []
 
     def mean(c: int) -> float:
-        return math.fsum(seen[c].values()) / len(seen[c])
+        return math.fsum(seen[c][i] for i in ids) / len(ids)
 
-    done = 0
+    def deltas(c: int) -> dict[int, float]:  # on every sequence it raced this step
+        return {i: x - base[i] for i, x in seen[c].items()}
+
+    leader = None
     for r in rounds:
-        new = order[done:r]
+        prefix = order[:r]
+        ids = [i for b in prefix for i in batch_seqs[b]]
         final = r == num_batches
-        partial = list(alive)
-        if final:
-            # The current leader is the likely winner, and the winner needs a score on every batch in
-            # one piece (its layer inputs become the next step's cache): score it whole now. An
-            # evaluator that kept what it computed for the leader's earlier batches scores only the rest.
+        while True:
+            alive += pending
+            log["entered"] += pending
+            pending = []
+            # Every candidate racing is scored on every batch of the prefix (a newcomer on all of them).
+            groups: dict[tuple, list[int]] = {}
+            for c in alive:
+                missing = tuple(b for b in prefix if b not in scored[c])
+                if missing:
+                    groups.setdefault(missing, []).append(c)
+            for missing, group in groups.items():
+                whole = len(missing) == num_batches
+                if whole:  # scored whole: its losses come in sequence order
+                    missing = tuple(range(num_batches))
+                for c, sc in zip(group, score(group, None if whole else list(missing))):
+                    got = [i for b in missing for i in batch_seqs[b]]
+                    if len(sc.seq_losses) != len(got):
+                        raise ValueError("a partial score returned a different number of sequences than its batches hold")
+                    seen[c].update(zip(got, sc.seq_losses))
+                    scored[c].update(missing)
+                    if sc.overlap is not None:
+                        overlaps[c].append((len(got), sc.overlap))
+            need = [b for b in prefix if any(i not in base for i in batch_seqs[b])]
+            if need:
+                got = [i for b in need for i in batch_seqs[b]]
+                base.update(zip(got, evaluator.base_losses(need)))
             leader = min(alive, key=lambda c: (mean(c), c))
-            full[leader] = score([leader])[0]
-            seen[leader] = full[leader].by_sequence()
-            partial.remove(leader)
-        if partial:
-            for c, sc in zip(partial, score(partial, batches=new)):
-                ids = [i for b in new for i in batch_seqs[b]]
-                if len(sc.seq_losses) != len(ids):
-                    raise ValueError("a partial score returned a different number of sequences than its batches hold")
-                seen[c].update(zip(ids, sc.seq_losses))
-        done = r
-        if final:
+            if not final:
+                n = len(ids)
+                q = t_quantile(q_level, n - 1)
+                if race.tolerance == "auto" and log["tolerance"] is None:
+                    log["tolerance"] = tolerance = auto_tolerance(base)
+                kept = []
+                for c in alive:
+                    if c != leader:
+                        gap, se = mean_se(paired_differences(seen[c], seen[leader]), num_sequences)
+                        if se is not None and gap - q * se > 0:
+                            log["dropped"].append({"candidate": c, "sequences": n, "reason": WORSE_BY_BOUND})
+                            continue
+                        # The indifference zone: at this level, c is at most `tolerance` better than the
+                        # leader over all sequences (its upper bound on leader - c: -gap + q * se).
+                        if tolerance and se is not None and q * se - gap <= tolerance:
+                            zoned[c] = {"candidate": c, "sequences": n, "reason": WITHIN_TOLERANCE}
+                            continue
+                    kept.append(c)
+                progress["done"] += len(alive) - len(kept)
+                alive = kept
+            if not (final or len(alive) == 1):
+                break  # the next round
+            # The step would end here. A candidate let go within the zone of an earlier leader must be within
+            # it of this one too, on the sequences it saw; if not, it races again.
+            back = [c for c in sorted(zoned) if not _within(seen[c], seen[leader], tolerance, q_level, num_sequences)]
+            for c in back:
+                del zoned[c]
+            # And any candidate not racing whose last-known delta says it could still beat the leader by more
+            # than the tolerance enters, scored on every batch seen so far.
+            entering = None if back else _doubtful(cands, log["entered"], alive, memory, step_no, leader, deltas,
+                                                    neighbours, tolerance or 0.0)
+            if not back and entering is None:
+                break
+            alive += back
+            pending = [entering] if entering is not None else []
+        if final or len(alive) == 1:
             break
-        best = min(alive, key=lambda c: (mean(c), c))
-        n = len(seen[best])
-        q = t_quantile(q_level, n - 1)
-        stats = {c: mean_se(paired_differences(seen[c], seen[best]), num_sequences) for c in alive if c != best}
-        if race.tolerance == "auto" and log["tolerance"] is None:
-            log["tolerance"] = tolerance = _auto_tolerance(
-                {c: mean_se(paired_differences(seen[c], seen[best])) for c in stats}, n, num_sequences)
-        kept = []
-        for c in alive:
-            if c != best:
-                gap, se = stats[c]
-                if se is not None and gap - q * se > 0:
-                    log["dropped"].append({"candidate": c, "sequences": n, "reason": WORSE_BY_BOUND})
-                    continue
-            kept.append(c)
-        progress["done"] += len(alive) - len(kept)
-        alive = kept
-        if len(alive) == 1:
-            break
-        # The indifference zone: every candidate left is, at this level, at most `tolerance` better than
-        # the best over all sequences (its upper bound on best - it: -gap + q * se).
-        if tolerance and all(stats[c][1] is not None and q * stats[c][1] - stats[c][0] <= tolerance
-                             for c in alive if c != best):
-            log["ended_after"] = n
-            log["dropped"] += [{"candidate": c, "sequences": n, "reason": WITHIN_TOLERANCE} for c in alive if c != best]
-            progress["done"] += len(alive) - 1
-            alive = [best]
-            break
-    winner = min(alive, key=lambda c: (full[c].loss if c in full else mean(c), c))
-    if winner not in full:
-        # Scored whole: an evaluator that kept what it computed on the winner's batches (see
-        # runner.PatternRunner.score) runs only the sequences it has not seen.
-        full[winner] = score([winner])[0]
+    log["dropped"] += [zoned[c] for c in sorted(zoned, key=lambda c: (zoned[c]["sequences"], c))]
+    if zoned:
+        log["ended_after"] = len(ids)
     scores = {}
-    for c in cands:
-        if c in full:
-            scores[c] = full[c]
-        else:
-            ids = sorted(seen[c])
-            losses = [seen[c][i] for i in ids]
-            scores[c] = Score(math.fsum(losses) / len(losses), losses, None,
-                              None if len(ids) == num_sequences else ids)
-    return scores, winner, log
+    for c in log["entered"]:
+        scores[c] = Score.of(seen[c], num_sequences)
+        if overlaps[c]:  # weighted by sequences: each of them holds as many query rows
+            scores[c].overlap = math.fsum(n * o for n, o in overlaps[c]) / sum(n for n, _ in overlaps[c])
+    step_base = Score.of({i: base[i] for i in ids}, num_sequences)
+    return scores, leader, log, step_base
+
+
+def _within(losses: dict[int, float], leader: dict[int, float], tolerance: float | None, level: float,
+            num_sequences: int) -> bool:
+    """Whether, at `level`, a candidate is at most `tolerance` better than the leader over all sequences,
+    paired over the sequences it was scored on."""
+    gap, se = mean_se(paired_differences(losses, leader), num_sequences)
+    n = len(paired_differences(losses, leader))
+    return bool(tolerance) and se is not None and t_quantile(level, n - 1) * se - gap <= tolerance
+
+
+def _mean(values: dict[int, float]) -> float:
+    return math.fsum(values.values()) / len(values) if values else math.inf
+
+
+def _doubtful(cands, entered, alive, memory, step_no, leader, deltas, neighbours, tolerance: float) -> int | None:
+    """The candidate not yet racing whose last-known delta could most plausibly beat the leader's fresh
+    one by more than `tolerance`, or None. A stale delta is lowered by the largest fall per step seen among
+    this step's racing candidates (sharing a layer can lower another layer's delta; each fall less one
+    standard error, so that noise in a few sequences is not taken for a fall) times its age, and by
+    one paired standard error over the sequences it shares with the leader's fresh deltas (a gap that
+    small is a tie). A candidate that can at best be `tolerance` better than the leader is one the step's
+    indifference zone would let go anyway."""
+    waiting = [c for c in cands if c not in entered]
+    if not waiting:
+        return None
+    fresh = deltas(leader)
+    falls = [0.0]
+    for c in entered:
+        if c in neighbours or c not in memory or memory[c][0] >= step_no:
+            continue
+        d = paired_differences(memory[c][1], deltas(c))
+        if len(d) >= 2:  # a fall the sequences can tell from noise: its mean less one standard error
+            mean, se = mean_se(d)
+            falls.append((mean - se) / (step_no - memory[c][0]))
+    fall = max(falls)
+    bound = {}
+    for c in waiting:
+        then_step, then = memory[c]
+        d = paired_differences(then, fresh)
+        if len(d) < 2:
+            bound[c] = -math.inf
+            continue
+        gap, se = mean_se(d)
+        bound[c] = gap - fall * (step_no - then_step) - se
+    doubt = sorted((c for c in waiting if bound[c] < -tolerance), key=lambda c: (bound[c], c))
+    return doubt[0] if doubt else None
 
 
 def race_summary(steps: list[Step], race: Race, positions: list[int] | None = None) -> dict:
     """What a race's tolerance can have cost: per step, the tolerance in nats, whether it ended the step
-    early, and what was dropped when and why (candidates named by decoder layer). Each step commits a
-    candidate at most its tolerance worse than that step's best (with probability 1 - alpha), so the
-    loss given away against the greedy best at each step is at most the sum over the steps the tolerance
-    ended; steps x tolerance bounds it before the run."""
+    early, which candidates entered, and what was dropped when and why (candidates named by decoder
+    layer). Each step commits a candidate at most its tolerance worse than the best of those raced (with
+    probability 1 - alpha), so the loss given away against that best at each step is at most the sum over
+    the steps the tolerance ended."""
     layer = (lambda p: p) if positions is None else (lambda p: positions[p])
     rows, given = [], 0.0
     for s in steps:
@@ -467,15 +530,9 @@ def race_summary(steps: list[Step], race: Race, positions: list[int] | None = No
         if ended:
             given += log["tolerance"]
         rows.append({"step": s.step, "tolerance": log.get("tolerance"), "ended_after": log.get("ended_after"),
+                     "entered": [layer(c) for c in log.get("entered", [])],
                      "dropped": [{**d, "candidate": layer(d["candidate"])} for d in log.get("dropped", [])]})
-    tols = [r["tolerance"] for r in rows if r["tolerance"] is not None]
-    return {
-        "steps": rows,
-        "steps_ended_early": sum(r["ended_after"] is not None for r in rows),
-        "given_away_at_most": given,
-        # The bound before the run: every step ended early at its tolerance.
-        "steps_times_tolerance": math.fsum(tols) if race.tolerance == "auto" else len(steps) * (race.tolerance or 0.0),
-    }
+    return {"steps": rows, "steps_ended_early": sum(r["ended_after"] is not None for r in rows), "given_away_at_most": given}
 
 
 def paired(a: Score, b: Score) -> tuple[float, float | None]:
@@ -487,13 +544,20 @@ def paired(a: Score, b: Score) -> tuple[float, float | None]:
 def path(start: str, start_loss: float, steps: list[Step], positions: list[int] | None = None) -> list[dict]:
     """The committed pattern after every step: one pattern per number of full layers, nested F-sets,
     with how surely each step's choice beat the runner-up (both named by decoder layer: `positions` maps
-    pattern positions to decoder layers; default: the same)."""
+    pattern positions to decoder layers; default: the same). `sequences` None: the loss is over every
+    calibration sequence; a number: the race scored the step on that many, and the loss is an estimate,
+    the row before plus the step's paired delta to its base on those sequences."""
     layer = (lambda p: p) if positions is None else (lambda p: None if p is None else positions[p])
-    rows = [{"num_full": start.count(FULL), "pattern": start, "loss": start_loss, "step": 0}]
+    rows = [{"num_full": start.count(FULL), "pattern": start, "loss": start_loss, "step": 0, "sequences": None}]
+    loss = start_loss
     for s in steps:
         c = s.confidence
+        whole = s.whole
+        # Scored on every sequence, or estimated: the row before plus the step's paired delta to its base.
+        loss = whole.loss if whole.sequences is None else loss + s.delta(s.chosen)
         rows.append({
-            "num_full": s.pattern.count(FULL), "pattern": s.pattern, "loss": s.loss, "step": s.step,
+            "num_full": s.pattern.count(FULL), "pattern": s.pattern, "loss": loss, "step": s.step,
+            "sequences": None if whole.sequences is None else len(whole.sequences),
             "chosen": layer(s.chosen), "runner_up": layer(c.runner_up), "gap": c.gap, "gap_se": c.se, "decided": c.decided,
         })
     return rows

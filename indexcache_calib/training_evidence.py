@@ -133,7 +133,7 @@ def run_distill(args, data_dir: Path, out: Path) -> dict:
     else:
         _log(f"[calibrate] greedy search down to {plural(num_full, 'Full layer')} on code.jsonl")
         opts = Options(model=args.model, data=str(data_dir / "code.jsonl"), num_full=num_full, seq_len=args.seq_len,
-                       num_samples=args.calibration_samples, seed=args.seed, search="fast", plots=False, out=str(run_dir),
+                       num_samples=args.calibration_samples, seed=args.seed, search="race", plots=False, out=str(run_dir),
                        overwrite=True)
         layer_map, _ = calibrate(opts, Hooks(message=lambda t: _log(f"[calibrate] {t}")))
     searched = layer_map["pattern"]
@@ -185,7 +185,7 @@ def run_distill(args, data_dir: Path, out: Path) -> dict:
                 "diff": {f"{a}_minus_{b}": _diff(seq[a][d], seq[b][d]) for a, b in pairs}} for d in args.domains}
     logs = {k: json.loads((v / "training_log.json").read_text()) for k, v in distilled.items()}
     return {"model": args.model, "num_layers": n, "uniform": uniform, "searched": searched,
-            "calibration": {"data": "code.jsonl", "num_samples": args.calibration_samples, "search": "fast",
+            "calibration": {"data": "code.jsonl", "num_samples": args.calibration_samples, "search": "race",
                             "loss": layer_map["loss"]},
             "distilled": {name: {"pattern": p, "data": Path(d).name} for name, p, d in runs},
             "training": {k: v["training"] for k, v in logs.items()}, "heldout": rows, "pairs": pairs,

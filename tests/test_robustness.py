@@ -182,3 +182,42 @@ def test_out_of_memory_names_the_knobs_and_keeps_the_checkpoint(deep_dir, text_d
     assert "Traceback" not in r.stderr
     assert len(json.loads((out / CHECKPOINT).read_text())["steps"]) == 1
     assert not (out / LAYER_MAP).exists()
+
+
+@pytest.mark.parametrize("search", ["race", "exact"])
+def test_a_run_stopped_mid_step_resumes_without_scoring_its_finished_candidates_again(search, deep_dir, text_data,
+                                                                                      tmp_path, monkeypatch):
+    from indexcache_calib.artifact import IN_FLIGHT
+    from indexcache_calib.runner import PatternRunner
+
+    args = ["--model", str(deep_dir), "--data", str(text_data), "--search", search, "--seq-len", "48",
+            "--num-samples", "8", "--batch-size", "1", "--num-full", "3", "--no-plots"]
+    whole = tmp_path / "whole"
+    assert run_cli(*args, "--out", str(whole)).exit_code == 0
+    asked: list = []
+    score = PatternRunner.score
+
+    def stop_in_step_two(self, pattern, batches=None):
+        asked.append((pattern, None if batches is None else list(batches)))
+        steps = json.loads((out / CHECKPOINT).read_text())["steps"] if (out / CHECKPOINT).exists() else []
+        if len(steps) == 1 and (out / IN_FLIGHT).exists() and len(json.loads((out / IN_FLIGHT).read_text())["calls"]) >= 3:
+            raise KeyboardInterrupt
+        return score(self, pattern, batches)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(PatternRunner, "score", stop_in_step_two)
+    r = run_cli(*args, "--out", str(out))
+    assert r.exit_code == 130 and "--resume" in r.stderr
+    saved = [c["key"] for c in json.loads((out / IN_FLIGHT).read_text())["calls"] if c["key"][0] == "score"]
+    assert len(saved) >= 3
+    asked.clear()
+    monkeypatch.setattr(PatternRunner, "score", lambda self, pattern, batches=None: (
+        asked.append((pattern, None if batches is None else list(batches))), score(self, pattern, batches))[1])
+    r = run_cli(*args, "--out", str(out), "--resume")
+    assert r.exit_code == 0, r.stderr
+    assert "saved score" in r.stderr
+    for _, patterns, batches in saved:  # not one of the saved scores ran again
+        assert all((p, batches) not in asked for p in patterns)
+    assert body(out / LAYER_MAP) == body(whole / LAYER_MAP)
+    assert (out / TRACE).read_bytes() == (whole / TRACE).read_bytes()
+    assert not (out / IN_FLIGHT).exists()

@@ -71,18 +71,18 @@ class Grouped(Additive):
     """Scores several patterns per call, like a candidate-parallel evaluator with `parallel` workers."""
 
     def __init__(self, costs, pair_bonus, parallel):
-        super().__init__(costs, pair_bonus)
+        super().__init__(costs, pair_bonus, num_sequences=4)
         self.parallel = parallel
 
-    def score_many(self, patterns):
-        return [self.score(p) for p in patterns]
+    def score_many(self, patterns, batches=None):
+        return [self.score(p, batches) for p in patterns]
 
 
 @pytest.mark.parametrize("parallel", [2, 3, 5])
-def test_fast_search_takes_the_same_steps_whatever_the_number_of_workers(parallel):
+def test_the_race_takes_the_same_steps_whatever_the_number_of_workers(parallel):
     costs = [0, 0.30, 0.31, 0.32, 0.33, 0.34, 0.35, 0.36, 0.2, 0.25]
-    _, one = greedy_search("F" * 10, 2, Additive(costs, pair_bonus=0.2), search="fast")
-    _, many = greedy_search("F" * 10, 2, Grouped(costs, 0.2, parallel), search="fast")
+    _, one = greedy_search("F" * 10, 2, Additive(costs, pair_bonus=0.2, num_sequences=4), search="race")
+    _, many = greedy_search("F" * 10, 2, Grouped(costs, 0.2, parallel), search="race")
     assert [(s.chosen, sorted(s.scores)) for s in many] == [(s.chosen, sorted(s.scores)) for s in one]
 
 
@@ -106,7 +106,8 @@ def test_dry_run_loads_no_weights_and_counts_the_naive_work(glm_dir, text_data, 
     # Every search's work side by side, in tokens through decoder layers.
     by = plan["work_by_search"]
     assert by["naive"] == {"layer_forwards": 15 * 6 * 4, "tokens": 15 * 6 * 4 * 48, "estimate": "exact"}
-    assert by["race"]["tokens"] == by["exact"]["tokens"]  # 4 sequences: nothing to race
+    # With 4 sequences there is little to race: the race's estimate (its end points included) is no better.
+    assert by["race"]["tokens"] >= 0.9 * by["exact"]["tokens"]
     many = runner.invoke(app, ["calibrate", "--model", str(cfg_only), "--data", str(text_data), "--seq-len", "48",
                                "--num-samples", "64", "--num-full", "2", "--dry-run", "--json"])
     by = json.loads(many.stdout)["work_by_search"]

@@ -235,6 +235,9 @@ def test_scoring_a_subset_of_batches_gives_those_sequences_losses(glm_dir, cache
     assert runner.num_batches == 2
     runner.set_base("FFFFFF")
     whole = runner.score("FFSFFF")
+    with pytest.raises(ValueError, match="lazy base"):  # partial scores are the race's, after `rebase`
+        runner.score("FFSFFF", batches=[1])
+    runner.rebase("FFFFFF")
     part = runner.score("FFSFFF", batches=[1])
     assert part.seq_losses == whole.seq_losses[2:]
     assert part.loss == pytest.approx(sum(whole.seq_losses[2:]) / 2, rel=1e-12)
