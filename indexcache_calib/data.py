@@ -59,10 +59,7 @@ def read_documents(path: str | Path, tokenizer=None, field: str = "text") -> Doc
     if path.is_dir():
         texts = _read_saved_dataset(path, field)
     elif path.suffix in (".jsonl", ".json"):
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise CalibError(f"cannot read {path}: {e}")
+        lines = _utf8_text(path).splitlines()
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -81,14 +78,25 @@ def read_documents(path: str | Path, tokenizer=None, field: str = "text") -> Doc
     elif path.suffix in TABULAR:
         texts = _read_tabular(path, field)
     else:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise CalibError(f"cannot read {path} as UTF-8 text: {e}")
+        text = _utf8_text(path)
         texts = [text] if text.strip() else []
     if not texts:
         raise CalibError(f"{path} holds no text to calibrate on")
     return Documents(texts, skipped, notes)
+
+
+def _utf8_text(path: Path) -> str:
+    """The file as UTF-8 text, a leading byte-order mark dropped (editors on Windows write one); a byte
+    that is not UTF-8 is reported with its line number."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CalibError(f"cannot read {path}: {e.strerror or e}")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise CalibError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x})", hint="save the file as UTF-8")
 
 
 def _column(ds, field: str, where: str) -> list[str]:

@@ -1,0 +1,43 @@
+"""What a new user hit: the data they bring, the options they combine, the plan they size a cluster
+with, and where the artifacts go."""
+
+import json
+
+import pytest
+from conftest import one_error_line, write_docs
+from typer.testing import CliRunner
+
+from indexcache_calib.cli import app
+from indexcache_calib.data import read_documents
+from indexcache_calib.errors import CalibError
+
+runner = CliRunner()
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+def test_a_byte_order_mark_is_read_as_utf8(tmp_path):
+    plain = write_docs(tmp_path / "plain.jsonl", n=3)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert read_documents(bom).texts == read_documents(plain).texts
+    txt = tmp_path / "bom.txt"
+    txt.write_bytes(b"\xef\xbb\xbfsome text")
+    assert read_documents(txt).texts == ["some text"]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
+def test_a_byte_that_is_not_utf8_is_reported_with_its_line(tmp_path, suffix):
+    bad = tmp_path / f"latin1{suffix}"
+    bad.write_bytes(b'{"text": "one"}\n{"text": "two"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(CalibError, match=rf"latin1\{suffix}:3: not UTF-8 text \(byte 0xe9\)"):
+        read_documents(bad)
+
+
+def test_calibrate_on_a_non_utf8_file_names_the_line(glm_dir, tmp_path):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"text": "caf\xe9"}\n')
+    result = runner.invoke(app, ["calibrate", "--model", str(glm_dir), "--data", str(bad), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "latin1.jsonl:1: not UTF-8 text" in one_error_line(result)
+    assert not (tmp_path / "o").exists()
