@@ -27,7 +27,8 @@ from indexcache_calib.deploy import consumer_keys, engine_args
 from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, EXIT_RESUME_MISMATCH, CalibError, is_out_of_memory, plural
 from indexcache_calib.parallel import ParallelEvaluator, init_world, replica_max_memory, sum_counters
 from indexcache_calib.pattern import (
-    FULL, SHARED, full_layers, indexer_types, resolve_num_full, source_layers, uniform_pattern, validate_pattern,
+    FULL, SHARED, UNIFORM_EVERY, full_layers, indexer_types, resolve_num_full, source_layers, uniform_baselines, uniform_pattern,
+    validate_pattern,
 )
 from indexcache_calib.plots import calibration_plots
 from indexcache_calib.search import (
@@ -699,9 +700,6 @@ class SearchResult:
     work: dict  # this session's counters, summed over processes (with `seconds`)
 
 
-UNIFORM_EVERY = (2, 4, 8)  # the paper's ratios: uniform interleaving, and the path, are scored at each
-
-
 def run_search(opts: Options, hooks: Hooks, prep: Prepared, run: RunPlan, fp: dict, resumed: Resumed,
                cache_device: str, world) -> SearchResult:
     """The greedy search from `run.start` to `run.num_full` Full layers after the resumed steps, with a
@@ -815,11 +813,9 @@ def run_search(opts: Options, hooks: Hooks, prep: Prepared, run: RunPlan, fp: di
         layer_overlap = runner.last_layer_overlap
         # Uniform interleaving at the paper's ratios, scored on the same tokens: the baseline a
         # searched pattern has to beat.
-        uniform = {}
-        for every in UNIFORM_EVERY:
-            pattern = uniform_pattern(n, every, layout.fixed_shared)
-            if n >= every and pattern.count(FULL) >= num_full and family.runs(pattern, positions) is None:
-                uniform[f"1/{every}"] = {"pattern": pattern, "num_full": pattern.count(FULL), "loss": runner.score(pattern).loss}
+        baselines = uniform_baselines(n, layout.fixed_shared, num_full, lambda p: family.runs(p, positions))
+        uniform = {ratio: {"pattern": pattern, "num_full": pattern.count(FULL), "loss": runner.score(pattern).loss}
+                   for ratio, pattern in baselines.items()}
     finally:
         runner.close()
     checkpoint(steps)

@@ -41,27 +41,28 @@ RACE_BASIS = (f"typical: the counts measured on {RACE_MEASURED} (bench race): {R
 
 def endpoint_counts(num_positions: int, fixed: frozenset[int], num_full: int) -> set[int]:
     """The numbers of Full layers whose patterns a calibration scores on every sequence: the target, and
-    the ratios uniform interleaving is scored at (calibrate.UNIFORM_EVERY)."""
-    from indexcache_calib.pattern import uniform_pattern
+    the ratios uniform interleaving is scored at (pattern.UNIFORM_EVERY)."""
+    from indexcache_calib.pattern import UNIFORM_EVERY, uniform_pattern
 
-    return {uniform_pattern(num_positions, every, fixed).count("F") for every in (2, 4, 8)} | {num_full}
+    return {uniform_pattern(num_positions, every, fixed).count("F") for every in UNIFORM_EVERY} | {num_full}
 
 
 def search_work(num_layers: int, fixed: frozenset[int], num_full: int, search: str, samples: int,
                 positions: list[int] | None = None, tolerance: float | str | None = "auto",
-                endpoints: frozenset[int] = frozenset()) -> dict:
+                endpoints: frozenset[int] = frozenset(), uniform: int = 0) -> dict:
     """Patterns scored and decoder-layer forwards (per sequence x samples). Exact for naive. For the
     others, an upper bound and a typical count, since how far each candidate runs, and how many are
     entered or raced to the end, depends on the scores (see RACE_BASIS). `endpoints`: the numbers of Full
     layers at which the race scores the committed pattern on every sequence (exact and naive score every
-    step's). `positions`: the decoder layer of each pattern position (default: every layer); `fixed` are
-    positions."""
+    step's). `uniform`: the uniform baselines scored after the search, a whole forward each. `positions`: the
+    decoder layer of each pattern position (default: every layer); `fixed` are positions."""
     positions = list(range(num_layers)) if positions is None else positions
     cands = [positions[p] for p in range(1, len(positions)) if p not in fixed]
     steps = len(cands) + 1 - num_full
     naive_patterns = sum(len(cands) - s for s in range(steps))
     if search == "naive":
-        return {"patterns": 1 + naive_patterns, "layer_forwards": (1 + naive_patterns) * num_layers * samples}
+        return {"patterns": 1 + naive_patterns + uniform, "layer_forwards": (1 + naive_patterns + uniform) * num_layers * samples}
+    baselines = uniform * num_layers * samples
     # With prefix reuse, the candidate that flips layer l runs layers l..N-1; refreshing the cache after
     # committing l does the same once per step.
     sweep = sum(num_layers - l for l in cands)
@@ -69,24 +70,26 @@ def search_work(num_layers: int, fixed: frozenset[int], num_full: int, search: s
     upper = num_layers + sweep * steps + mean_tail * steps
     if search == "exact":  # every candidate every step, each from its own layer
         typical = num_layers + mean_tail * (naive_patterns + steps)
-        return {"patterns": 1 + naive_patterns, "layer_forwards_at_most": int(upper * samples),
-                "layer_forwards_typical": int(typical * samples)}
+        return {"patterns": 1 + naive_patterns + uniform, "layer_forwards_at_most": int(upper * samples) + baselines,
+                "layer_forwards_typical": int(typical * samples) + baselines}
     # race
     reached = [k for k in endpoints if num_full <= k <= len(cands)]
     ends = len(reached) * num_layers * samples
-    at_most = int(upper * samples + ends)
+    at_most = int(upper * samples + ends) + baselines
     if not tolerance:  # no zone: near-ties run to every sequence; nothing measured says how many
-        return {"patterns_at_most": 1 + naive_patterns, "layer_forwards_at_most": at_most, "layer_forwards_typical": at_most,
-                "parts": {"start": num_layers * samples, "first_step": 0, "later_steps": 0, "base": 0, "endpoints": 0}}
+        return {"patterns_at_most": 1 + naive_patterns + uniform, "layer_forwards_at_most": at_most, "layer_forwards_typical": at_most,
+                "parts": {"start": num_layers * samples, "first_step": 0, "later_steps": 0, "base": 0, "endpoints": 0,
+                          "uniform": baselines}}
     parts = {
         "start": num_layers * samples,
         "first_step": len(cands) * min(samples, RACE_FIRST_SEQUENCES) * mean_tail,
         "later_steps": sum(min(len(cands) - s, RACE_ENTERED) for s in range(1, steps)) * min(samples, RACE_LATER_SEQUENCES) * mean_tail,
         "base": steps * min(samples, RACE_BASE_RUNS) * mean_tail,
         "endpoints": RACE_ENDPOINT_SHARE * ends,
+        "uniform": baselines,
     }
     typical = min(at_most, int(sum(parts.values())))
-    return {"patterns_at_most": 1 + naive_patterns, "layer_forwards_at_most": at_most, "layer_forwards_typical": typical,
+    return {"patterns_at_most": 1 + naive_patterns + uniform, "layer_forwards_at_most": at_most, "layer_forwards_typical": typical,
             "parts": {k: int(v) for k, v in parts.items()}}
 
 
@@ -145,11 +148,15 @@ def plan(opts, ckpt, num_full: int, attention: str = "dense") -> dict:
 
     tolerance = opts.race().tolerance if opts.search == "race" else None
     endpoints = frozenset(endpoint_counts(len(ckpt.positions), fixed, num_full))
-    work = search_work(n, fixed, num_full, opts.search, samples, ckpt.positions, tolerance, endpoints)
+    from indexcache_calib.pattern import uniform_baselines
+
+    uniform = len(uniform_baselines(len(ckpt.positions), fixed, num_full, lambda p: ckpt.family.runs(p, ckpt.positions)))
+    work = search_work(n, fixed, num_full, opts.search, samples, ckpt.positions, tolerance, endpoints, uniform)
     # Every search's work on this config, for choosing one: layer-forwards (per sequence) and tokens.
     by_search = {}
     for name in SEARCHES:
-        w = search_work(n, fixed, num_full, name, samples, ckpt.positions, tolerance if name == opts.search else "auto", endpoints)
+        w = search_work(n, fixed, num_full, name, samples, ckpt.positions, tolerance if name == opts.search else "auto",
+                        endpoints, uniform)
         lf = w.get("layer_forwards", w.get("layer_forwards_typical"))
         by_search[name] = {"layer_forwards": lf, "tokens": lf * s, "estimate": "exact" if name == "naive" else "typical"}
     by_search["race"]["basis"] = RACE_BASIS

@@ -76,6 +76,21 @@ def uniform_pattern(num_layers: int, every: int, fixed_shared: frozenset[int] = 
     )
 
 
+UNIFORM_EVERY = (2, 4, 8)  # the paper's ratios: uniform interleaving, and the path, are scored at each
+
+
+def uniform_baselines(num_positions: int, fixed_shared: frozenset[int], num_full: int, runs,
+                      ratios=UNIFORM_EVERY) -> dict[str, str]:
+    """"1/N" -> the uniform interleaving a calibration scores as its baseline: those at the paper's ratios
+    that keep at least `num_full` Full layers and that the library can run (`runs(pattern)` is None)."""
+    out = {}
+    for every in ratios:
+        pattern = uniform_pattern(num_positions, every, fixed_shared)
+        if num_positions >= every and pattern.count(FULL) >= num_full and runs(pattern) is None:
+            out[f"1/{every}"] = pattern
+    return out
+
+
 def parse_ratio(spec: str) -> Fraction:
     """'1/4', '0.25' or '25%' -> Fraction; raises CalibError if it is not in (0, 1]."""
     text = spec.strip()

@@ -96,16 +96,23 @@ def test_dry_run_loads_no_weights_and_counts_the_naive_work(glm_dir, text_data, 
                             "--num-samples", "4", "--num-full", "2", "--search", "naive", "--dry-run", "--json"])
     assert r.exit_code == 0, r.stderr
     plan = json.loads(r.stdout)
-    # Algorithm 1 from 6 layers to 2: 1 baseline + 5 + 4 + 3 + 2 candidates, each a 6-layer forward of 4 sequences.
-    assert plan["work"] == {"patterns": 15, "layer_forwards": 15 * 6 * 4}
+    # Algorithm 1 from 6 layers to 2: all-Full + 5 + 4 + 3 + 2 candidates, and the uniform baselines at 1/2 and
+    # 1/4 (1/8 keeps one Full layer, under the target), each a 6-layer forward of 4 sequences.
+    assert plan["work"] == {"patterns": 17, "layer_forwards": 17 * 6 * 4}
+    real = runner.invoke(app, ["calibrate", "--model", str(glm_dir), "--data", str(text_data), "--seq-len", "48",
+                               "--num-samples", "4", "--num-full", "2", "--search", "naive", "--json",
+                               "--out", str(tmp_path / "naive"), "--no-plots"])
+    assert real.exit_code == 0, real.stderr
+    done = json.loads(real.stdout)["environment"]["work"]
+    assert (done["patterns_scored"], done["layer_forwards"]) == (17, 17 * 6 * 4)  # what the dry run said
     assert plan["num_full_target"] == 2 and plan["weights_total"] > 0
     exact = runner.invoke(app, ["calibrate", "--model", str(cfg_only), "--data", str(text_data), "--seq-len", "48",
                                 "--num-samples", "4", "--num-full", "2", "--search", "exact", "--dry-run", "--json"])
     work = json.loads(exact.stdout)["work"]
-    assert work["patterns"] == 15 and work["layer_forwards_typical"] < plan["work"]["layer_forwards"]
+    assert work["patterns"] == 17 and work["layer_forwards_typical"] < plan["work"]["layer_forwards"]
     # Every search's work side by side, in tokens through decoder layers.
     by = plan["work_by_search"]
-    assert by["naive"] == {"layer_forwards": 15 * 6 * 4, "tokens": 15 * 6 * 4 * 48, "estimate": "exact"}
+    assert by["naive"] == {"layer_forwards": 17 * 6 * 4, "tokens": 17 * 6 * 4 * 48, "estimate": "exact"}
     # With 4 sequences there is little to race: the race's estimate (its end points included) is no better.
     assert by["race"]["tokens"] >= 0.9 * by["exact"]["tokens"]
     many = runner.invoke(app, ["calibrate", "--model", str(cfg_only), "--data", str(text_data), "--seq-len", "48",
