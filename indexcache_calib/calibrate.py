@@ -152,6 +152,7 @@ class RunPlan:
     run_dir: Path
     saved: dict | None  # the checkpoint resumed from
     tokens: Tokens | None  # None only in a dry run on a checkpoint without a tokenizer
+    cache_device: str = "cpu"  # where the prefix cache goes, settled against --cache-budget and free disk
 
 
 def dry_run(opts: Options) -> dict:
@@ -159,12 +160,11 @@ def dry_run(opts: Options) -> dict:
     run directory, resume, data), then estimate what the run needs; loads no weights."""
     notes: list[str] = []
     run = plan_run(opts, Hooks(message=notes.append, warn=notes.append), dry=True)
-    cache_device, why = resolved_cache_device(opts)
-    planned = replace(opts, cache_device=cache_device)
+    planned = replace(opts, cache_device=run.cache_device)
     if run.tokens is not None and len(run.tokens.ids) < opts.num_samples:  # what the run will calibrate on
         planned = replace(planned, num_samples=len(run.tokens.ids))
     estimate = dryrun.plan(planned, run.ckpt, run.num_full, attention_for(opts, run.ckpt))
-    estimate["warnings"][:0] = ([why] if why else []) + notes
+    estimate["warnings"][:0] = notes
     return estimate
 
 
@@ -195,12 +195,39 @@ def plan_run(opts: Options, hooks: Hooks, dry: bool = False) -> RunPlan:
             raise
         dat.read_documents(opts.data, None, opts.text_field)  # the file itself is still checked
         hooks.warn(f"{e.message}: the data was read but not tokenized, so whether it fills --num-samples is unchecked")
-        return RunPlan(source, ckpt, num_full, start, run_dir, saved, None)
+        return RunPlan(source, ckpt, num_full, start, run_dir, saved, None, plan_cache_device(opts, ckpt, opts.num_samples, hooks))
     tokens = read_tokens(opts, hooks, tokenizer)
     if saved is not None:  # a resume on other tokens is refused here too
         check_fingerprint(run_dir, {"tokens_sha256": saved["fingerprint"].get("tokens_sha256")},
                           {"tokens_sha256": tokens_sha256(tokens.ids)})
-    return RunPlan(source, ckpt, num_full, start, run_dir, saved, tokens)
+    return RunPlan(source, ckpt, num_full, start, run_dir, saved, tokens, plan_cache_device(opts, ckpt, len(tokens.ids), hooks))
+
+
+def plan_cache_device(opts: Options, ckpt, num_samples: int, hooks: Hooks) -> str:
+    """Where the prefix cache goes, decided from the config before any weight loads (a terabyte cache
+    that does not fit the disk is refused before the weights take an hour to load)."""
+    device, why = resolved_cache_device(opts)
+    if why:
+        hooks.warn(why)
+    elem = torch.tensor([], dtype=dryrun.planned_dtype(opts, mdl.loading_config(ckpt))).element_size()
+    return settle_cache_device(opts, device, dryrun.cache_need(opts, ckpt, num_samples, elem), hooks)
+
+
+def settle_cache_device(opts: Options, device: str, need: int, hooks: Hooks) -> str:
+    """Past --cache-budget the cache goes to disk; on disk it must fit the free space of TMPDIR."""
+    if not need:
+        return device
+    if opts.cache_budget and need > convert_file_size_to_int(opts.cache_budget) and device != "disk":
+        hooks.warn(f"the prefix cache needs up to {dryrun.size_str(need)}, over --cache-budget {opts.cache_budget}: keeping it on disk")
+        device = "disk"
+    if device == "disk":
+        free = shutil.disk_usage(tempfile.gettempdir()).free
+        if need > free:
+            raise CalibError(
+                f"the prefix cache needs up to {dryrun.size_str(need)} on disk, but {tempfile.gettempdir()} has {dryrun.size_str(free)} free",
+                hint="point TMPDIR at a larger disk, lower --num-samples or --seq-len, or use --cache-device none",
+            )
+    return device
 
 
 def resumable_sibling(run_dir: Path, num_full: int, opts: Options, config_sha: str | None, ckpt, hooks: Hooks) -> Path:
@@ -455,32 +482,17 @@ def make_runner(prep: Prepared, opts: Options, cache_device: str | None = None):
     )
 
 
-def choose_cache_device(opts: Options, prep: Prepared, hooks: Hooks) -> str:
-    """Keep the prefix cache within --cache-budget: past it, the cache moves to disk."""
+def choose_cache_device(opts: Options, prep: Prepared, planned: str, hooks: Hooks) -> str:
+    """The planned cache device (`plan_cache_device`), checked again against the loaded weights' dtype."""
     from indexcache_calib.runner import cache_bytes_estimate  # deferred: see HF_HUB_OFFLINE at the top
 
     if opts.search == "naive" or opts.cache_device == "none":
         return opts.cache_device
-    device, why = resolved_cache_device(opts)
-    if why:
-        hooks.warn(why)
     elem = next(prep.model.parameters()).element_size()
     text = prep.checkpoint.text
     need = cache_bytes_estimate(prep.layout.num_positions, prep.layout.budget, len(prep.ids), prep.ids.shape[1],
                                 text.hidden_size * prep.checkpoint.family.streams(text), elem)
-    if opts.cache_budget:
-        budget = convert_file_size_to_int(opts.cache_budget)
-        if need > budget and device != "disk":
-            hooks.warn(f"the prefix cache needs up to {dryrun.size_str(need)}, over --cache-budget {opts.cache_budget}: keeping it on disk")
-            device = "disk"
-    if device == "disk":
-        free = shutil.disk_usage(tempfile.gettempdir()).free
-        if need > free:
-            raise CalibError(
-                f"the prefix cache needs up to {dryrun.size_str(need)} on disk, but {tempfile.gettempdir()} has {dryrun.size_str(free)} free",
-                hint="point TMPDIR at a larger disk, lower --num-samples or --seq-len, or use --cache-device none",
-            )
-    return device
+    return settle_cache_device(opts, planned, need, hooks)
 
 
 def fingerprint(opts: Options, prep: Prepared, config_sha: str | None) -> dict:
@@ -646,7 +658,7 @@ def _calibrate(opts: Options, hooks: Hooks, run: RunPlan, t_start: float, world)
     config_sha = mdl.config_sha256(prep.source)
     fp = fingerprint(opts, prep, config_sha)
     resumed = resume_steps(run_dir, run.saved, fp, run.num_full, hooks)
-    cache_device = choose_cache_device(opts, prep, hooks)
+    cache_device = choose_cache_device(opts, prep, run.cache_device, hooks)
     result = run_search(opts, hooks, prep, run, fp, resumed, cache_device, world)
     if not world.is_main:
         return {}, run_dir

@@ -93,6 +93,27 @@ def search_work(num_layers: int, fixed: frozenset[int], num_full: int, search: s
             "parts": {k: int(v) for k, v in parts.items()}}
 
 
+def planned_dtype(opts, config):
+    """The dtype the weights will load in: --dtype, else the checkpoint's own (float32 where it names none)."""
+    import torch
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        opts.dtype, getattr(config, "dtype", None) or torch.float32
+    )
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def cache_need(opts, ckpt, num_samples: int, elem: int) -> int:
+    """The prefix cache's upper bound for this run, from the config alone (0 where the run keeps none)."""
+    if opts.search == "naive" or opts.cache_device == "none":
+        return 0
+    from indexcache_calib.runner import cache_bytes_estimate
+
+    text = ckpt.text
+    hidden = text.hidden_size * ckpt.family.streams(text)  # hyper-connection streams each carry a copy
+    return cache_bytes_estimate(len(ckpt.positions), ckpt.budget, num_samples, opts.seq_len, hidden, elem)
+
+
 def plan(opts, ckpt, num_full: int, attention: str = "dense") -> dict:
     """Memory and work estimates for `opts` on the checkpoint `ckpt` (a `model.Checkpoint`)."""
     import torch
@@ -103,11 +124,7 @@ def plan(opts, ckpt, num_full: int, attention: str = "dense") -> dict:
 
     config, text = loading_config(ckpt), ckpt.text
     n, fixed = ckpt.num_layers, ckpt.fixed_shared
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        opts.dtype, getattr(config, "dtype", None) or torch.float32
-    )
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = planned_dtype(opts, config)
     with init_empty_weights():
         model = _auto_class(config).from_config(config, dtype=dtype)
     sizes = compute_module_sizes(model, dtype=dtype)
@@ -138,12 +155,7 @@ def plan(opts, ckpt, num_full: int, attention: str = "dense") -> dict:
 
     mask = b * s * s * elem if attention == "dense" else min(b * s * s * 5, CHUNK_BYTES)
     samples = opts.num_samples
-    hidden = text.hidden_size * ckpt.family.streams(text)  # hyper-connection streams each carry a copy
-    cache = 0
-    if opts.search != "naive" and opts.cache_device != "none":
-        from indexcache_calib.runner import cache_bytes_estimate
-
-        cache = cache_bytes_estimate(len(ckpt.positions), ckpt.budget, samples, s, hidden, elem)
+    cache = cache_need(opts, ckpt, samples, elem)
     from indexcache_calib.search import SEARCHES
 
     tolerance = opts.race().tolerance if opts.search == "race" else None

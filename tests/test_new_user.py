@@ -41,3 +41,35 @@ def test_calibrate_on_a_non_utf8_file_names_the_line(glm_dir, tmp_path):
     assert result.exit_code == 2
     assert "latin1.jsonl:1: not UTF-8 text" in one_error_line(result)
     assert not (tmp_path / "o").exists()
+
+
+# -- the prefix cache is placed before any weight loads ---------------------------------------------
+
+def _calibrate(model, data, out, *extra):
+    return runner.invoke(app, ["calibrate", "--model", str(model), "--data", str(data), "--seq-len", "48",
+                               "--num-samples", "4", "--num-full", "2", "--out", str(out), *extra])
+
+
+def test_the_dry_run_sends_a_cache_over_budget_to_disk(glm_dir, text_data, tmp_path):
+    over = _calibrate(glm_dir, text_data, tmp_path / "o", "--cache-budget", "1KB", "--dry-run", "--json")
+    assert over.exit_code == 0, over.stderr
+    plan = json.loads(over.stdout)
+    assert plan["activation_cache"] > 1000 and plan["activation_cache_device"] == "disk"
+    assert any("over --cache-budget 1KB: keeping it on disk" in w for w in plan["warnings"])
+    within = json.loads(_calibrate(glm_dir, text_data, tmp_path / "o", "--cache-budget", "1GB", "--dry-run", "--json").stdout)
+    assert within["activation_cache_device"] == "cpu"
+
+
+@pytest.mark.parametrize("dry", [True, False])
+def test_a_disk_cache_larger_than_the_free_space_is_refused_before_loading(dry, glm_dir, text_data, tmp_path, monkeypatch):
+    import shutil
+
+    from indexcache_calib import calibrate as cal
+
+    monkeypatch.setattr(cal.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 100, 100))
+    loaded = []
+    monkeypatch.setattr(cal, "prepare", lambda *a, **k: loaded.append(1))
+    r = _calibrate(glm_dir, text_data, tmp_path / "o", "--cache-device", "disk", *(["--dry-run"] if dry else []))
+    assert r.exit_code == 2
+    assert "on disk, but" in one_error_line(r) and "100 B free" in r.stderr
+    assert not loaded and not (tmp_path / "o").exists()
