@@ -39,7 +39,7 @@ bench: setup
 	$(BIN)/python -m indexcache_calib.bench race
 	$(BIN)/python -m indexcache_calib.bench race --samples 256 --seq-len 128 --tolerance 0.004
 	$(BIN)/python -m indexcache_calib.bench race --samples 32 --seq-len 128 --seeds 0 1 2 3 4 5
-	$(BIN)/python -m indexcache_calib.bench race --model tiny-dsa-deep --samples 16 --seq-len 256
+	$(BIN)/python -m indexcache_calib.bench race --model tiny-dsa-deep --samples 16 --seq-len 256 --tolerance 0
 	$(BIN)/python -m indexcache_calib.bench project
 	$(BIN)/python -m indexcache_calib.bench indexer
 	$(BIN)/python -m indexcache_calib.bench parallel
