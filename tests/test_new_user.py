@@ -73,3 +73,33 @@ def test_a_disk_cache_larger_than_the_free_space_is_refused_before_loading(dry, 
     assert r.exit_code == 2
     assert "on disk, but" in one_error_line(r) and "100 B free" in r.stderr
     assert not loaded and not (tmp_path / "o").exists()
+
+
+# -- the README's GLM-5 plan is what the tool prints ------------------------------------------------
+
+GLM5_ARGS = ["--data", "x.jsonl", "--seq-len", "16384", "--num-samples", "64", "--target", "1/4", "--dtype", "bfloat16",
+             "--device-map", "sequential", "--max-memory",
+             ",".join(f"{i}=130GiB" for i in range(8)) + ",cpu=400GiB", "--dry-run"]
+
+
+def _plan_rows(text: str) -> list[str]:
+    """The table's rows up to its warnings (those name this host's memory, which differs between hosts)."""
+    rows = [line.rstrip() for line in text.splitlines() if line.startswith(("┌", "│", "└"))]
+    cut = next(i for i, line in enumerate(rows) if line.startswith("│ warning"))
+    return rows[:cut]
+
+
+def test_the_readme_glm5_dry_run_is_what_the_tool_prints(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from transformers import GlmMoeDsaConfig
+
+    GlmMoeDsaConfig().save_pretrained(tmp_path / "GLM-5")  # GLM-5's configuration, no weights, no tokenizer
+    (tmp_path / "x.jsonl").write_text('{"text": "hello world"}\n')
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["calibrate", "--model", str(tmp_path / "GLM-5"), *GLM5_ARGS], env={"COLUMNS": "116"})
+    assert r.exit_code == 0, r.stderr
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("$ indexcache calibrate --model /models/GLM-5")
+    block = readme[start: readme.index("```", start)]
+    assert _plan_rows(r.stdout + r.stderr) == _plan_rows(block), "rerun the README's GLM-5 --dry-run and paste its output"
