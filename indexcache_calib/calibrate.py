@@ -24,7 +24,7 @@ from indexcache_calib import dryrun
 from indexcache_calib import model as mdl
 from indexcache_calib.data import tokens_sha256
 from indexcache_calib.deploy import consumer_keys, engine_args
-from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, EXIT_RESUME_MISMATCH, CalibError, is_out_of_memory, plural
+from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, EXIT_RESUME_MISMATCH, CalibError, check_resume_overwrite, is_out_of_memory, plural
 from indexcache_calib.parallel import ParallelEvaluator, init_world, replica_max_memory, sum_counters
 from indexcache_calib.pattern import (
     FULL, SHARED, UNIFORM_EVERY, full_layers, indexer_types, resolve_num_full, source_layers, uniform_baselines, uniform_pattern,
@@ -298,7 +298,7 @@ def check_seq_len_floor(seq_len: int, floor: int, budget_words: str, consequence
         budget = budget_words if budget_words.endswith(f" {floor}") else f"{budget_words}: {floor} tokens"
         raise CalibError(
             f"--seq-len {seq_len} is not above {owner}{budget}: every token would be selected, so {consequence}",
-            hint=f"use --seq-len of at least {2 * floor}{hint_more}",
+            hint=f"use a --seq-len above {floor} (at {2 * floor} or more, each top-k leaves out most keys){hint_more}",
         )
     if max_pos and seq_len > max_pos:
         raise CalibError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_pos}")
@@ -351,9 +351,7 @@ def check_options(opts: Options) -> None:
             "scores every sequence, so there is nothing to race",
             hint="use more --num-samples or a smaller --race-first, or --search exact",
         )
-    if opts.resume and opts.overwrite:
-        raise CalibError("--resume and --overwrite contradict each other: one continues the run in --out, the other "
-                         "deletes it", hint="pass --resume to continue the run, or --overwrite to start again")
+    check_resume_overwrite(opts.resume, opts.overwrite)
     check_placement(opts)
 
 
@@ -384,13 +382,20 @@ def resolved_cache_device(opts: Options) -> tuple[str, str | None]:
     return opts.cache_device, None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
 def load_tokenizer(opts: Options, source):
     from transformers import AutoTokenizer  # deferred: see HF_HUB_OFFLINE at the top
 
     try:
         return AutoTokenizer.from_pretrained(source.location, local_files_only=True, trust_remote_code=opts.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise CalibError(f"cannot load the tokenizer of {opts.model}: {(str(e).splitlines() or [type(e).__name__])[0]}")
+        where = Path(str(source.location))
+        if where.is_dir() and not any((where / f).exists() for f in TOKENIZER_FILES):
+            raise CalibError(f"cannot load the tokenizer of {opts.model}: it has none of {', '.join(TOKENIZER_FILES)}") from None
+        first = next((line.strip().rstrip(":") for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise CalibError(f"cannot load the tokenizer of {opts.model}: {first}") from None
 
 
 def read_tokens(opts: Options, hooks: Hooks, tokenizer) -> Tokens:

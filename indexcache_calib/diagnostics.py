@@ -240,6 +240,10 @@ def entries(ckpt, uniform: list[int], maps: list[tuple[str, dict]], patterns: li
     Patterns have one character per position (decoder layer with an indexer)."""
     n, fixed, family, positions = len(ckpt.positions), ckpt.fixed_shared, ckpt.family, ckpt.positions
     out = [Entry("all-F", "all-F", all_full_pattern(ckpt))]
+    past = [every for every in uniform if every > n]
+    if past:
+        raise CalibError(f"--uniform {past[0]} asks for one Full layer every {past[0]} of the model's "
+                         f"{plural(n, 'indexer layer')}: only layer 0 would be Full", hint=f"give ratios of at most {n}")
     out += [Entry("uniform", f"uniform 1/{every}", uniform_pattern(n, every, fixed)) for every in uniform]
     for name, lm in maps:
         problems = check_pattern(lm["pattern"], n, fixed)

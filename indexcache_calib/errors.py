@@ -31,3 +31,9 @@ def plural(n: int, word: str, words: str | None = None) -> str:
     """`n word` in messages, the noun plural unless n is 1: plural(1, "step") is "1 step", plural(3, "Full layer")
     "3 Full layers"; irregular nouns give their plural: plural(2, "query", "queries")."""
     return f"{n} {word if n == 1 else words or word + 's'}"
+
+
+def check_resume_overwrite(resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise CalibError("--resume and --overwrite contradict each other: one continues the run in --out, the other "
+                         "deletes it", hint="pass --resume to continue the run, or --overwrite to start again")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import convert_file_size_to_int
 from safetensors import safe_open
 
 from indexcache_calib.errors import CalibError
@@ -208,6 +209,10 @@ def parse_max_memory(spec: str | None) -> dict | None:
         key, value = key.strip(), value.strip()
         if not sep or not key or not value:
             raise CalibError(f"cannot read --max-memory {spec!r}", hint="use e.g. 0=70GiB,1=70GiB,cpu=400GiB")
+        try:
+            convert_file_size_to_int(value)
+        except ValueError:
+            raise CalibError(f"cannot read --max-memory {spec!r}: {value!r} is not a size", hint="use e.g. 0=70GiB,1=70GiB,cpu=400GiB") from None
         out[int(key) if key.isdigit() else key] = value
     return out
 

@@ -25,7 +25,7 @@ from indexcache_calib import artifact as art
 from indexcache_calib import data as dat
 from indexcache_calib.calibrate import check_seq_len_floor
 from indexcache_calib.data import file_sha256, tokens_sha256
-from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, EXIT_RESUME_MISMATCH, CalibError, Terminated
+from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, EXIT_RESUME_MISMATCH, CalibError, Terminated, check_resume_overwrite
 from indexcache_calib.families import BY_MODEL_TYPE
 from indexcache_calib.model import config_sha256
 from indexcache_calib.warmup import IndexerOptimizer, freeze_all_but, indexer_param_names, indexer_step, lr_at
@@ -87,6 +87,7 @@ def _bare_state_dir(out: Path) -> bool:
 
 def check_out(out: Path, source: Path | None, resume: bool, overwrite: bool) -> None:
     """Refuse an --out that would clobber something; changes nothing."""
+    check_resume_overwrite(resume, overwrite)
     if out.exists() and not out.is_dir():
         raise CalibError(f"--out {out} exists and is not a directory")
     if source is not None:

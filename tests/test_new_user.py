@@ -103,3 +103,39 @@ def test_the_readme_glm5_dry_run_is_what_the_tool_prints(tmp_path, monkeypatch):
     start = readme.index("$ indexcache calibrate --model /models/GLM-5")
     block = readme[start: readme.index("```", start)]
     assert _plan_rows(r.stdout + r.stderr) == _plan_rows(block), "rerun the README's GLM-5 --dry-run and paste its output"
+
+
+# -- options ---------------------------------------------------------------------------------------
+
+def test_a_config_without_a_tokenizer_is_named_plainly_in_the_dry_run(glm_dir, text_data, tmp_path):
+    import shutil
+
+    cfg_only = tmp_path / "config-only"
+    cfg_only.mkdir()
+    shutil.copy(glm_dir / "config.json", cfg_only / "config.json")
+    r = _calibrate(cfg_only, text_data, tmp_path / "o", "--dry-run", "--json")
+    assert r.exit_code == 0, r.stderr
+    warning = next(w for w in json.loads(r.stdout)["warnings"] if "tokenizer" in w)
+    assert warning.startswith(f"cannot load the tokenizer of {cfg_only}: it has none of tokenizer.json, ")
+    assert ": :" not in warning
+
+
+def test_max_memory_values_must_be_sizes(glm_dir, text_data, tmp_path):
+    r = _calibrate(glm_dir, text_data, tmp_path / "o", "--max-memory", "0=abc", "--dry-run")
+    assert r.exit_code == 2
+    line = one_error_line(r)
+    assert "'abc' is not a size" in line and "out of memory" not in r.stderr
+
+
+def test_evaluate_refuses_a_uniform_ratio_past_the_layers(glm_dir, text_data, tmp_path):
+    r = runner.invoke(app, ["evaluate", "--model", str(glm_dir), "--data", str(text_data), "--seq-len", "48",
+                            "--num-samples", "2", "--uniform", "2,32"])
+    assert r.exit_code == 2
+    assert "--uniform 32 asks for one Full layer every 32 of the model's 6 indexer layers" in one_error_line(r)
+
+
+def test_resume_with_overwrite_is_refused_by_distill_as_by_calibrate(glm_dir, text_data, tmp_path):
+    r = runner.invoke(app, ["distill", "--model", str(glm_dir), "--data", str(text_data), "--out", str(tmp_path / "d"),
+                            "--uniform", "2", "--seq-len", "48", "--resume", "--overwrite"])
+    assert r.exit_code == 2
+    assert "--resume and --overwrite contradict each other" in one_error_line(r)

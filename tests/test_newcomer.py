@@ -392,16 +392,16 @@ def test_training_checks_seq_len_against_the_familys_floor():
         check_numbers(_training_opts(), 12, 2, blocks)
     assert e.value.message == ("--seq-len 12 is not above index_topk_blocks 2 of index_block_size 8 tokens: 16 tokens: "
                                "every token would be selected, so the indexer's choice would never matter")
-    assert e.value.hint == "use --seq-len of at least 32"
+    assert e.value.hint == "use a --seq-len above 16 (at 32 or more, each top-k leaves out most keys)"
     check_numbers(_training_opts(), 17, 2, blocks)
     # Token top-k (GLM-5's DSA): the floor is index_topk; only dsa-convert has --index-topk to lower.
     glm = SimpleNamespace(model_type="glm_moe_dsa", index_topk=8, max_position_embeddings=64)
     with pytest.raises(CalibError) as e:
         check_numbers(_training_opts(), 8, 8, glm)
-    assert "not above index_topk 8: every token" in e.value.message and e.value.hint == "use --seq-len of at least 16"
+    assert "not above index_topk 8: every token" in e.value.message and e.value.hint == "use a --seq-len above 8 (at 16 or more, each top-k leaves out most keys)"
     with pytest.raises(CalibError) as e:
         check_numbers(_training_opts(index_topk=8), 8, 8, glm)
-    assert e.value.hint == "use --seq-len of at least 16, or a smaller --index-topk"
+    assert e.value.hint == "use a --seq-len above 8 (at 16 or more, each top-k leaves out most keys), or a smaller --index-topk"
     with pytest.raises(CalibError) as e:
         check_numbers(_training_opts(), 65, 8, glm)
     assert e.value.message == "--seq-len 65 exceeds the model's max_position_embeddings 64"
