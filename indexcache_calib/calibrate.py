@@ -112,6 +112,9 @@ class Hooks:
     candidate: Callable[[int, int, int], None] = lambda step, done, total: None
     sequences: Callable[[int, int], None] = lambda done, total: None  # within one forward of a pattern
     step: Callable[[Step], None] = lambda step: None
+    # decoder-layer forwards done this session, and typically needed by the search in all (`dryrun.search_work`);
+    # called before each step's `step`
+    work: Callable[[int, int], None] = lambda done, expected: None
 
 
 @dataclass
@@ -717,6 +720,19 @@ class SearchResult:
     work: dict  # this session's counters, summed over processes (with `seconds`)
 
 
+def expected_forwards(opts: Options, prep: Prepared, full_now: int, num_full: int) -> int:
+    """Decoder-layer forwards the search typically takes from `full_now` Full layers to `num_full`, as the dry
+    run estimates them: the work from all-Full to the target, less the work to where the search starts."""
+    layout, samples = prep.layout, len(prep.ids)
+    tolerance = opts.race().tolerance if opts.search == "race" else None
+
+    def to(k: int) -> int:
+        w = dryrun.search_work(layout.num_layers, layout.fixed_shared, k, opts.search, samples, layout.positions, tolerance)
+        return w.get("layer_forwards", w.get("layer_forwards_typical"))
+
+    return max(1, to(num_full) - (to(full_now) if full_now < layout.num_positions else 0))
+
+
 def run_search(opts: Options, hooks: Hooks, prep: Prepared, run: RunPlan, fp: dict, resumed: Resumed,
                cache_device: str, world) -> SearchResult:
     """The greedy search from `run.start` to `run.num_full` Full layers after the resumed steps, with a
@@ -745,10 +761,13 @@ def run_search(opts: Options, hooks: Hooks, prep: Prepared, run: RunPlan, fp: di
     if record.replay:
         hooks.message(f"resuming step {len(done) + 1} with {plural(len(record.replay), 'saved score')}")
 
+    expected = expected_forwards(opts, prep, start.count(FULL) - len(done), num_full)
+
     def on_step(step: Step) -> None:
         all_steps.append(step)
         checkpoint(all_steps)
         record.next_step(step.pattern)
+        hooks.work(runner.counters.layer_forwards, expected)
         hooks.step(step)
 
     under_way: list = []  # the (step, candidates done, of) the search last reported

@@ -165,14 +165,19 @@ def calibrate(
 
 class SearchEta:
     """Time left in a calibration, from this session's work so far: seconds per candidate scored times the
-    candidates left in the step, and seconds per finished step times the steps left. None until there is
-    work to go by."""
+    candidates left in the step; for the search, seconds per decoder-layer forward times the forwards the
+    search typically has left (`work`), since the first step, where every candidate runs, costs many later
+    ones (without that, seconds per finished step times the steps left). None until there is work to go by."""
 
     def __init__(self, steps: int, clock=time.monotonic):
         self.clock, self.steps, self.t0 = clock, steps, clock()
         self.steps_done = 0
         self.finished_candidates = 0  # scored in the finished steps of this session
         self.done, self.total = 0, 0  # candidates of the step under way
+        self.forwards = None  # (decoder-layer forwards done this session, typically needed in all)
+
+    def work(self, done: int, expected: int) -> None:
+        self.forwards = (done, expected)
 
     def candidate(self, done: int, total: int) -> None:
         self.done, self.total = done, total
@@ -191,6 +196,11 @@ class SearchEta:
     def search_left(self) -> float | None:
         if not self.steps_done:
             return None
+        if self.steps_done >= self.steps:
+            return 0.0
+        if self.forwards and self.forwards[0]:
+            done, expected = self.forwards
+            return (self.clock() - self.t0) / done * max(0, expected - done)
         return (self.clock() - self.t0) / self.steps_done * max(0, self.steps - self.steps_done)
 
 
@@ -241,6 +251,10 @@ def _run_calibration(opts, Hooks, where: dict):
         if "seq" in tasks:
             progress.update(tasks["seq"], completed=done, total=total)
 
+    def work(done, expected):
+        if "eta" in tasks:
+            tasks["eta"].work(done, expected)
+
     def step(s):
         eta = tasks["eta"]
         eta.step(len(s.scores))
@@ -256,7 +270,7 @@ def _run_calibration(opts, Hooks, where: dict):
     hooks = Hooks(
         message=lambda t: err.print(t, markup=False),
         warn=lambda t: err.print(f"Warning: {t}", markup=False),
-        search_started=search_started, candidate=candidate, sequences=sequences, step=step,
+        search_started=search_started, candidate=candidate, sequences=sequences, step=step, work=work,
         started=lambda d: where.update(run_dir=d),
     )
     with progress:

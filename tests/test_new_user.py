@@ -139,3 +139,31 @@ def test_resume_with_overwrite_is_refused_by_distill_as_by_calibrate(glm_dir, te
                             "--uniform", "2", "--seq-len", "48", "--resume", "--overwrite"])
     assert r.exit_code == 2
     assert "--resume and --overwrite contradict each other" in one_error_line(r)
+
+
+# -- the ETA follows the work left, not the steps left -----------------------------------------------
+
+def test_the_search_eta_weighs_steps_by_their_work():
+    from indexcache_calib.cli import SearchEta
+
+    now = [0.0]
+    eta = SearchEta(steps=10, clock=lambda: now[0])
+    now[0] = 60.0
+    eta.step(15)  # step 1, the full sweep: 60 s for 900 of the 1,000 forwards the search typically takes
+    eta.work(900, 1000)
+    assert eta.search_left() == pytest.approx(60 / 900 * 100)  # not 60 s x 9 steps
+    eta.work(1100, 1000)  # past the estimate: nothing left to promise, not a negative time
+    assert eta.search_left() == 0.0
+
+
+def test_calibrate_reports_its_work_before_each_step(glm_dir, text_data, tmp_path):
+    from indexcache_calib.calibrate import Hooks, Options, calibrate
+
+    seen = []
+    hooks = Hooks(work=lambda done, expected: seen.append((done, expected)), step=lambda s: seen.append(s.step))
+    calibrate(Options(model=str(glm_dir), data=str(text_data), seq_len=48, num_samples=8, num_full=2,
+                      out=str(tmp_path / "o"), plots=False), hooks)
+    works = [x for x in seen if isinstance(x, tuple)]
+    assert len(works) == 4 and all(isinstance(seen[i + 1], int) for i, x in enumerate(seen) if isinstance(x, tuple))
+    assert [d for d, _ in works] == sorted(d for d, _ in works) and works[0][0] > 0
+    assert len({e for _, e in works}) == 1 and works[0][1] > 0
