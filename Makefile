@@ -59,9 +59,14 @@ paper-table: setup
 training-evidence: setup
 	$(BIN)/python -m indexcache_calib.training_evidence $(ARGS)
 
-# One target per calibration domain: recalibrate-code, recalibrate-docs, ...
+# One target per calibration domain: recalibrate-code, recalibrate-docs, ... Each writes where calibrate
+# would by default, and an existing run there is refused as calibrate refuses it: ARGS="--resume" continues
+# it, ARGS="--overwrite" starts again. The long domains calibrate the long-context model at its length.
+SEQ_LEN ?= 512
+$(addprefix recalibrate-,$(filter %-long,$(DOMAINS))): MODEL = tiny-dsa-long
+$(addprefix recalibrate-,$(filter %-long,$(DOMAINS))): SEQ_LEN = 4096
 $(addprefix recalibrate-,$(DOMAINS)): recalibrate-%: setup
-	$(BIN)/indexcache calibrate --model $(MODEL) --data calibration_data/$*.jsonl --target $(TARGET) --out outputs/$(MODEL)_$* --overwrite $(ARGS)
+	$(BIN)/indexcache calibrate --model $(MODEL) --data calibration_data/$*.jsonl --seq-len $(SEQ_LEN) --target $(TARGET) $(ARGS)
 
 clean:
 	rm -rf outputs/*/ .pytest_cache
