@@ -292,18 +292,11 @@ def search_rows(layer_map: dict) -> list[tuple[str, str]]:
 
 
 def tolerance_rows(layer_map: dict) -> list[tuple[str, str]]:
-    """The race's indifference zone and what it can have given away, for the summary and `show`."""
-    race = layer_map["search"].get("race")
-    tol = (race or {}).get("tolerance")
-    if not tol or not tol.get("requested"):
-        return []
-    per = [t for t in tol["nats_per_step"] if t is not None]
-    size = (f"auto: {min(per):.2g}-{max(per):.2g} nats" if per and min(per) != max(per) else f"auto: {per[0]:.2g} nats" if per
-            else "auto") if tol["requested"] == "auto" else f"{tol['requested']:.4g} nats"
-    ended = tol["steps_ended_early"]
-    return [("tolerance", f"{size} per step at {race['confidence']:.0%} confidence; {plural(ended, 'step')} let candidates go "
-                          f"within it: at most {tol['given_away_at_most']:.5f} nats given away against the best candidate "
-                          "each step raced")]
+    """The race's indifference zone and what it can have given away, for the summary."""
+    from indexcache_calib.deploy import tolerance_text
+
+    text = tolerance_text(layer_map.get("search") or {})
+    return [("tolerance", text)] if text else []
 
 
 def _print_summary(layer_map: dict, run_dir) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from indexcache_calib import artifact as art
 from indexcache_calib import model as mdl
-from indexcache_calib.errors import EXIT_BAD_INPUT, CalibError
+from indexcache_calib.errors import EXIT_BAD_INPUT, CalibError, plural
 from indexcache_calib.families import BY_MODEL_TYPE
 from indexcache_calib.pattern import check_pattern, full_layers, indexer_types, source_layers
 from indexcache_calib.search import DECIDED_SE
@@ -403,6 +403,9 @@ def export(lm: dict, engine: str, model: str | None = None) -> dict:
     try:  # the model the engine will load, wherever its config can be read
         info = read_model(model or default_model(lm))
     except CalibError as e:
+        local = model is not None and model.startswith(("/", "./", "../", "~"))  # hub ids are org/name
+        if local and not Path(model).expanduser().exists():  # a path, not a hub id: the engine would not find it either
+            raise CalibError(f"--model {model} does not exist", hint="pass the model directory or hub id the engine loads") from None
         if model is not None:
             notes.append(f"not checked against {model}: {e.message}")
     else:
@@ -427,6 +430,8 @@ def export(lm: dict, engine: str, model: str | None = None) -> dict:
         result["text"] = shlex.join(result["argv"])
     elif engine == "trtllm":
         result["text"] = overrides
+        notes.append(f"TensorRT-LLM reads these keys from the checkpoint's config.json: merge them into {model}'s, or "
+                     "let `indexcache apply` write a model directory that carries them")
     else:
         result["text"] = _transformers_snippet(family, lm, model, keys["indexer_types"])
     return result
@@ -594,6 +599,20 @@ def undecided_line(path_rows: list[dict]) -> str | None:
     return f"{UNDECIDED}: " + "; ".join(f"step {r['step']} ({margin_note(r)})" for r in rows)
 
 
+def tolerance_text(search: dict) -> str | None:
+    """The race's indifference zone per step and what it can have given away over the run; None without one."""
+    race = search.get("race")
+    tol = (race or {}).get("tolerance")
+    if not tol or not tol.get("requested"):
+        return None
+    per = [t for t in tol["nats_per_step"] if t is not None]
+    size = (f"auto: {min(per):.2g}-{max(per):.2g} nats" if per and min(per) != max(per) else f"auto: {per[0]:.2g} nats" if per
+            else "auto") if tol["requested"] == "auto" else f"{tol['requested']:.4g} nats"
+    ended = tol["steps_ended_early"]
+    return (f"{size} per step at {race['confidence']:.0%} confidence; {plural(ended, 'step')} let candidates go within it: "
+            f"at most {tol['given_away_at_most']:.5f} nats given away against the best candidate each step raced")
+
+
 def summary(lm: dict, path: Path | None = None) -> dict:
     """What `show` draws, as data. Rows are pattern positions, named by their decoder layer."""
     pattern = lm["pattern"]
@@ -645,5 +664,6 @@ def summary(lm: dict, path: Path | None = None) -> dict:
         # Steps whose choice beat the runner-up by less than 2 paired standard errors over the calibration
         # sequences: more sequences would separate these layers.
         "undecided_steps": [s["step"] for s in undecided],
+        "search": {"strategy": (lm.get("search") or {}).get("strategy"), "tolerance": tolerance_text(lm.get("search") or {})},
         "provenance": lm.get("provenance") or {},
     }

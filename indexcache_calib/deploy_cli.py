@@ -42,8 +42,14 @@ def _refuse(problems: list[str], hint: str) -> None:
 
 def _load_layer_map(arg: str):
     """`deploy.load_layer_map`, saying what an interrupted run directory holds instead of "does not exist"."""
-    from indexcache_calib import artifact as art
     from indexcache_calib import deploy
+
+    _refuse_unfinished(arg)
+    return deploy.load_layer_map(arg)
+
+
+def _refuse_unfinished(arg: str) -> None:
+    from indexcache_calib import artifact as art
 
     path = Path(arg).expanduser()
     if path.is_dir() and not (path / art.LAYER_MAP).exists() and (path / art.CHECKPOINT).is_file():
@@ -55,7 +61,6 @@ def _load_layer_map(arg: str):
             f"{path} holds an unfinished calibration run ({steps} in {art.CHECKPOINT}), not a layer map yet",
             hint=f"finish it: rerun its calibrate command with --resume (and --out {shlex.quote(str(path))}); meanwhile "
                  f"indexcache evaluate --tokens {shlex.quote(str(path))} scores patterns on its tokens")
-    return deploy.load_layer_map(arg)
 
 
 def export(
@@ -97,6 +102,7 @@ def validate(
     from indexcache_calib import deploy
 
     with _common.handled():
+        _refuse_unfinished(target)
         t = deploy.read_target(target)
         info = deploy.read_model(model) if model else None
         report = deploy.validate(t, info)
@@ -191,6 +197,9 @@ def _draw(data: dict) -> None:
     out.print(legend)
     loss = data["loss"]
     out.print(Text(f"loss {loss['final']:.5f}, all-F {loss['all_full']:.5f}, delta {loss['final'] - loss['all_full']:+.5f}"))
+    search = data.get("search") or {}
+    if search.get("strategy"):
+        out.print(Text(f"search {search['strategy']}" + (f"; tolerance {search['tolerance']}" if search.get("tolerance") else "")))
 
     table = Table(title="layers", title_justify="left")
     for col in ("layer", "F/S", "reads top-k from", "overlap"):

@@ -167,3 +167,45 @@ def test_calibrate_reports_its_work_before_each_step(glm_dir, text_data, tmp_pat
     assert len(works) == 4 and all(isinstance(seen[i + 1], int) for i, x in enumerate(seen) if isinstance(x, tuple))
     assert [d for d, _ in works] == sorted(d for d, _ in works) and works[0][0] > 0
     assert len({e for _, e in works}) == 1 and works[0][1] > 0
+
+
+# -- handing the layer map over ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished_run(glm_dir, text_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    r = _calibrate(glm_dir, text_data, out, "--no-plots")
+    assert r.exit_code == 0, r.stderr
+    return out
+
+
+def test_validate_names_an_unfinished_run_as_show_does(finished_run, tmp_path):
+    import shutil
+
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(finished_run, unfinished)
+    (unfinished / "layer_map.json").unlink()
+    for command in ("validate", "show"):
+        line = one_error_line(runner.invoke(app, [command, str(unfinished)]))
+        assert "holds an unfinished calibration run" in line and "does not exist" not in line
+
+
+def test_export_refuses_a_local_model_path_that_does_not_exist(finished_run, tmp_path):
+    r = runner.invoke(app, ["export", str(finished_run), "--engine", "vllm", "--model", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "does not exist" in one_error_line(r) and not r.stdout
+    hub = runner.invoke(app, ["export", str(finished_run), "--engine", "vllm", "--model", "org/name"])
+    assert hub.exit_code == 0 and "org/name" in hub.stdout  # a hub id is the engine's to fetch
+
+
+def test_export_trtllm_says_where_its_keys_go(finished_run):
+    r = runner.invoke(app, ["export", str(finished_run), "--engine", "trtllm", "--model", "org/name"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["index_topk_pattern"]
+    assert "config.json" in r.stderr and "indexcache apply" in r.stderr
+
+
+def test_show_prints_the_search_and_its_tolerance(finished_run):
+    r = runner.invoke(app, ["show", str(finished_run)])
+    assert r.exit_code == 0, r.stderr
+    assert "search race; tolerance auto" in r.stdout and "nats given away" in r.stdout.replace("\n", " ")
+    data = json.loads(runner.invoke(app, ["show", str(finished_run), "--json"]).stdout)
+    assert data["search"]["strategy"] == "race" and "per step at 95% confidence" in data["search"]["tolerance"]
