@@ -66,13 +66,15 @@ def resolve(spec: str) -> ModelSource:
     )
 
 
-def _not_found(source: ModelSource) -> CalibError:
+def _not_found(source: ModelSource, config_only: bool = False) -> CalibError:
     if source.is_local:
         return CalibError(f"{source.location} is not a model directory (no readable config.json)")
-    return CalibError(
-        f"model {source.location!r} is not in the local Hugging Face cache",
-        hint=f"download it first (hf download {source.location}) or pass a local checkpoint directory",
-    )
+    if config_only:  # validate and export read the config alone: a 1.4 TiB download is not needed for them
+        hint = (f"its config is enough here: hf download {source.location} config.json (calibrate and apply need the "
+                "whole checkpoint)")
+    else:
+        hint = f"download it first (hf download {source.location}) or pass a local checkpoint directory"
+    return CalibError(f"model {source.location!r} is not in the local Hugging Face cache", hint=hint)
 
 
 def load_config(source: ModelSource, trust_remote_code: bool = False):
@@ -109,7 +111,7 @@ def read_config_json(spec: str) -> tuple[ModelSource, Path, dict]:
     source = resolve(spec)
     path = config_path(source)
     if path is None:
-        raise _not_found(source)
+        raise _not_found(source, config_only=True)
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as e:

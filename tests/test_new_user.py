@@ -209,3 +209,11 @@ def test_show_prints_the_search_and_its_tolerance(finished_run):
     assert "search race; tolerance auto" in r.stdout and "nats given away" in r.stdout.replace("\n", " ")
     data = json.loads(runner.invoke(app, ["show", str(finished_run), "--json"]).stdout)
     assert data["search"]["strategy"] == "race" and "per step at 95% confidence" in data["search"]["tolerance"]
+
+
+def test_validate_against_an_uncached_hub_model_asks_for_its_config_only(finished_run, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    r = runner.invoke(app, ["validate", str(finished_run), "--model", "org/not-cached"])
+    assert r.exit_code == 2
+    assert "not in the local Hugging Face cache" in one_error_line(r)
+    assert "Hint: its config is enough here: hf download org/not-cached config.json" in r.stderr
