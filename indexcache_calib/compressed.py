@@ -8,8 +8,8 @@ stands in for one of them while the sparse path is on (the family row names it):
 does (stateless, no cache), calls the layer's own indexer, and hands the entries with the selection in compact
 form (`Appended`: the ids `[batch, seq, k]`, or each query's count of visible entries `[batch, seq]`) to the
 registered sparse kernel through the attention module; the model is returned no entries and no bias, so its
-mask stays the window mask the kernel reads a chunk of rows at a time. Anywhere else (another attention
-implementation, a KV cache) it is the library's module, unchanged.
+mask stays the window mask the kernel reads a chunk of rows at a time. On another attention implementation it
+is the library's module, unchanged; on the sparse path with a KV cache it refuses (calibration uses none).
 
 `CompressedKeys` stands in for the KV cache so the library's own indexer scores query chunks against its
 compressed keys, computed once (as `sharing._KeySource` does for the families with `update_indexer`).
@@ -84,8 +84,10 @@ class CompactCompressor(nn.Module):
 
     def forward(self, hidden_states, q_residual, position_ids, past_key_values, layer_idx):
         original = self.replaced
-        if past_key_values is not None or self.attention.config._attn_implementation != SPARSE:
+        if self.attention.config._attn_implementation != SPARSE:
             return original(hidden_states, q_residual, position_ids, past_key_values, layer_idx)
+        if past_key_values is not None:  # the library's bias would meet the sparse path's boolean mask
+            raise ValueError(f"{SPARSE} attention runs DeepSeek-V4 without a KV cache (use_cache=False), as calibration does")
         entries = compress(original, hidden_states).unsqueeze(1)  # [B, 1, C, D]
         indexer = getattr(original, "indexer", None)
         if indexer is not None:  # compressed-sparse: the indexer's ids, -1 where invalid, as the bias reads them

@@ -5,9 +5,10 @@ chunks, what it returns and how overlap is measured on that, which decoder layer
 (have an indexer by architecture), which patterns the library can run, the config key transformers
 shares natively from (and whether `from_pretrained` takes it as a keyword), what the model's forward threads
 from layer to layer besides the hidden state, the config keys of its indexer heads and hyper-connection
-streams, and why `distill` cannot train it where that is so. Everything else in the package works from these
-adapters; nothing else asks for a model_type or reads a family-specific config key. Each family's tiny test
-checkpoint is built by `testing.TINY[family.name]`.
+streams, why `distill` cannot train it where that is so, and, where its library has no plug for the sparse
+path, the one module a stand-in replaces there and the stand-in cache its chunked indexer reads keys from.
+Everything else in the package works from these adapters; nothing else asks for a model_type or reads a
+family-specific config key. Each family's tiny test checkpoint is built by `testing.TINY[family.name]`.
 """
 
 from __future__ import annotations

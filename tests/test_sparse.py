@@ -220,6 +220,8 @@ def test_deepseek_v4_stand_in_compresses_as_its_library_and_is_put_back(tmp_path
         with attention.attention_path(model, "dense"):
             assert not any(isinstance(layer.self_attn.compressor, CompactCompressor) for layer in decoder.layers[1:])
         assert isinstance(decoder.layers[1].self_attn.compressor, CompactCompressor)
+        with torch.no_grad(), pytest.raises(ValueError, match="without a KV cache"):
+            model(input_ids=_ids(1), use_cache=True)  # its cache's bias would meet the boolean mask: refused
     assert not any(isinstance(layer.self_attn.compressor, CompactCompressor) for layer in decoder.layers[1:])
     assert set(model.state_dict()) == keys
 
