@@ -7,6 +7,12 @@ each query's selected keys and attends to exactly those the dense path would (th
 window, `-1` padding, rows that see fewer keys than the budget), a chunk of query rows at a time. Layers
 without a selection (a family's sliding-window layers) attend densely, also a chunk of rows at a time.
 
+A family whose attention appends keys it builds itself, with a `[seq, appended keys]` bias (DeepSeek-V4's
+compressed entries), has its row name a stand-in for the module that builds them (`Family.sparse_module`), put
+in place while the sparse path is on; the stand-in hands this attention the appended keys with their
+selection in compact form (`set_appended`), and the kernel attends to each query's window keys plus its
+selected (or causally visible) appended keys in one softmax.
+
 The causal mask is the other `[seq, keys]` tensor. The mask function registered under `SPARSE` returns the
 library's own `sdpa_mask`, except inside `lazy_masks()`: there it returns a stride-0 placeholder that
 remembers the library's arguments, and `mask_rows` builds any block of rows with `sdpa_mask` itself. Only
@@ -21,6 +27,8 @@ import contextlib
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from indexcache_calib.families import lookup, resolve_attr
 
 SPARSE = "indexcache_sparse"
 # Bound on one query chunk's working tensors (gathered keys and values, logits, probabilities, mask rows)
@@ -137,6 +145,10 @@ def sparse_attention(module, query, key, value, attention_mask, scaling=None, dr
         per_row = batch * (kv_heads * k * (dim + v_dim) * size + heads * k * 4 * 3 + 8 * k) + kv_length * 5
     else:
         per_row = batch * heads * kv_length * 4 * 3 + kv_length * 5
+    extra = None if module is None else module.__dict__.pop(_APPENDED, None)
+    if extra is not None:  # keys the layer appends itself: k selected, or all of them causally
+        per_row += batch * (kv_heads * (extra.ids.shape[-1] if extra.ids is not None else extra.keys.shape[2])
+                            * (dim + v_dim + 8) * size + heads * 4 * 3 * extra.keys.shape[2])
     rows = _chunk_rows(per_row, query.device)
     sink = None if s_aux is None else s_aux.float().view(1, kv_heads, group, 1, 1)
     outputs = []
@@ -159,14 +171,52 @@ def sparse_attention(module, query, key, value, attention_mask, scaling=None, dr
             values = value.gather(2, flat.expand(batch, kv_heads, c * k, v_dim)).view(batch, kv_heads, c, k, v_dim)
             logits = torch.einsum("bhgcd,bhckd->bhgck", q, keys).float() * scaling + picked[:, None, None]
             pattern = "bhgck,bhckv->bhgcv"
+        width = logits.shape[-1]
+        if extra is not None:
+            extra_logits, extra_values, extra_pattern = _appended(extra, q, q0, q1, kv_heads, scaling)
+            logits = torch.cat([logits, extra_logits], dim=-1)
         if sink is not None:
             logits = torch.cat([logits, sink.expand(*logits.shape[:-1], 1)], dim=-1)
         probs = torch.softmax(logits, dim=-1)
-        if sink is not None:
-            probs = probs[..., :-1]
-        out = torch.einsum(pattern, probs.to(value.dtype), values)
+        out = torch.einsum(pattern, probs[..., :width].to(value.dtype), values)
+        if extra is not None:
+            end = probs.shape[-1] - (sink is not None)
+            out = out + torch.einsum(extra_pattern, probs[..., width:end].to(value.dtype), extra_values)
         outputs.append(out.reshape(batch, heads, c, v_dim))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _appended(extra, q, q0: int, q1: int, kv_heads: int, scaling: float):
+    """Logits [B, Hkv, G, c, n] of query rows q0..q1 over the appended keys they may see, with the values and the
+    einsum that weighs them: the k selected by `extra.ids` (-1: none), or every entry below `extra.limit`."""
+    batch, c = q.shape[0], q1 - q0
+    keys, values = extra.keys.to(q.device), extra.values.to(q.device)
+    entries, dim, v_dim = keys.shape[2], keys.shape[-1], values.shape[-1]
+    keys = keys.expand(batch, kv_heads, entries, dim)
+    values = values.expand(batch, kv_heads, entries, v_dim)
+    if extra.ids is None:
+        seen = torch.arange(entries, device=q.device).view(1, 1, -1) < extra.limit[:, q0:q1, None].to(q.device)
+        bias = torch.zeros(seen.shape, dtype=torch.float32, device=q.device).masked_fill_(~seen, float("-inf"))
+        logits = torch.einsum("bhgcd,bhtd->bhgct", q, keys).float() * scaling + bias[:, None, None]
+        return logits, values, "bhgct,bhtv->bhgcv"
+    ids = extra.ids[:, q0:q1].to(device=q.device, dtype=torch.long)
+    k = ids.shape[-1]
+    valid = (ids >= 0) & (ids < entries)
+    flat = ids.clamp(0, max(entries - 1, 0)).reshape(batch, 1, c * k, 1)
+    picked = keys.gather(2, flat.expand(batch, kv_heads, c * k, dim)).view(batch, kv_heads, c, k, dim)
+    picked_values = values.gather(2, flat.expand(batch, kv_heads, c * k, v_dim)).view(batch, kv_heads, c, k, v_dim)
+    logits = torch.einsum("bhgcd,bhckd->bhgck", q, picked).float() * scaling
+    logits = logits.masked_fill(~valid[:, None, None], float("-inf"))
+    return logits, picked_values, "bhgck,bhckv->bhgcv"
+
+
+_APPENDED = "_indexcache_appended"
+
+
+def set_appended(attention_module, appended) -> None:
+    """Hand the next `sparse_attention` call of `attention_module` the keys its layer appends itself, with their
+    selection in compact form (`compressed.Appended`); the kernel takes them once."""
+    attention_module.__dict__[_APPENDED] = appended
 
 
 AttentionInterface.register(SPARSE, sparse_attention)
@@ -182,10 +232,33 @@ def set_attention(model, path: str) -> str:
     with (`"dense"`); returns the implementation that was there. The loaded one is remembered on the model."""
     previous = current(model)
     dense = model.__dict__.setdefault("_indexcache_dense", previous if previous != SPARSE else "sdpa")
-    target = SPARSE if path == "sparse" else dense
-    if target != previous:
-        model.set_attn_implementation(target)
+    _switch(model, SPARSE if path == "sparse" else dense)
     return previous
+
+
+def _switch(model, target: str) -> None:
+    if target != current(model):
+        model.set_attn_implementation(target)
+    _stand_ins(model, target == SPARSE)
+
+
+def _stand_ins(model, on: bool) -> None:
+    """Put the family's `sparse_module` stand-ins in place (`on`) or the library's modules back."""
+    family = lookup(model.config)
+    if family is None or family.sparse_module is None:
+        return
+    path, make = family.sparse_module
+    for layer in getattr(model.get_decoder(), "layers", []):
+        attention = getattr(layer, family.attention_at, None)
+        parent, attr = resolve_attr(attention, path) if attention is not None else (None, path)
+        module = getattr(parent, attr, None) if parent is not None else None
+        if module is None:
+            continue
+        replaced = module.__dict__.get("replaced")
+        if on and replaced is None:
+            setattr(parent, attr, make(module, attention))
+        elif not on and replaced is not None:
+            setattr(parent, attr, replaced)
 
 
 @contextlib.contextmanager
@@ -194,5 +267,4 @@ def attention_path(model, path: str):
     try:
         yield
     finally:
-        if current(model) != previous:
-            model.set_attn_implementation(previous)
+        _switch(model, previous)

@@ -2,6 +2,7 @@
 
   python -m indexcache_calib.bench_long memory    peak memory and wall of one all-Full forward and of one
                                                   greedy step, dense vs sparse path, 2K to 32K tokens
+                                                  (--family deepseek_v4: the same on a random DeepSeek-V4)
   python -m indexcache_calib.bench_long plan      what a long calibration of GLM-5 needs per length (--dry-run)
   python -m indexcache_calib.bench_long lengths   calibrate the long model short and long, then score both
                                                   patterns at the long length on held-out data
@@ -59,17 +60,29 @@ def _memory_child(model_dir: str, seq: int, path: str, what: str) -> dict:
             "layer_forwards": run.counters.layer_forwards}
 
 
-def _random_model(directory: Path, layers: int, max_len: int) -> Path:
+# The shape of the measurement: hidden 128, index_topk 64, four indexer heads of dim 32. DeepSeek-V4
+# keeps its published compression rates (4 and 128) and window (128); its index_topk counts compressed entries.
+MEMORY_MODELS = {
+    "glm": ("random GlmMoeDsa, {layers} layers, hidden 128, index_topk 64, 4 indexer heads of dim 32", {}),
+    "deepseek_v4": ("random DeepseekV4, {layers} layers (sliding, then CSA and HCA in turn), hidden 128, index_topk 64 "
+                    "compressed entries, 4 indexer heads of dim 32, compress rates 4 and 128, window 128",
+                    dict(compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
+                         sliding_window=128)),
+}
+
+
+def _random_model(directory: Path, layers: int, max_len: int, family: str = "glm") -> Path:
     from indexcache_calib.testing import save_tiny
 
-    # The shape of the measurement: hidden 128, index_topk 64, four indexer heads.
-    return save_tiny(directory, "glm", layers=layers, hidden=128, index_topk=64, index_n_heads=4, index_head_dim=32,
-                     max_position_embeddings=max_len, weight_std=0.05)
+    # The tiny DeepSeek-V4 builder halves index_topk (its rate-2 entries): 128 gives 64 entries.
+    topk = 128 if family == "deepseek_v4" else 64
+    return save_tiny(directory, family, layers=layers, hidden=128, index_topk=topk, index_n_heads=4, index_head_dim=32,
+                     max_position_embeddings=max_len, weight_std=0.05, **MEMORY_MODELS[family][1])
 
 
 def bench_memory(args) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="indexcache-bench-long-"))
-    model_dir = str(_random_model(tmp / "model", args.layers, max(args.lengths)))
+    model_dir = str(_random_model(tmp / "model", args.layers, max(args.lengths), args.family))
     limit = int(args.limit_gib * 2**30)
     rows = []
     for seq in args.lengths:
@@ -90,9 +103,9 @@ def bench_memory(args) -> None:
                     row["error"] = (p.stderr.strip().splitlines() or ["?"])[-1][:200]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    result = {"model": f"random GlmMoeDsa, {args.layers} layers, hidden 128, index_topk 64, 4 indexer heads of dim 32",
+    result = {"model": MEMORY_MODELS[args.family][0].format(layers=args.layers),
               "limit_bytes": limit, "threads": args.cell_threads, "rows": rows}
-    _save(args.name, result)
+    _save(args.name or ("long_memory" if args.family == "glm" else f"long_memory_{args.family}"), result)
     print_memory(result)
 
 
@@ -268,7 +281,9 @@ def main() -> None:
     m.add_argument("--limit-gib", type=float, default=16.0, help="address-space limit of each measuring process")
     # One thread by default, as the README's table was measured: the top-level --threads is this process's.
     m.add_argument("--cell-threads", type=int, default=1, help="torch threads of each measuring process")
-    m.add_argument("--name", default="long_memory", help="result file under outputs/bench/")
+    m.add_argument("--family", choices=sorted(MEMORY_MODELS), default="glm", help="the random model measured")
+    m.add_argument("--name", default=None, help="result file under outputs/bench/ (default: long_memory, and "
+                                               "long_memory_<family> for another family)")
     c = sub.add_parser("_memory-child")
     c.add_argument("--model-dir")
     c.add_argument("--seq", type=int)

@@ -5,9 +5,10 @@ chunks, what it returns and how overlap is measured on that, which decoder layer
 (have an indexer by architecture), which patterns the library can run, the config key transformers
 shares natively from (and whether `from_pretrained` takes it as a keyword), what the model's forward threads
 from layer to layer besides the hidden state, the config keys of its indexer heads and hyper-connection
-streams, and why `distill` cannot train it where that is so. Everything else in the package works from these
-adapters; nothing else asks for a model_type or reads a family-specific config key. Each family's tiny test
-checkpoint is built by `testing.TINY[family.name]`.
+streams, why `distill` cannot train it where that is so, and, where its library has no plug for the sparse
+path, the one module a stand-in replaces there and the stand-in cache its chunked indexer reads keys from.
+Everything else in the package works from these adapters; nothing else asks for a model_type or reads a
+family-specific config key. Each family's tiny test checkpoint is built by `testing.TINY[family.name]`.
 """
 
 from __future__ import annotations
@@ -147,6 +148,20 @@ def min_full_shared_follows_full(positions: list[int], fixed_shared: frozenset[i
 # for the whole sequence (through the cache hook) and every chunk scores against all of them.
 GLM_CHUNKS = {"hidden_states": 1, "q_resid": 1, "position_embeddings": 1, "attention_mask": 1, "position_ids": -1}
 NO_Q_RESID_CHUNKS = {"hidden_states": 1, "position_embeddings": 1, "attention_mask": 1, "position_ids": -1}
+# DeepSeek-V4's indexer takes no mask: it masks entries past each query's own position itself.
+V4_CHUNKS = {"hidden_states": 1, "q_residual": 1, "position_ids": -1}
+
+
+def _v4_compressed_keys(indexer):
+    from indexcache_calib.compressed import compressed_keys  # deferred: imports the library's modeling file
+
+    return compressed_keys(indexer)
+
+
+def _v4_compact_compressor(original, attention):
+    from indexcache_calib.compressed import compact_compressor  # deferred: imports the library's modeling file
+
+    return compact_compressor(original, attention)
 
 
 def _index_topk(text) -> int:
@@ -183,6 +198,13 @@ class Family:
     # None: its attention passes the selection as `indices=` to a registered implementation, so the sparse
     # path (`attention.py`) runs it; else why it cannot, and the family stays on the dense path.
     dense_only: str | None = None
+    # Where the library has no plug for the sparse path: (attribute path from a decoder layer's attention module,
+    # factory(original, attention module) -> its stand-in). The stand-in is put in place while the sparse path is
+    # on (`attention.set_attention`) and hands the kernel the selection in compact form; None: nothing to replace.
+    sparse_module: tuple[str, Callable] | None = None
+    # indexer -> the stand-in cache its chunked calls read keys from (`sharing.run_indexer`); None: the library's
+    # `update_indexer` protocol (`sharing._KeySource`).
+    key_source: Callable | None = None
     # True: `from_pretrained(..., native_key=...)` reaches the key (it lives in the top-level config of the
     # family's checkpoints). False: composite checkpoints keep it in their text config, which a keyword does not
     # reach, so the config is loaded, set and passed.
@@ -249,12 +271,14 @@ FAMILIES = (
                       "(build_attention_mask_from_topk) and passes no indices",
            note="linear-attention layers have no indexer; the library hands top-k only to the next layer"),
     # Selects compressed KV entries (one per `rate` tokens); only compressed-sparse layers have an indexer,
-    # all at the same rate. vLLM's pattern covers exactly those layers, in order.
+    # all at the same rate. vLLM's pattern covers exactly those layers, in order. Its compressors build a
+    # [seq, compressed keys] bias on every implementation: on the sparse path `compressed.CompactCompressor`
+    # stands in for them and hands the kernel the ids (compressed-sparse) or the causal count (heavily
+    # compressed) instead.
     Family("deepseek_v4", ("deepseek_v4",), "self_attn.compressor.indexer", layers_of_type("compressed_sparse_attention"),
            selection=COMPRESSED, floor=lambda t: int(t.index_topk) * _csa_rate(t), engines=("vllm",),
-           engine_pattern="positions", streams_key="hc_mult",
-           dense_only="its attention turns the selected compressed entries into a dense [seq, compressed keys] bias on "
-                      "every implementation and passes no indices",
+           engine_pattern="positions", streams_key="hc_mult", chunks=V4_CHUNKS, key_source=_v4_compressed_keys,
+           sparse_module=("compressor", _v4_compact_compressor),
            budget_words=lambda t: f"index_topk {t.index_topk} compressed entries of {_csa_rate(t)} tokens each",
            note="only compressed-sparse layers have an indexer (heavily-compressed and sliding layers have none)"),
     Family("minimax_m3_vl", ("minimax_m3_vl", "minimax_m3_vl_text"), "self_attn.indexer", layers_of_type("minimax_m3_sparse"),

@@ -95,28 +95,40 @@ def test_prefix_reuse_is_bit_identical_on_the_sparse_path(sparse_dir):
 
 
 class _SeqBySeq(TorchDispatchMode):
-    """The largest storage of any operation's output with two axes of length `seq` (a [seq, keys] tensor
-    in a forward over `seq` tokens); a stride-0 view counts as what it really holds."""
+    """The largest storage of any operation's output with an axis of length `seq` and another of a key
+    length in `keys` (`seq` itself, or a count of compressed entries): a [seq, keys] tensor in a forward over
+    `seq` tokens. A stride-0 view counts as what it really holds."""
 
-    def __init__(self, seq: int):
+    def __init__(self, seq: int, keys=()):
         super().__init__()
-        self.seq, self.largest = seq, 0
+        self.seq, self.keys, self.largest, self.compressed = seq, set(keys) - {seq}, 0, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and sum(d == self.seq for d in t.shape) >= 2:
-                self.largest = max(self.largest, t.untyped_storage().nbytes())
+            if isinstance(t, torch.Tensor) and self.seq in t.shape:
+                rest = list(t.shape)
+                rest.remove(self.seq)
+                if self.seq in rest or any(d in self.keys for d in rest):
+                    self.largest = max(self.largest, t.untyped_storage().nbytes())
+                if any(d in self.keys for d in rest):  # [seq, compressed entries] alone
+                    self.compressed = max(self.compressed, t.untyped_storage().nbytes())
         return out
 
 
-@pytest.mark.parametrize("name", ["glm_moe_dsa", "dots3_note", "hy_v4"])
+# Key axes other than the sequence's own: DeepSeek-V4 attends to compressed entries, one per `rate` tokens.
+COMPRESSED_KEYS = {"deepseek_v4": lambda text, seq: [seq // r for r in text.compress_rates.values()]}
+
+
+@pytest.mark.parametrize("name", ["glm_moe_dsa", "dots3_note", "hy_v4", "deepseek_v4"])
 def test_nothing_of_size_seq_by_seq_on_the_sparse_path(name, tmp_path, monkeypatch):
     """A calibration forward with overlap measured: on the sparse path no operation produces a [seq, keys]
-    tensor (the placeholder mask holds one byte); on the dense path the mask is one."""
-    seq = 1000  # no model dimension is this long
+    tensor (the placeholder mask holds one byte), nor, for DeepSeek-V4, a [seq, compressed entries] one; on
+    the dense path the mask is one (and DeepSeek-V4's compressor bias another)."""
+    seq = 1000  # no model dimension is this long, nor half or an eighth of it
     arch, extra = TEST_CONFIGS[name]
     model, layout = load_with_layout(str(save_tiny(tmp_path, arch, layers=4, **extra)))
+    keys = COMPRESSED_KEYS.get(name, lambda text, seq: [])(layout.text, seq)
     ids = torch.randint(3, 96, (1, seq), generator=torch.Generator().manual_seed(0))
     pattern = _candidates(layout, _all_full(layout))[0]
     monkeypatch.setattr(attention, "CHUNK_BYTES", 1 << 16)  # several attention chunks at this length
@@ -124,14 +136,16 @@ def test_nothing_of_size_seq_by_seq_on_the_sparse_path(name, tmp_path, monkeypat
     def largest(path):
         attention.set_attention(model, path)
         run = PatternRunner(model, layout, ids, cache_device="none", indexer_chunk=16, logits_chunk=256)
-        with _SeqBySeq(seq) as mode:
+        with _SeqBySeq(seq, keys) as mode:
             score = run.score(pattern)
-        return mode.largest, score.loss
+        return mode.largest, mode.compressed, score.loss
 
-    dense_bytes, dense_loss = largest("dense")
-    sparse_bytes, sparse_loss = largest("sparse")
+    dense_bytes, dense_compressed, dense_loss = largest("dense")
+    sparse_bytes, sparse_compressed, sparse_loss = largest("sparse")
     assert dense_bytes >= seq * seq
     assert sparse_bytes <= 1
+    if keys:  # the dense path's [seq, compressed entries] bias, and none on the sparse path
+        assert dense_compressed >= seq * min(keys) * 4 and sparse_compressed == 0
     assert sparse_loss == pytest.approx(dense_loss, rel=1e-5)
 
 
@@ -178,3 +192,70 @@ def test_running_out_of_memory_in_the_self_check_is_out_of_memory(glm_dir, text_
     assert errors == ["Error: out of memory"] and "Traceback" not in r.stderr
     assert "--attention" in r.stderr and "--indexer-chunk" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_deepseek_v4_stand_in_compresses_as_its_library_and_is_put_back(tmp_path):
+    """The one module the deepseek_v4 row replaces on the sparse path (its compressors, which build the
+    [seq, compressed keys] bias): the stand-in's entries are the library's own, bit for bit, on
+    compressed-sparse and heavily-compressed layers; it is there only while the sparse path is on, and the
+    model's weights never change."""
+    from indexcache_calib.compressed import CompactCompressor, compress
+
+    model, layout = load_with_layout(str(save_tiny(tmp_path, "deepseek_v4", layers=4)))
+    decoder = model.get_decoder()
+    keys = set(model.state_dict())
+    h = torch.randn(2, 37, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    q = torch.randn(2, 37, model.config.q_lora_rank, generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(37).unsqueeze(0)
+    kinds = set()
+    with torch.no_grad():
+        for i in (1, 2):  # CSA, then HCA
+            original = decoder.layers[i].self_attn.compressor
+            theirs, _ = original(h, q, positions, None, i)
+            assert torch.equal(compress(original, h).unsqueeze(1), theirs)
+            kinds.add(type(original).__name__)
+    assert kinds == {"DeepseekV4CSACompressor", "DeepseekV4HCACompressor"}
+    with attention.attention_path(model, "sparse"):
+        assert all(isinstance(decoder.layers[i].self_attn.compressor, CompactCompressor) for i in (1, 2, 3))
+        with attention.attention_path(model, "dense"):
+            assert not any(isinstance(layer.self_attn.compressor, CompactCompressor) for layer in decoder.layers[1:])
+        assert isinstance(decoder.layers[1].self_attn.compressor, CompactCompressor)
+        with torch.no_grad(), pytest.raises(ValueError, match="without a KV cache"):
+            model(input_ids=_ids(1), use_cache=True)  # its cache's bias would meet the boolean mask: refused
+    assert not any(isinstance(layer.self_attn.compressor, CompactCompressor) for layer in decoder.layers[1:])
+    assert set(model.state_dict()) == keys
+
+
+def test_deepseek_v4_indexer_chunks_score_row_for_row_as_one_call(tmp_path):
+    from indexcache_calib.sharing import run_indexer
+
+    model, layout = load_with_layout(str(save_tiny(tmp_path, "deepseek_v4", layers=4)))
+    seen = {}
+    handle = layout.indexers[0].register_forward_hook(
+        lambda m, args, kwargs, out: seen.update(args=args, kwargs=kwargs), with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=_ids(2), use_cache=False)
+    handle.remove()
+    family = layout.family
+    with torch.no_grad():
+        whole = run_indexer(layout.indexers[0], seen["args"], seen["kwargs"], family.chunks, 0)
+        for chunk in (5, 16):
+            part = run_indexer(layout.indexers[0], seen["args"], seen["kwargs"], family.chunks, chunk, family.key_source)
+            assert torch.equal(part, whole)
+    assert (whole == -1).any() and (whole >= 0).any()  # early rows see no entry yet; later ones select
+
+
+def test_deepseek_v4_calibrates_on_the_sparse_path_with_indexer_chunks(tmp_path):
+    path = save_tiny(tmp_path / "m", "deepseek_v4", layers=6)
+    write_docs(tmp_path / "data.jsonl")
+    args = ["calibrate", "--model", str(path), "--data", str(tmp_path / "data.jsonl"), "--seq-len", "48",
+            "--num-samples", "2", "--num-full", "2", "--no-plots"]
+    r = runner.invoke(app, [*args, "--attention", "sparse", "--indexer-chunk", "8", "--out", str(tmp_path / "sparse")])
+    assert r.exit_code == 0, r.stderr
+    sparse = json.loads((tmp_path / "sparse" / LAYER_MAP).read_text())
+    assert sparse["provenance"]["self_check"]["attention"] == "sparse"
+    r = runner.invoke(app, [*args, "--attention", "dense", "--out", str(tmp_path / "dense")])
+    assert r.exit_code == 0, r.stderr
+    dense = json.loads((tmp_path / "dense" / LAYER_MAP).read_text())
+    assert sparse["pattern"] == dense["pattern"]
+    assert sparse["loss"]["final"] == pytest.approx(dense["loss"]["final"], rel=1e-5)
