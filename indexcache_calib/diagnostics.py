@@ -22,7 +22,7 @@ from indexcache_calib import model as mdl
 from indexcache_calib.calibrate import OOM_HINT, Hooks, Options, Prepared, all_full_pattern, check_options, make_runner, prepare
 from indexcache_calib.data import tokens_sha256
 from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, CalibError, is_out_of_memory, plural
-from indexcache_calib.pattern import FULL, check_pattern, uniform_pattern
+from indexcache_calib.pattern import FULL, UNIFORM_EVERY, check_pattern, uniform_pattern
 from indexcache_calib.plots import OVERLAP_PLOT, overlap_plot
 from indexcache_calib.sharing import install_sharing, sharing_state
 
@@ -240,7 +240,9 @@ def entries(ckpt, uniform: list[int], maps: list[tuple[str, dict]], patterns: li
     Patterns have one character per position (decoder layer with an indexer)."""
     n, fixed, family, positions = len(ckpt.positions), ckpt.fixed_shared, ckpt.family, ckpt.positions
     out = [Entry("all-F", "all-F", all_full_pattern(ckpt))]
-    past = [every for every in uniform if every > n]
+    # The paper's ratios (the default) stay comparable across models, even where 1/8 of a shallow model is
+    # layer 0 alone; any other ratio past the layers can only have been a slip.
+    past = [every for every in uniform if every > n and every not in UNIFORM_EVERY]
     if past:
         raise CalibError(f"--uniform {past[0]} asks for one Full layer every {past[0]} of the model's "
                          f"{plural(n, 'indexer layer')}: only layer 0 would be Full", hint=f"give ratios of at most {n}")
