@@ -492,15 +492,10 @@ def make_runner(prep: Prepared, opts: Options, cache_device: str | None = None):
 
 def choose_cache_device(opts: Options, prep: Prepared, planned: str, hooks: Hooks) -> str:
     """The planned cache device (`plan_cache_device`), checked again against the loaded weights' dtype."""
-    from indexcache_calib.runner import cache_bytes_estimate  # deferred: see HF_HUB_OFFLINE at the top
-
     if opts.search == "naive" or opts.cache_device == "none":
         return opts.cache_device
     elem = next(prep.model.parameters()).element_size()
-    text = prep.checkpoint.text
-    need = cache_bytes_estimate(prep.layout.num_positions, prep.layout.budget, len(prep.ids), prep.ids.shape[1],
-                                text.hidden_size * prep.checkpoint.family.streams(text), elem)
-    return settle_cache_device(opts, planned, need, hooks)
+    return settle_cache_device(opts, planned, dryrun.cache_need(opts, prep.checkpoint, len(prep.ids), elem), hooks)
 
 
 def fingerprint(opts: Options, prep: Prepared, config_sha: str | None) -> dict:
