@@ -284,15 +284,15 @@ def check_for_family(opts: Options, ckpt) -> None:
         )
 
 
-def check_seq_len(opts: Options, ckpt) -> None:
+def check_seq_len(opts: Options, ckpt, flag: str = "--seq-len") -> None:
     family = ckpt.family
     check_seq_len_floor(opts.seq_len, family.seq_len_floor(ckpt.text), family.budget_words(ckpt.text),
                         "every layer's top-k is the same and sharing an indexer changes nothing",
-                        getattr(ckpt.text, "max_position_embeddings", None), owner="the model's ")
+                        getattr(ckpt.text, "max_position_embeddings", None), owner="the model's ", flag=flag)
 
 
 def check_seq_len_floor(seq_len: int, floor: int, budget_words: str, consequence: str, max_pos: int | None,
-                        owner: str = "", hint_more: str = "") -> None:
+                        owner: str = "", hint_more: str = "", flag: str = "--seq-len") -> None:
     """The one sequence-length check of every command (calibrate, overlap, evaluate, dsa-convert, distill):
     above the family's floor (`Family.seq_len_floor`: at or below it every query selects every key, in
     tokens, which is not index_topk where the family selects blocks or compressed entries), and within the
@@ -300,11 +300,11 @@ def check_seq_len_floor(seq_len: int, floor: int, budget_words: str, consequence
     if seq_len <= floor:
         budget = budget_words if budget_words.endswith(f" {floor}") else f"{budget_words}: {floor} tokens"
         raise CalibError(
-            f"--seq-len {seq_len} is not above {owner}{budget}: every token would be selected, so {consequence}",
-            hint=f"use a --seq-len above {floor} (at {2 * floor} or more, each top-k leaves out most keys){hint_more}",
+            f"{flag} {seq_len} is not above {owner}{budget}: every token would be selected, so {consequence}",
+            hint=f"use a {flag} above {floor} (at {2 * floor} or more, each top-k leaves out most keys){hint_more}",
         )
     if max_pos and seq_len > max_pos:
-        raise CalibError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_pos}")
+        raise CalibError(f"{flag} {seq_len} exceeds the model's max_position_embeddings {max_pos}")
 
 
 def parse_tolerance(value) -> float | str | None:

@@ -16,6 +16,7 @@ from indexcache_calib import artifact as art
 from indexcache_calib import model as mdl
 from indexcache_calib.errors import EXIT_BAD_INPUT, CalibError, plural
 from indexcache_calib.families import BY_MODEL_TYPE
+from indexcache_calib.length_curve import LENGTH_CURVE, engine_setting
 from indexcache_calib.pattern import check_pattern, full_layers, indexer_types, source_layers
 from indexcache_calib.search import DECIDED_SE
 
@@ -420,6 +421,11 @@ def export(lm: dict, engine: str, model: str | None = None) -> dict:
     model = _engine_model(model) if model else default_model(lm)
     num_layers = lm.get("num_layers") if isinstance(lm.get("num_layers"), int) else len(pattern)
     keys = engine_keys(family, pattern, positions, num_layers, engine)
+    length_keys, length_note = engine_setting(lm, engine)
+    if engine != "transformers":  # transformers takes indexer_types alone, in its snippet
+        keys.update(length_keys)
+    if length_note:
+        notes.append(length_note)
     overrides = json.dumps(keys, separators=(",", ":"))
     result = {"engine": engine, "model": model, "overrides": keys, "notes": notes}
     if engine == "vllm":
@@ -666,4 +672,5 @@ def summary(lm: dict, path: Path | None = None) -> dict:
         "undecided_steps": [s["step"] for s in undecided],
         "search": {"strategy": (lm.get("search") or {}).get("strategy"), "tolerance": tolerance_text(lm.get("search") or {})},
         "provenance": lm.get("provenance") or {},
+        "length_curve": lm.get(LENGTH_CURVE),
     }

@@ -229,6 +229,20 @@ def _draw(data: dict) -> None:
         out.print(Text(f"{len(data['undecided_steps'])} of {plural(len(data['path']) - 1, 'step')} {UNDECIDED} "
                        "(each beat its runner-up by less than 2 paired standard errors)", style=UNDECIDED_STYLE))
 
+    curve = data.get("length_curve")
+    if curve:
+        lengths = Table(title=f"length curve (indexcache evaluate --lengths on {curve.get('data')}, "
+                              f"{curve.get('num_samples')} sequences per length)", title_justify="left")
+        for col in ("tokens", "all-F loss", "delta", "paired SE", "mean overlap", "uniform"):
+            lengths.add_column(col, justify="right")
+        for p in curve["points"]:
+            uniform = ", ".join(f"{k} {v:+.5f}" for k, v in sorted(p.get("uniform", {}).items()))
+            lengths.add_row(f"{p['seq_len']:,}", f"{p['all_full_loss']:.5f}", f"{p['delta']:+.5f}",
+                            "-" if p["paired_se"] is None else f"{p['paired_se']:.5f}",
+                            "-" if p["mean_overlap"] is None else f"{p['mean_overlap']:.3f}", uniform)
+        out.print(lengths)
+        out.print(Text(f"length curve: {curve['recommendation']['text']}"))
+
     prov = Table(title="provenance", title_justify="left", show_header=False)
     prov.add_column("key")
     prov.add_column("value", overflow="fold")  # hashes and paths are copied, not read

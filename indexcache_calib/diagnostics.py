@@ -19,12 +19,14 @@ import torch
 
 from indexcache_calib import artifact as art
 from indexcache_calib import model as mdl
-from indexcache_calib.calibrate import OOM_HINT, Hooks, Options, Prepared, all_full_pattern, check_options, make_runner, prepare
-from indexcache_calib.data import tokens_sha256
+from indexcache_calib.calibrate import (OOM_HINT, Hooks, Options, Prepared, all_full_pattern, check_options, check_seq_len,
+                                        load_tokenizer, make_runner, prepare)
+from indexcache_calib.data import pack, read_documents, tokens_sha256
 from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, CalibError, is_out_of_memory, plural
 from indexcache_calib.pattern import FULL, UNIFORM_EVERY, check_pattern, uniform_pattern
 from indexcache_calib.plots import OVERLAP_PLOT, overlap_plot
 from indexcache_calib.sharing import install_sharing, sharing_state
+from indexcache_calib.stats import mean_se
 
 OVERLAP_CSV = "overlap.csv"
 
@@ -60,7 +62,7 @@ def read_tokens(path: str | Path) -> tuple[torch.Tensor, Path]:
     return ids.long(), path
 
 
-def load_inputs(opts: Options, hooks: Hooks, tokens: str | None, check_config=None) -> tuple[Prepared, Options]:
+def load_inputs(opts: Options, hooks: Hooks, tokens: str | None, check_config=None, before_loading=None) -> tuple[Prepared, Options]:
     """`prepare` on --data, or on the exact token ids of a run (--tokens); with the options the tokens
     imply (their file, length and count), as a new object."""
     if (opts.data is None) == (tokens is None):
@@ -81,7 +83,7 @@ def load_inputs(opts: Options, hooks: Hooks, tokens: str | None, check_config=No
         if check_config is not None:
             check_config(ckpt)
 
-    return prepare(opts, hooks, ids=ids, check_config=check), opts
+    return prepare(opts, hooks, ids=ids, check_config=check, before_loading=before_loading), opts
 
 
 def data_label(data: str) -> str:
@@ -274,9 +276,12 @@ def evaluate(
     layer_maps: list[str] = (),
     patterns: list[str] = (),
     csv_path: str | None = None,
+    lengths: list[int] | None = None,
 ) -> list[dict]:
     """Score all-F, uniform interleaving, layer maps and patterns with one model load, on the same
-    tokens. Returns one row per entry, all-F first; with `csv_path`, also writes them there."""
+    tokens. Returns one row per entry, all-F first; with `csv_path`, also writes them there. With
+    `lengths`, the same at each length (--num-samples sequences of each, drawn from --data): one row
+    per entry and length, shortest first."""
     hooks = hooks or Hooks()
     every = parse_uniform(uniform)
     maps = read_layer_maps(list(layer_maps))
@@ -285,12 +290,36 @@ def evaluate(
         csv_path = Path(csv_path)
         if csv_path.is_dir() or not csv_path.resolve().parent.is_dir():
             raise CalibError(f"cannot write --out {csv_path}: " + ("it is a directory" if csv_path.is_dir() else "its directory does not exist"))
+    if lengths:
+        if tokens is not None:
+            raise CalibError("--lengths draws sequences of each length from --data; --tokens holds one length",
+                             hint="pass --data (held-out documents) with --lengths")
+        check_options(opts)
+        ckpt = mdl.inspect_checkpoint(mdl.resolve(opts.model), opts.trust_remote_code)
+        for n in lengths:  # named as the user gave them, before the shortest becomes the loading length
+            check_seq_len(replace(opts, seq_len=n), ckpt, flag="--lengths")
+        # Loaded (and self-checked) at the shortest length.
+        opts = replace(opts, seq_len=min(lengths))
+    sets: dict[int, torch.Tensor] = {}
 
     def early(ckpt):  # a bad pattern is refused before any weights load
         entries(ckpt, every, maps, patterns)
 
+    def pack_lengths(ids):  # every length's sequences, before any weights load
+        sets[opts.seq_len] = ids
+        if not lengths:
+            return
+        tokenizer = load_tokenizer(opts, mdl.resolve(opts.model))
+        docs = read_documents(opts.data, tokenizer, opts.text_field)
+        for n in lengths:
+            sets[n] = pack(docs.texts, tokenizer, n, opts.num_samples, opts.seed)[0]
+            if len(sets[n]) < opts.num_samples:
+                raise CalibError(f"{opts.data} holds {plural(len(sets[n]), 'sequence')} of {n:,} tokens, fewer than "
+                                 f"--num-samples {opts.num_samples}: each length is scored on as many sequences",
+                                 hint="lower --num-samples or the longest of --lengths, or add data")
+
     with _memory_errors():
-        prep, opts = load_inputs(opts, hooks, tokens, early)
+        prep, opts = load_inputs(opts, hooks, tokens, early, pack_lengths)
         todo = entries(prep.checkpoint, every, maps, patterns)
         ids_sha = tokens_sha256(prep.ids)
         for name, lm in maps:
@@ -299,30 +328,63 @@ def evaluate(
                 hooks.warn(f"layer map {name} was calibrated on another model config ({prov.get('model')})")
             if tokens is None and prov.get("tokens_sha256") == ids_sha:
                 hooks.warn(f"these are the very tokens layer map {name} was calibrated on, not held-out data")
-        runner = make_runner(prep, opts, "none")  # every pattern is scored from layer 0; nothing to reuse
-        scores = {}
-        try:
-            for e in todo:
-                if e.pattern not in scores:  # a layer map may repeat a uniform pattern
-                    scores[e.pattern] = runner.score(e.pattern)
-                hooks.message(f"{e.name}: {e.pattern.count(FULL)} Full, loss {scores[e.pattern].loss:.5f}")
-        finally:
-            runner.close()
-    reference = scores[todo[0].pattern].loss
-    rows = [
-        {
+        rows = []
+        for seq_len, ids in sorted(sets.items()):
+            if lengths:
+                hooks.message(f"{seq_len:,} tokens: {plural(len(ids), 'sequence')}")
+            rows += _score_entries(replace(prep, ids=ids), opts, todo, hooks)
+    if csv_path is not None:
+        columns = ["name", "kind", "num_full", "loss", "delta", "perplexity", "mean_overlap", "pattern"]
+        if lengths:
+            columns[3:3] = ["seq_len", "sequences"]
+            columns[6:6] = ["paired_se"]
+        art.atomic_write(csv_path, pd.DataFrame(rows, columns=columns).to_csv(index=False, float_format="%.9g", lineterminator="\n"))
+    return rows
+
+
+def _score_entries(prep: Prepared, opts: Options, todo: list[Entry], hooks: Hooks) -> list[dict]:
+    """Every entry on `prep.ids`: loss, delta to all-F (the first entry) with its paired SE over the
+    sequences, and each Shared layer's top-k overlap."""
+    runner = make_runner(prep, opts, "none")  # every pattern is scored from layer 0; nothing to reuse
+    scores, layer_overlap = {}, {}
+    try:
+        for e in todo:
+            if e.pattern not in scores:  # a layer map may repeat a uniform pattern
+                scores[e.pattern] = runner.score(e.pattern)
+                layer_overlap[e.pattern] = {str(k): v for k, v in sorted(runner.last_layer_overlap.items())}
+            hooks.message(f"{e.name}: {e.pattern.count(FULL)} Full, loss {scores[e.pattern].loss:.5f}")
+    finally:
+        runner.close()
+    reference = scores[todo[0].pattern]
+    rows = []
+    for e in todo:
+        score = scores[e.pattern]
+        _, se = mean_se([a - b for a, b in zip(score.seq_losses, reference.seq_losses)])
+        rows.append({
             "name": e.name,
             "kind": e.kind,
             "pattern": e.pattern,
             "num_full": e.pattern.count(FULL),
-            "loss": scores[e.pattern].loss,
-            "delta": scores[e.pattern].loss - reference,
-            "perplexity": math.exp(scores[e.pattern].loss) if scores[e.pattern].loss < 700 else None,
-            "mean_overlap": scores[e.pattern].overlap,
-        }
-        for e in todo
-    ]
-    if csv_path is not None:
-        columns = ["name", "kind", "num_full", "loss", "delta", "perplexity", "mean_overlap", "pattern"]
-        art.atomic_write(csv_path, pd.DataFrame(rows, columns=columns).to_csv(index=False, float_format="%.9g", lineterminator="\n"))
+            "seq_len": int(prep.ids.shape[1]),
+            "sequences": int(prep.ids.shape[0]),
+            "loss": score.loss,
+            "delta": score.loss - reference.loss,
+            "paired_se": se if e is not todo[0] else None,
+            "perplexity": math.exp(score.loss) if score.loss < 700 else None,
+            "mean_overlap": score.overlap,
+            "layer_overlap": layer_overlap[e.pattern],
+        })
     return rows
+
+
+def record_curve(arg: str, curve: dict) -> Path:
+    """Write a length curve into a layer map (replacing any earlier one), atomically."""
+    from indexcache_calib.length_curve import LENGTH_CURVE
+
+    path = Path(arg)
+    if path.is_dir():
+        path = path / art.LAYER_MAP
+    lm = art.read_layer_map(path)
+    lm[LENGTH_CURVE] = curve
+    art.write_json(path, lm)
+    return path

@@ -95,10 +95,18 @@ def evaluate(
     offload_dir: OffloadDir = None,
     trust_remote_code: TrustRemoteCode = False,
     allow_pickle: AllowPickle = False,
-    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON on stdout."),
+    lengths: Optional[str] = typer.Option(None, "--lengths", help="Score at each of these lengths (e.g. 1K,4K,16K), "
+                                          "--num-samples sequences of each from --data: the pattern's loss across lengths."),
+    max_delta: float = typer.Option(0.01, "--max-delta", help="With --lengths: nats over all-Full a pattern may cost; "
+                                    "below the length where it costs more, a minimum length for sharing is recommended."),
+    record: bool = typer.Option(False, "--record", help="With --lengths: write the curve into the one --layer-map "
+                                "(`show` prints it, `export` carries its minimum length)."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="With --lengths: draw loss over all-Full against length to this PNG."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON on stdout (with --lengths: rows and curves)."),
 ) -> None:
     """Score all-F, uniform interleaving, layer maps and patterns on the same tokens, with one model load."""
     from indexcache_calib.calibrate import Options
+    from indexcache_calib.errors import CalibError
 
     opts = Options(
         model=model, data=data, seq_len=seq_len, num_samples=num_samples, seed=seed, batch_size=batch_size,
@@ -107,28 +115,61 @@ def evaluate(
         attention=attention,
     )
     with handled():
-        _quiet_libraries()
-        from indexcache_calib.diagnostics import evaluate as run
+        from indexcache_calib import length_curve as lc
 
-        rows = run(opts, _hooks(), tokens, uniform, layer_map or [], pattern or [], out_csv)
+        spans = lc.parse_lengths(lengths) if lengths is not None else None
+        lc.check_max_delta(max_delta)
+        if spans is None and (record or plot):
+            raise CalibError(f"{'--record' if record else '--plot'} draws the loss across lengths: give --lengths too")
+        if record and len(layer_map or []) != 1:
+            raise CalibError("--record writes the curve into one layer map: give exactly one --layer-map")
+        if plot and not plot.endswith(".png"):
+            raise CalibError(f"--plot {plot} must name a .png file")
+        _quiet_libraries()
+        from indexcache_calib.diagnostics import evaluate as run, record_curve
+
+        rows = run(opts, _hooks(), tokens, uniform, layer_map or [], pattern or [], out_csv, spans)
+        curves = {}
+        if spans is not None:
+            data_meta = {"data": data, "seed": seed, "num_samples": num_samples, "max_delta": max_delta}
+            names = dict.fromkeys(r["name"] for r in rows if r["kind"] in ("layer map", "pattern"))
+            curves = {name: lc.curve(rows, name, max_delta, data_meta) for name in names}
+            if plot:
+                lc.plot(rows, plot, f"{model} on {data}")
+            if record:
+                written = record_curve(layer_map[0], curves[next(iter(names))])
     if as_json:
-        out.print(json.dumps(rows, indent=2), markup=False)
+        out.print(json.dumps(rows if spans is None else {"rows": rows, "curves": curves}, indent=2), markup=False)
         return
     table = Table(title=f"{model} on {data or tokens}", title_justify="left")
-    for col in ("name", "F", "loss", "delta vs all-F", "perplexity", "mean overlap"):
+    columns = ("name", "F", "loss", "delta vs all-F", "perplexity", "mean overlap")
+    if spans is not None:
+        columns = ("tokens",) + columns[:4] + ("paired SE",) + columns[5:]
+    for col in columns:
         table.add_column(col, justify="left" if col == "name" else "right")
     for r in rows:
-        table.add_row(
+        cells = [
             r["name"], str(r["num_full"]), f"{r['loss']:.5f}", f"{r['delta']:+.5f}",
             "-" if r["perplexity"] is None else f"{r['perplexity']:.3f}",
             "-" if r["mean_overlap"] is None else f"{r['mean_overlap']:.3f}",
-        )
+        ]
+        if spans is not None:
+            cells = [f"{r['seq_len']:,}"] + cells[:4] + ["-" if r["paired_se"] is None else f"{r['paired_se']:.5f}"] + cells[5:]
+        table.add_row(*cells)
     out.print(table)
     # Plain lines, never wrapped or cut, so patterns can be copied.
     for r in rows:
-        out.print(f"{r['name']}: {r['pattern']}", markup=False)
+        if spans is None or r["seq_len"] == spans[0]:
+            out.print(f"{r['name']}: {r['pattern']}", markup=False)
+    for name, c in curves.items():
+        rec = c["recommendation"]
+        out.print(f"{name}: {rec['text']}" + (f" (recommended minimum length {rec['min_seq_len']:,})" if rec["min_seq_len"] else ""), markup=False)
     if out_csv:
         out.print(f"rows: {out_csv}", markup=False)
+    if plot:
+        out.print(f"plot: {plot}", markup=False)
+    if record:
+        out.print(f"length curve recorded in {written}", markup=False)
 
 
 def _hooks():
