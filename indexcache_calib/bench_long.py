@@ -4,8 +4,9 @@
                                                   greedy step, dense vs sparse path, 2K to 32K tokens
                                                   (--family deepseek_v4: the same on a random DeepSeek-V4)
   python -m indexcache_calib.bench_long plan      what a long calibration of GLM-5 needs per length (--dry-run)
-  python -m indexcache_calib.bench_long lengths   calibrate the long model short and long, then score both
-                                                  patterns at the long length on held-out data
+  python -m indexcache_calib.bench_long lengths   calibrate the long model short and long (equal tokens,
+                                                  equal sequences), several draws, both long domains; score
+                                                  every pattern at the long length on held-out data
 
 Every measurement of `memory` runs in a fresh process under an address-space limit, so a path that does
 not fit says so instead of taking the host down. Results are printed and written under outputs/bench/.
@@ -173,102 +174,179 @@ def print_plan(result: dict) -> None:
 
 # -- does calibration length matter? -------------------------------------------------------------
 
-def bench_lengths(args) -> None:
-    """Calibrate at a short and a long length, then score both searched patterns (and uniform) at the
-    long length on held-out data, per ratio: loss gap to all-Full, paired SE of the difference, and each
-    layer's top-k overlap."""
+# What each calibration is, against the long one: the same tokens in more short sequences, or the same
+# number of short sequences. Only the first varies length alone at equal data; the second, length at equal
+# sequence count. A difference both show is length's.
+LENGTH_CONDITIONS = ("long", "short, equal tokens", "short, equal sequences")
+RESOLVE = 0.01  # nats: the difference the held-out scoring must resolve
+
+
+def _length_runs(args, domain: str) -> list[dict]:
+    """Every calibration of one domain: each condition on each draw (seed). Each run resumes from its own
+    directory, so an interrupted `make long-context` loses at most the run in flight."""
+    from indexcache_calib.calibrate import Hooks, Options, calibrate
+
+    runs = []
+    per_long = args.long_samples
+    for draw in range(args.draws):
+        for condition in LENGTH_CONDITIONS:
+            seq = args.long if condition == "long" else args.short
+            samples = per_long * args.long // args.short if condition == "short, equal tokens" else per_long
+            out = OUT / "lengths" / domain / f"draw{draw}_{seq}x{samples}"
+            done = out / "layer_map.json"
+            if not done.exists():
+                # Overlap is measured nowhere in this study: the searches skip it, so Shared layers run no indexer.
+                opts = Options(model=args.model, data=f"calibration_data/{domain}.jsonl", target=f"1/{max(args.ratios)}",
+                               out=str(out), seq_len=seq, num_samples=samples, seed=draw, plots=False, overlap=False,
+                               resume=(out / "checkpoint.json").exists(), overwrite=not (out / "checkpoint.json").exists())
+                t0 = time.perf_counter()
+                calibrate(opts, Hooks(message=lambda m: print(m, file=sys.stderr)))
+                (out / "wall_s.json").write_text(json.dumps(time.perf_counter() - t0) + "\n")
+            lm = json.loads(done.read_text())
+            wall = out / "wall_s.json"
+            runs.append({"draw": draw, "condition": condition, "seq_len": seq, "samples": samples,
+                         "wall_s": json.loads(wall.read_text()) if wall.exists() else None,
+                         "patterns": {str(s["num_full"]): s["pattern"] for s in lm["path"]}})
+    return runs
+
+
+def _length_scores(args, domain: str, patterns: list[str]) -> dict:
+    """Per-sequence held-out losses of each pattern at the long length, kept on disk as they come."""
     import torch
 
     from indexcache_calib.attention import set_attention
-    from indexcache_calib.calibrate import Hooks, Options, calibrate
     from indexcache_calib.model import load_with_layout
-    from indexcache_calib.pattern import uniform_pattern
     from indexcache_calib.runner import PatternRunner
-    from indexcache_calib.stats import mean_se, paired_differences
 
-    runs = {}
-    ratios = args.ratios
-    smallest = max(ratios)
-    for label, seq, samples in (("short", args.short, args.short_samples), ("long", args.long, args.long_samples)):
-        out = OUT / "lengths" / f"{label}_{seq}x{samples}"
-        # Overlap is measured on the held-out scoring below; the searches skip it, so Shared layers run no
-        # indexer of their own (at 4K tokens the indexer is most of a layer's time).
-        opts = Options(model=args.model, data=args.data, target=f"1/{smallest}", out=str(out), seq_len=seq, num_samples=samples,
-                       plots=False, overlap=False, resume=(out / "checkpoint.json").exists(),
-                       overwrite=not (out / "checkpoint.json").exists())
-        t0 = time.perf_counter()
-        layer_map, _ = calibrate(opts, Hooks(message=lambda m: print(m, file=sys.stderr)))
-        runs[label] = {"seq_len": seq, "samples": samples, "wall_s": time.perf_counter() - t0,
-                       "patterns": {str(s["num_full"]): s["pattern"] for s in layer_map["path"]},
-                       "undecided_steps": layer_map["search"]["undecided_steps"]}
+    path = OUT / "lengths" / domain / f"heldout_{args.long}x{args.heldout_samples}.json"
+    scores = json.loads(path.read_text()) if path.exists() else {}
+    todo = [p for p in sorted(set(patterns), reverse=True) if p not in scores]  # sorted: shared prefixes run once
+    if not todo:
+        return scores
     model, layout = load_with_layout(args.model, device_map="cpu")
     set_attention(model, "sparse")
     torch.set_num_threads(args.threads)
-    held = _tokens(args.model, args.heldout, args.long, args.heldout_samples)
-    runner = PatternRunner(model, layout, held, cache_device="none")
-    n = layout.num_positions
-    all_full = runner.score("F" * n)
+    held = _tokens(args.model, f"calibration_data/{domain}.heldout.jsonl", args.long, args.heldout_samples)
+    runner = PatternRunner(model, layout, held, measure_overlap=False, cache_device="cpu")
+    try:
+        for pattern in todo:
+            scores[pattern] = runner.score(pattern).seq_losses
+            print(f"{domain}: {pattern} {sum(scores[pattern]) / len(scores[pattern]):.5f}", file=sys.stderr)
+            path.write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
+    finally:
+        runner.close()
+    return scores
+
+
+def length_table(runs: list[dict], scores: dict, ratios: list[int], layers: int) -> list[dict]:
+    """Per ratio and short condition: each draw's held-out difference short - long (its paired SE over the
+    held-out sequences), and their mean with the spread over draws."""
+    from indexcache_calib.pattern import uniform_pattern
+    from indexcache_calib.stats import mean_se
+
+    def mean(xs):
+        return math.fsum(xs) / len(xs)
+
+    full = scores["F" * layers]
     table = []
     for ratio in ratios:
-        full = math.ceil(n / ratio)
-        row = {"ratio": f"1/{ratio}", "num_full": full}
-        for label in ("short", "long"):
-            pattern = runs[label]["patterns"][str(full)]
-            score = runner.score(pattern)
-            row[label] = {"pattern": pattern, "loss": score.loss, "gap": score.loss - all_full.loss,
-                          "overlap": {str(k): v for k, v in runner.last_layer_overlap.items()}, "seq_losses": score.seq_losses}
-        uni = uniform_pattern(n, ratio)
-        u = runner.score(uni)
-        row["uniform"] = {"pattern": uni, "gap": u.loss - all_full.loss}
-        d = paired_differences(dict(enumerate(row["short"]["seq_losses"])), dict(enumerate(row["long"]["seq_losses"])))
-        row["short_minus_long"], row["paired_se"] = mean_se(d)
+        k = str(math.ceil(layers / ratio))
+        by = {(r["condition"], r["draw"]): r["patterns"][k] for r in runs}
+        draws = sorted({r["draw"] for r in runs})
+        row = {"ratio": f"1/{ratio}", "num_full": int(k),
+               "uniform_gap": mean(scores[uniform_pattern(layers, ratio)]) - mean(full),
+               "gap": {c: mean([mean(scores[by[c, d]]) - mean(full) for d in draws]) for c in LENGTH_CONDITIONS}}
+        for condition in LENGTH_CONDITIONS[1:]:
+            per_draw = []
+            for d in draws:
+                diff = [a - b for a, b in zip(scores[by[condition, d]], scores[by["long", d]])]
+                m, se = mean_se(diff)
+                sd = (se or 0.0) * math.sqrt(len(diff))
+                per_draw.append({"draw": d, "short_minus_long": m, "paired_se": se, "per_sequence_sd": sd,
+                                 "same_pattern": by[condition, d] == by["long", d]})
+            m, se = mean_se([x["short_minus_long"] for x in per_draw])
+            # Held-out sequences that put one draw's paired SE at RESOLVE / 2, so a difference of RESOLVE
+            # nats stands two SE clear of zero.
+            sd = max(x["per_sequence_sd"] for x in per_draw)
+            row[condition] = {"mean": m, "se_over_draws": se, "draws": per_draw,
+                              "heldout_needed": math.ceil((2 * sd / RESOLVE) ** 2)}
         table.append(row)
-    runner.close()
-    # The same patterns at the short length, on as many held-out tokens: does a pattern's overlap (and
-    # gap) at 512 tokens say what it will be at 4,096?
-    held_short = _tokens(args.model, args.heldout, args.short, args.heldout_samples * args.long // args.short)
-    runner = PatternRunner(model, layout, held_short, cache_device="none")
-    short_full = runner.score("F" * n)
-    for row in table:
-        for label in ("short", "long"):
-            score = runner.score(row[label]["pattern"])
-            row[label]["at_short_length"] = {"gap": score.loss - short_full.loss,
-                                             "overlap": {str(k): v for k, v in runner.last_layer_overlap.items()}}
-    runner.close()
-    result = {"model": args.model, "data": args.data, "heldout": args.heldout, "heldout_sequences": int(held.shape[0]),
-              "heldout_seq_len": args.long, "all_full_loss": all_full.loss,
-              "short_length_sequences": int(held_short.shape[0]), "short_length_all_full_loss": short_full.loss,
-              "runs": runs, "table": table}
+    return table
+
+
+def bench_lengths(args) -> None:
+    """Calibrate each long domain at a short and a long length on several draws, score every searched
+    pattern (and uniform) at the long length on held-out data, and report short - long per ratio."""
+    from indexcache_calib.pattern import uniform_pattern
+
+    result = {"model": args.model, "short": args.short, "long": args.long, "draws": args.draws,
+              "long_samples": args.long_samples, "heldout_sequences": args.heldout_samples, "domains": {}}
+    for domain in args.domains:
+        runs = _length_runs(args, domain)
+        layers = max(len(p) for p in runs[0]["patterns"].values())
+        wanted = ["F" * layers] + [uniform_pattern(layers, r) for r in args.ratios]
+        wanted += [r["patterns"][str(math.ceil(layers / ratio))] for r in runs for ratio in args.ratios]
+        scores = _length_scores(args, domain, wanted)
+        full = scores["F" * layers]
+        result["domains"][domain] = {
+            "all_full_loss": math.fsum(full) / len(full),
+            "runs": runs,
+            "table": length_table(runs, scores, args.ratios, layers),
+        }
+    result["pooled"] = pooled_lengths(result, args.ratios)
     _save("lengths", result)
     print_lengths(result)
 
 
+def pooled_lengths(result: dict, ratios: list[int]) -> list[dict]:
+    """Both domains' draws together: the mean difference short - long and its SE over all draws."""
+    from indexcache_calib.stats import mean_se
+
+    rows = []
+    for i, ratio in enumerate(ratios):
+        row = {"ratio": f"1/{ratio}"}
+        for condition in LENGTH_CONDITIONS[1:]:
+            diffs = [x["short_minus_long"] for d in result["domains"].values() for x in d["table"][i][condition]["draws"]]
+            m, se = mean_se(diffs)
+            row[condition] = {"mean": m, "se_over_draws": se, "n": len(diffs)}
+        rows.append(row)
+    return rows
+
+
 def print_lengths(r: dict) -> None:
-    s, l = r["runs"]["short"], r["runs"]["long"]
-    print(f"\n{r['model']}: calibrated on {s['samples']} x {s['seq_len']} and on {l['samples']} x {l['seq_len']} tokens; "
-          f"scored on {r['heldout_sequences']} held-out sequences of {r['heldout_seq_len']} tokens (all-Full {r['all_full_loss']:.5f})")
-    print("| ratio | short-calibrated gap | long-calibrated gap | short - long ± paired SE | uniform gap | same pattern |")
-    print("|---|---|---|---|---|---|")
-    for row in r["table"]:
-        se = f" ± {row['paired_se']:.5f}" if row["paired_se"] is not None else ""
-        print(f"| {row['ratio']} | {row['short']['gap']:+.5f} | {row['long']['gap']:+.5f} | {row['short_minus_long']:+.5f}{se} | "
-              f"{row['uniform']['gap']:+.5f} | {'yes' if row['short']['pattern'] == row['long']['pattern'] else 'no'} |")
-    print(f"\nMean top-k overlap of the Shared layers (and loss gap to all-Full), scored at {s['seq_len']} tokens on "
-          f"{r.get('short_length_sequences', '?')} held-out sequences and at {l['seq_len']} on {r['heldout_sequences']}")
-    print(f"| ratio | pattern calibrated on | pattern | overlap at {s['seq_len']} | overlap at {l['seq_len']} | gap at {s['seq_len']} | gap at {l['seq_len']} |")
-    print("|---|---|---|---|---|---|---|")
+    def pm(m, se):
+        return f"{m:+.4f}" + (f" ± {se:.4f}" if se is not None else "")
 
-    def mean(overlap: dict) -> float:
-        return sum(overlap.values()) / len(overlap) if overlap else float("nan")
+    print(f"\n{r['model']}: calibrated at {r['short']} and {r['long']} tokens, {r['draws']} draws per condition; every pattern "
+          f"scored on {r['heldout_sequences']} held-out sequences of {r['long']} tokens")
+    for domain, d in r["domains"].items():
+        runs = d["runs"]
 
-    for row in r["table"]:
-        for label in ("short", "long"):
-            c = row[label]
-            at = c.get("at_short_length")
-            if at is None:
-                continue
-            print(f"| {row['ratio']} | {r['runs'][label]['samples']} x {r['runs'][label]['seq_len']} | `{c['pattern']}` | "
-                  f"{mean(at['overlap']):.3f} | {mean(c['overlap']):.3f} | {at['gap']:+.5f} | {c['gap']:+.5f} |")
+        def wall(c):
+            w = [x["wall_s"] for x in runs if x["condition"] == c and x["wall_s"] is not None]
+            return f"{sum(w) / len(w):.0f} s" if w else "?"
+
+        sizes = {x["condition"]: f"{x['samples']} x {x['seq_len']}" for x in runs}
+        print(f"\n{domain} (all-Full {d['all_full_loss']:.5f}); mean calibration wall: " +
+              ", ".join(f"{c} ({sizes[c]}) {wall(c)}" for c in LENGTH_CONDITIONS))
+        print("| ratio | gap: long | gap: short, equal tokens | gap: short, equal sequences | uniform gap | "
+              "short - long, equal tokens (± SE over draws) | short - long, equal sequences | per-draw paired SE |")
+        print("|---|---|---|---|---|---|---|---|")
+        for row in d["table"]:
+            g = row["gap"]
+            se = max((x["paired_se"] or 0.0) for c in LENGTH_CONDITIONS[1:] for x in row[c]["draws"])
+            print(f"| {row['ratio']} | {g['long']:+.4f} | {g['short, equal tokens']:+.4f} | {g['short, equal sequences']:+.4f} | "
+                  f"{row['uniform_gap']:+.4f} | {pm(row['short, equal tokens']['mean'], row['short, equal tokens']['se_over_draws'])} | "
+                  f"{pm(row['short, equal sequences']['mean'], row['short, equal sequences']['se_over_draws'])} | at most {se:.4f} |")
+    need = max(row[c]["heldout_needed"] for d in r["domains"].values() for row in d["table"] for c in LENGTH_CONDITIONS[1:])
+    print(f"\nHeld-out sequences that resolve {RESOLVE} nats in one draw (paired SE {RESOLVE / 2}, from the largest "
+          f"per-sequence SD of a difference): {need}; scored on {r['heldout_sequences']}")
+    print("\nBoth domains' draws together: short - long at the long length (positive: the long calibration is better)")
+    print("| ratio | equal tokens | equal sequences |")
+    print("|---|---|---|")
+    for row in r["pooled"]:
+        e, q = row["short, equal tokens"], row["short, equal sequences"]
+        print(f"| {row['ratio']} | {pm(e['mean'], e['se_over_draws'])} (n={e['n']}) | {pm(q['mean'], q['se_over_draws'])} (n={q['n']}) |")
 
 
 def main() -> None:
@@ -294,15 +372,15 @@ def main() -> None:
     pl.add_argument("--samples", type=int, default=1)
     ln = sub.add_parser("lengths")
     ln.add_argument("--model", default="tiny-dsa-long")
-    # The same number of calibration tokens at both lengths: 16 x 512 and 2 x 4096.
-    ln.add_argument("--data", default="calibration_data/code-long.jsonl")
-    ln.add_argument("--heldout", default="calibration_data/code-long.heldout.jsonl")
-    ln.add_argument("--short", type=int, default=512, help="short calibration length (tokens)")
-    ln.add_argument("--short-samples", type=int, default=16)
-    ln.add_argument("--long", type=int, default=4096, help="long calibration and scoring length (tokens)")
-    ln.add_argument("--long-samples", type=int, default=2)
-    ln.add_argument("--heldout-samples", type=int, default=4)
-    ln.add_argument("--ratios", type=int, nargs="+", default=[2, 4, 8])
+    ln.add_argument("--domains", nargs="+", default=["code-long", "docs-long"],
+                    help="calibration_data/<domain>.jsonl, scored on <domain>.heldout.jsonl")
+    ln.add_argument("--short", type=int, default=256, help="short calibration length (tokens)")
+    ln.add_argument("--long", type=int, default=1024, help="long calibration and scoring length (tokens)")
+    ln.add_argument("--long-samples", type=int, default=2, help="sequences of the long calibration (the short "
+                    "ones have as many, and as many tokens)")
+    ln.add_argument("--draws", type=int, default=4, help="calibration draws (seeds) per condition")
+    ln.add_argument("--heldout-samples", type=int, default=16)
+    ln.add_argument("--ratios", type=int, nargs="+", default=[2, 4])
     args = p.parse_args()
     quiet(args.threads)
     if args.cmd == "_memory-child":

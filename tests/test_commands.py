@@ -72,9 +72,9 @@ SMOKE = {
                                                 "| tokens | forward dense", first=ONE_THREAD),
     "indexcache_calib.bench_long plan": Smoke(["--lengths", "4096"], "outputs/bench/long_plan.json", "| tokens | mask per batch",
                                               first=ONE_THREAD),
-    "indexcache_calib.bench_long lengths": Smoke(["--model", MODEL, "--short", "32", "--short-samples", "2", "--long", "48",
-                                                  "--long-samples", "2", "--heldout-samples", "2"],
-                                                 "outputs/bench/lengths.json", "| ratio | short-calibrated gap", first=ONE_THREAD),
+    "indexcache_calib.bench_long lengths": Smoke(["--model", MODEL, "--short", "32", "--long", "64", "--draws", "2", "--domains", "code",
+                                                  "--long-samples", "1", "--heldout-samples", "2"],
+                                                 "outputs/bench/lengths.json", "| ratio | equal tokens | equal sequences |", first=ONE_THREAD),
     "indexcache_calib.paper_table": Smoke(["--model", MODEL, "--seq-len", "32", "--num-samples", "2",
                                            "--heldout-samples", "2"], "outputs/paper_table/paper_table.md", "### 3."),
     "indexcache_calib.training_evidence": Smoke(
