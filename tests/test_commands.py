@@ -55,29 +55,29 @@ SMOKE = {
     "indexcache calibrate": Smoke(["--model", MODEL, "--seq-len", "32", "--num-samples", "2", "--no-plots"],
                                   "outputs/*/layer_map.json", "layer_map.json"),
     # bench search and race take their sizes from constants (no option), so those are shrunk.
-    "indexcache_calib.bench search": Smoke([], f"outputs/bench/search_{MODEL}.json", f"| {MODEL} |",
+    "indexcache_calib.evidence.bench search": Smoke([], f"outputs/bench/search_{MODEL}.json", f"| {MODEL} |",
                                            {"SEARCH_CASES": {MODEL: (2, 32)}}),
     # 8 sequences: the race's first round (4) must leave something to race.
-    "indexcache_calib.bench race": Smoke(["--model", MODEL, "--samples", "8", "--seq-len", "32"],
+    "indexcache_calib.evidence.bench race": Smoke(["--model", MODEL, "--samples", "8", "--seq-len", "32"],
                                          f"outputs/bench/race_{MODEL}_8x32*.json", "within one paired SE at every ratio",
                                          {"SEARCH_CASES": {MODEL: (2, 32)}, "RACE_HELDOUT": 4}),
-    "indexcache_calib.bench project": Smoke([], "outputs/bench/project.json", "| layers |"),
-    "indexcache_calib.bench indexer": Smoke(["--seq", "2048", "--heads", "2"], "outputs/bench/indexer.json", "| chunk |"),
-    "indexcache_calib.bench parallel": Smoke(["--model", MODEL, "--seq-len", "32", "--samples", "2"],
+    "indexcache_calib.evidence.bench project": Smoke([], "outputs/bench/project.json", "| layers |"),
+    "indexcache_calib.evidence.bench indexer": Smoke(["--seq", "2048", "--heads", "2"], "outputs/bench/indexer.json", "| chunk |"),
+    "indexcache_calib.evidence.bench parallel": Smoke(["--model", MODEL, "--seq-len", "32", "--samples", "2"],
                                              "outputs/bench/parallel.json", "search speedup"),
-    "indexcache_calib.bench gpu": Smoke(["--smoke"], "outputs/bench/gpu.json", "| smoke |"),
+    "indexcache_calib.evidence.bench gpu": Smoke(["--smoke"], "outputs/bench/gpu.json", "| smoke |"),
     # Each `memory` cell is a fresh process; 512 tokens is the least that adds measurable memory (a cell
     # that adds none makes the report divide by zero).
-    "indexcache_calib.bench_long memory": Smoke(["--lengths", "512", "--layers", "1"], "outputs/bench/long_memory.json",
+    "indexcache_calib.evidence.bench_long memory": Smoke(["--lengths", "512", "--layers", "1"], "outputs/bench/long_memory.json",
                                                 "| tokens | forward dense", first=ONE_THREAD),
-    "indexcache_calib.bench_long plan": Smoke(["--lengths", "4096"], "outputs/bench/long_plan.json", "| tokens | mask per batch",
+    "indexcache_calib.evidence.bench_long plan": Smoke(["--lengths", "4096"], "outputs/bench/long_plan.json", "| tokens | mask per batch",
                                               first=ONE_THREAD),
-    "indexcache_calib.bench_long lengths": Smoke(["--model", MODEL, "--short", "32", "--short-samples", "2", "--long", "48",
+    "indexcache_calib.evidence.bench_long lengths": Smoke(["--model", MODEL, "--short", "32", "--short-samples", "2", "--long", "48",
                                                   "--long-samples", "2", "--heldout-samples", "2"],
                                                  "outputs/bench/lengths.json", "| ratio | short-calibrated gap", first=ONE_THREAD),
-    "indexcache_calib.paper_table": Smoke(["--model", MODEL, "--seq-len", "32", "--num-samples", "2",
+    "indexcache_calib.evidence.paper_table": Smoke(["--model", MODEL, "--seq-len", "32", "--num-samples", "2",
                                            "--heldout-samples", "2"], "outputs/paper_table/paper_table.md", "### 3."),
-    "indexcache_calib.training_evidence": Smoke(
+    "indexcache_calib.evidence.training_evidence": Smoke(
         ["--source", SOURCE, "--model", MODEL, *TRAIN, "--index-topk", "8", "--index-heads", "1", "--index-head-dim", "8",
          "--convert-steps", "2", "--distill-steps", "2", "--calibration-samples", "2", "--heldout-samples", "2"],
         "outputs/training_evidence/training_evidence.md", "## distill on"),
@@ -202,10 +202,10 @@ def test_the_makefile_and_readme_are_read():
     assert {f"recalibrate-{p.name.removesuffix('.jsonl')}" for p in (ROOT / "calibration_data").glob("*.jsonl")
             if not p.name.endswith(".heldout.jsonl")} <= set(targets)
     assert recipe("demo") and parse_command(recipe("demo")[0])[0] == "indexcache calibrate"
-    assert {"indexcache_calib.bench search", "indexcache_calib.paper_table", "indexcache_calib.training_evidence"} \
+    assert {"indexcache_calib.evidence.bench search", "indexcache_calib.evidence.paper_table", "indexcache_calib.evidence.training_evidence"} \
         <= set(readme_modules())
-    assert parse_command(".venv/bin/python -m indexcache_calib.bench race --seed 1 > x.txt") == \
-        ("indexcache_calib.bench race", ["--seed", "1"])
+    assert parse_command(".venv/bin/python -m indexcache_calib.evidence.bench race --seed 1 > x.txt") == \
+        ("indexcache_calib.evidence.bench race", ["--seed", "1"])
     assert parse_command("rm -rf outputs/*/") is None
 
 

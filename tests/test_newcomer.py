@@ -51,7 +51,7 @@ def _singular(text: str) -> None:
 
 
 def test_training_evidence_says_1_head_1_step_1_sequence(workspace, capsys):
-    from indexcache_calib import training_evidence
+    from indexcache_calib.evidence import training_evidence
 
     rc = training_evidence.main(["--source", SOURCE, "--model", MODEL, "--seq-len", "32", "--batch-size", "1",
                                  "--index-topk", "8", "--index-heads", "1", "--index-head-dim", "8", "--convert-steps", "1",
@@ -67,7 +67,7 @@ def test_training_evidence_says_1_head_1_step_1_sequence(workspace, capsys):
 
 
 def test_paper_table_says_1_sequence(workspace, capsys):
-    from indexcache_calib import paper_table
+    from indexcache_calib.evidence import paper_table
 
     for d in ("code", "docs"):  # one held-out document of 40 characters: one sequence of 32 tokens
         (workspace / "calibration_data" / f"{d}.heldout.jsonl").write_text('{"text": "' + "abcd efgh " * 4 + '"}\n')

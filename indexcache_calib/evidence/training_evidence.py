@@ -1,6 +1,6 @@
 """Evidence for the training commands at small scale, from one command (`make training-evidence`):
 
-    python -m indexcache_calib.training_evidence [--source tiny-mla] [--model tiny-dsa] [--out outputs/training_evidence]
+    python -m indexcache_calib.evidence.training_evidence [--source tiny-mla] [--model tiny-dsa] [--out outputs/training_evidence]
 
 1. dsa-convert: the embedded plain-MLA model (`tiny-mla`, a glm4_moe_lite trained by the recipe) is converted
    with the dense indexer warm-up on the code training split. On held-out tokens of both domains, per layer:

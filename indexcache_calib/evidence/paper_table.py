@@ -1,7 +1,7 @@
 """The paper's Table 2 at small scale, with the evidence that the model's indexers are trained, from one
 command (`make paper-table`):
 
-    python -m indexcache_calib.paper_table [--model tiny-dsa] [--seq-len 512] [--num-samples 8]
+    python -m indexcache_calib.evidence.paper_table [--model tiny-dsa] [--seq-len 512] [--num-samples 8]
                                            [--heldout-samples 16] [--out outputs/paper_table]
 
 1. Per layer, the share of dense, head-averaged attention mass inside the indexer's top-k, beside a

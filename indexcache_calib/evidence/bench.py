@@ -1,11 +1,11 @@
 """Benchmarks (`make bench`): every number is a ratio measured side by side in one run.
 
-  python -m indexcache_calib.bench search      naive, exact and race side by side on the trained models
-  python -m indexcache_calib.bench race        race against exact (Algorithm 1's answer), calibration and held-out, per draw
-  python -m indexcache_calib.bench project     every search's work at the paper's scale (from the --dry-run estimates)
-  python -m indexcache_calib.bench indexer     indexer peak memory, chunked vs unchunked, long sequence
-  python -m indexcache_calib.bench parallel    candidate-parallel speedup, 2 processes vs 1
-  python -m indexcache_calib.bench gpu         both searches on random DSA models on a GPU
+  python -m indexcache_calib.evidence.bench search      naive, exact and race side by side on the trained models
+  python -m indexcache_calib.evidence.bench race        race against exact (Algorithm 1's answer), calibration and held-out, per draw
+  python -m indexcache_calib.evidence.bench project     every search's work at the paper's scale (from the --dry-run estimates)
+  python -m indexcache_calib.evidence.bench indexer     indexer peak memory, chunked vs unchunked, long sequence
+  python -m indexcache_calib.evidence.bench parallel    candidate-parallel speedup, 2 processes vs 1
+  python -m indexcache_calib.evidence.bench gpu         both searches on random DSA models on a GPU
 
 Results are printed and written as JSON under outputs/bench/.
 """
@@ -641,7 +641,7 @@ def _indexer_child(seq: int, chunk: int | None, heads: int) -> None:
 def bench_indexer(args) -> None:
     rows = {}
     for chunk in (None, 1024, 256):
-        cmd = [sys.executable, "-m", "indexcache_calib.bench", "_indexer-child", "--seq", str(args.seq), "--heads", str(args.heads)]
+        cmd = [sys.executable, "-m", "indexcache_calib.evidence.bench", "_indexer-child", "--seq", str(args.seq), "--heads", str(args.heads)]
         if chunk:
             cmd += ["--chunk", str(chunk)]
         p = subprocess.run(cmd, capture_output=True, text=True, check=True)
