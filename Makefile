@@ -33,7 +33,7 @@ test: setup
 calibrate: setup
 	$(BIN)/indexcache calibrate --model $(MODEL) --data $(DATA) --target $(TARGET) $(ARGS)
 
-# Benchmarks: ratios measured side by side in one run (see README "Search speed" and "Scaling out").
+# Benchmarks: ratios measured side by side in one run (see docs/search-speed.md and docs/scaling-out.md).
 bench: setup
 	$(BIN)/python -m indexcache_calib.evidence.bench search
 	$(BIN)/python -m indexcache_calib.evidence.bench race
@@ -55,7 +55,7 @@ paper-table: setup
 	$(BIN)/python -m indexcache_calib.evidence.paper_table
 
 # dsa-convert on the embedded plain-MLA model and distill on the embedded DSA model, measured on held-out data
-# (see README "Training the indexers"). Each stage resumes if interrupted: rerun the same command.
+# (see docs/training.md). Each stage resumes if interrupted: rerun the same command.
 training-evidence: setup
 	$(BIN)/python -m indexcache_calib.evidence.training_evidence $(ARGS)
 
