@@ -1,5 +1,5 @@
-"""Every Makefile target and every `python -m indexcache_calib...` command the README names, run at smoke
-size: a broken import (many are inside functions, so only the path that runs them finds them) or a renamed
+"""Every Makefile target and every `python -m indexcache_calib...` command the README and docs/*.md name,
+run at smoke size: a broken import (many are inside functions, so only the path that runs them finds them) or a renamed
 option fails here instead of in the middle of `make bench`.
 
 Makefile targets are read from make's own dry run (`make -n TARGET`), so a new target is caught; each of its
@@ -148,18 +148,26 @@ def parse_command(line: str) -> tuple[str, list[str]] | None:
     return None
 
 
-def readme_code() -> list[str]:
-    """The code in README.md: fenced blocks and inline spans."""
-    text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```[^\n]*\n(.*?)```", text, flags=re.S)
-    rest = re.sub(r"```.*?```", "", text, flags=re.S)
-    return blocks + re.findall(r"`([^`\n]+)`", rest)
+def manual_pages() -> list[Path]:
+    """The user's manual: README.md and the pages under docs/ it links to."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def readme_modules() -> list[str]:
-    """Each `python -m indexcache_calib.X [SUB]` the README names (options dropped: they hold placeholders)."""
+def readme_code(page: Path | None = None) -> list[str]:
+    """The code in README.md and docs/*.md (or in one `page`): fenced blocks and inline spans."""
+    found = []
+    for path in [page] if page else manual_pages():
+        text = path.read_text()
+        blocks = re.findall(r"```[^\n]*\n(.*?)```", text, flags=re.S)
+        rest = re.sub(r"```.*?```", "", text, flags=re.S)
+        found += blocks + re.findall(r"`([^`\n]+)`", rest)
+    return found
+
+
+def readme_modules(page: Path | None = None) -> list[str]:
+    """Each `python -m indexcache_calib.X [SUB]` the manual names (options dropped: they hold placeholders)."""
     found = set()
-    for code in readme_code():
+    for code in readme_code(page):
         for m in re.finditer(r"python[\d.]* -m (indexcache_calib[\w.]*)((?: [a-z][a-z0-9_-]*)?)", code):
             parsed = parse_command(f"python -m {m.group(1)}{m.group(2)}")
             if parsed:
@@ -184,8 +192,9 @@ def runs() -> list[tuple[str, str, tuple[str, ...]]]:
             parsed = parse_command(line)
             if parsed:
                 seen.setdefault((parsed[0], tuple(parsed[1])), []).append(f"make {target}")
-    for key in readme_modules():
-        seen.setdefault((key, ()), []).append("README")
+    for page in manual_pages():
+        for key in readme_modules(page):
+            seen.setdefault((key, ()), []).append(str(page.relative_to(ROOT)))
     return [(", ".join(where), key, argv) for (key, argv), where in seen.items()]
 
 
@@ -226,7 +235,7 @@ def test_every_makefile_target_is_smoke_tested():
 
 def test_every_readme_module_command_is_smoke_tested():
     missing = [key for key in readme_modules() if key not in SMOKE]
-    assert not missing, f"README names commands with no smoke run: add them to SMOKE in tests/test_commands.py: {missing}"
+    assert not missing, f"README or docs/*.md name commands with no smoke run: add them to SMOKE in tests/test_commands.py: {missing}"
 
 
 def test_every_named_module_runs_as_a_script():
@@ -249,7 +258,7 @@ def test_the_indexcache_script_is_the_command_line():
 
     for sub in readme_subcommands():
         r = CliRunner().invoke(app, [sub, "--help"])
-        assert r.exit_code == 0, f"README names `indexcache {sub}`, which the command line does not have: {r.output}"
+        assert r.exit_code == 0, f"README or docs/*.md name `indexcache {sub}`, which the command line does not have: {r.output}"
 
 
 # ----------------------------------------------------------------------------- the smoke runs
