@@ -219,9 +219,9 @@ def _run(strategy: str, model, layout, ids, floor: int, batch_size: int = 1, dev
 def _search_source_sha() -> str:
     import hashlib
 
-    from indexcache_calib import runner, search
+    from indexcache_calib import prefix_cache, runner, search
 
-    return hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (search, runner))).hexdigest()
+    return hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (search, runner, prefix_cache))).hexdigest()
 
 
 def _cached_run(spec: str, model, layout, ids, floor: int, strategy: str, name: str | None = None,
