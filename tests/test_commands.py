@@ -47,20 +47,22 @@ class Smoke:
     says: str  # some stdout line must contain this
     patch: dict = field(default_factory=dict)  # module constants that no option sizes: {name: smoke value}
     first: list[str] = field(default_factory=list)  # options of the module itself, given before its subcommand
+    where: str = ""  # the module that holds the `patch` constants, where it is not the command's own
 
 
 TRAIN = ["--seq-len", "32", "--batch-size", "1"]
+BENCH_SEARCH = "indexcache_calib.evidence.bench_search"
 ONE_THREAD = ["--threads", "1"]  # tiny matrices on a shared host: more threads only spin
 SMOKE = {
     "indexcache calibrate": Smoke(["--model", MODEL, "--seq-len", "32", "--num-samples", "2", "--no-plots"],
                                   "outputs/*/layer_map.json", "layer_map.json"),
-    # bench search and race take their sizes from constants (no option), so those are shrunk.
+    # bench search and race take their sizes from constants (no option) of their study module, so those are shrunk.
     "indexcache_calib.evidence.bench search": Smoke([], f"outputs/bench/search_{MODEL}.json", f"| {MODEL} |",
-                                           {"SEARCH_CASES": {MODEL: (2, 32)}}),
+                                           {"SEARCH_CASES": {MODEL: (2, 32)}}, where=BENCH_SEARCH),
     # 8 sequences: the race's first round (4) must leave something to race.
     "indexcache_calib.evidence.bench race": Smoke(["--model", MODEL, "--samples", "8", "--seq-len", "32"],
                                          f"outputs/bench/race_{MODEL}_8x32*.json", "within one paired SE at every ratio",
-                                         {"SEARCH_CASES": {MODEL: (2, 32)}, "RACE_HELDOUT": 4}),
+                                         {"SEARCH_CASES": {MODEL: (2, 32)}, "RACE_HELDOUT": 4}, where=BENCH_SEARCH),
     "indexcache_calib.evidence.bench project": Smoke([], "outputs/bench/project.json", "| layers |"),
     "indexcache_calib.evidence.bench indexer": Smoke(["--seq", "2048", "--heads", "2"], "outputs/bench/indexer.json", "| chunk |"),
     "indexcache_calib.evidence.bench parallel": Smoke(["--model", MODEL, "--seq-len", "32", "--samples", "2"],
@@ -381,8 +383,9 @@ def run_command(key: str, argv: list[str], capsys, monkeypatch) -> tuple[int, st
         return r.exit_code, r.stdout, r.stderr
     module_name, *sub = key.split(" ")
     module = importlib.import_module(module_name)
+    holder = importlib.import_module(SMOKE[key].where) if SMOKE[key].where else module
     for name, value in SMOKE[key].patch.items():
-        monkeypatch.setattr(module, name, value)  # raises if the constant was renamed
+        monkeypatch.setattr(holder, name, value)  # raises if the constant was renamed
     try:
         if inspect.signature(module.main).parameters:
             rc = module.main([*SMOKE[key].first, *sub, *argv])

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from indexcache_calib.evidence.bench import OUT, _save, _tokens, quiet
+from indexcache_calib.evidence.common import OUT, _save, _tokens, quiet
 from indexcache_calib.errors import plural
 
 LENGTHS = (2048, 4096, 8192, 16384, 32768)
