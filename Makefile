@@ -33,31 +33,31 @@ test: setup
 calibrate: setup
 	$(BIN)/indexcache calibrate --model $(MODEL) --data $(DATA) --target $(TARGET) $(ARGS)
 
-# Benchmarks: ratios measured side by side in one run (see README "Search speed" and "Scaling out").
+# Benchmarks: ratios measured side by side in one run (see docs/search-speed.md and docs/scaling-out.md).
 bench: setup
-	$(BIN)/python -m indexcache_calib.bench search
-	$(BIN)/python -m indexcache_calib.bench race
-	$(BIN)/python -m indexcache_calib.bench race --samples 256 --seq-len 128 --tolerance 0.004
-	$(BIN)/python -m indexcache_calib.bench race --samples 32 --seq-len 128 --seeds 0 1 2 3 4 5
-	$(BIN)/python -m indexcache_calib.bench race --model tiny-dsa-deep --samples 16 --seq-len 256 --tolerance 0
-	$(BIN)/python -m indexcache_calib.bench project
-	$(BIN)/python -m indexcache_calib.bench indexer
-	$(BIN)/python -m indexcache_calib.bench parallel
-	$(BIN)/python -m indexcache_calib.bench_long memory
-	$(BIN)/python -m indexcache_calib.bench_long plan
+	$(BIN)/python -m indexcache_calib.evidence.bench search
+	$(BIN)/python -m indexcache_calib.evidence.bench race
+	$(BIN)/python -m indexcache_calib.evidence.bench race --samples 256 --seq-len 128 --tolerance 0.004
+	$(BIN)/python -m indexcache_calib.evidence.bench race --samples 32 --seq-len 128 --seeds 0 1 2 3 4 5
+	$(BIN)/python -m indexcache_calib.evidence.bench race --model tiny-dsa-deep --samples 16 --seq-len 256 --tolerance 0
+	$(BIN)/python -m indexcache_calib.evidence.bench project
+	$(BIN)/python -m indexcache_calib.evidence.bench indexer
+	$(BIN)/python -m indexcache_calib.evidence.bench parallel
+	$(BIN)/python -m indexcache_calib.evidence.bench_long memory
+	$(BIN)/python -m indexcache_calib.evidence.bench_long plan
 
 # Does calibration length matter? The long model calibrated short and long, both scored long on held-out data.
 long-context: setup
-	$(BIN)/python -m indexcache_calib.bench_long lengths $(ARGS)
+	$(BIN)/python -m indexcache_calib.evidence.bench_long lengths $(ARGS)
 
 # The small-scale counterpart of the paper's Table 2, plus indexer quality and domain sensitivity.
 paper-table: setup
-	$(BIN)/python -m indexcache_calib.paper_table
+	$(BIN)/python -m indexcache_calib.evidence.paper_table
 
 # dsa-convert on the embedded plain-MLA model and distill on the embedded DSA model, measured on held-out data
-# (see README "Training the indexers"). Each stage resumes if interrupted: rerun the same command.
+# (see docs/training.md). Each stage resumes if interrupted: rerun the same command.
 training-evidence: setup
-	$(BIN)/python -m indexcache_calib.training_evidence $(ARGS)
+	$(BIN)/python -m indexcache_calib.evidence.training_evidence $(ARGS)
 
 # One target per calibration domain: recalibrate-code, recalibrate-docs, ... Each writes where calibrate
 # would by default, and an existing run there is refused as calibrate refuses it: ARGS="--resume" continues

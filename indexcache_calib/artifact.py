@@ -23,6 +23,10 @@ TRACE = "search_trace.csv"
 TOKENS = "tokens.safetensors"
 CHECKPOINT = "checkpoint.json"
 IN_FLIGHT = "step_in_flight.json"  # the scores of the step under way, so a resume need not run them again
+# The PNGs plots.py draws into a run directory (named here, with every other file a run writes).
+LOSS_PLOT = "loss_vs_full.png"
+PATTERN_PLOT = "pattern.png"
+OVERLAP_PLOT = "overlap.png"
 REQUIRED_KEYS = (
     "schema", "pattern", "num_layers", "num_full", "full_layers", "indexer_types", "target", "loss",
     "path", "engines", "provenance", "environment",
@@ -107,8 +111,6 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     check_run_dir(run_dir, resume, overwrite)
     has_results = _has_results(run_dir)
     if has_results and overwrite and not resume:
-        from indexcache_calib.plots import LOSS_PLOT, PATTERN_PLOT  # deferred: plots imports this module
-
         # Only what a run writes: anything else in the directory is the user's and stays.
         for name in (LAYER_MAP, CHECKPOINT, IN_FLIGHT, TRACE, TOKENS, LOSS_PLOT, PATTERN_PLOT):
             (run_dir / name).unlink(missing_ok=True)

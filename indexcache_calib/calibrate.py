@@ -37,7 +37,7 @@ from indexcache_calib.search import (
 
 # transformers, and runner and attention (which import it), are imported inside the functions that use them:
 # transformers imports huggingface_hub, which reads HF_HUB_OFFLINE once, when imported, and the commands set it
-# (cli_common._quiet_libraries) after importing this module; see the note at the top of convert.py.
+# (cli_common._quiet_libraries) after importing this module; see the note at the top of training/convert.py.
 
 ATTENTION_PATHS = ("auto", "sparse", "dense")
 OOM_HINT = ("lower --seq-len, --num-samples or --batch-size, use --attention sparse where the family allows it, set "

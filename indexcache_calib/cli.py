@@ -14,13 +14,14 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from indexcache_calib import __version__, deploy_cli, inspect_cli, train_cli
+from indexcache_calib import __version__, deploy_cli, inspect_cli
 from indexcache_calib.cli_common import (
     EXIT_SIGINT, AllowPickle, Attention, BatchSize, DeviceMap, Dtype, IndexerChunk, MaxMemory, Model, OffloadDir, Seed, TextField,
     TrustRemoteCode, _quiet_libraries, err, handled, out, rerun_command, resume_command,
 )
 from indexcache_calib.dryrun import describe
 from indexcache_calib.errors import plural
+from indexcache_calib.training import train_cli
 
 # Commands import calibrate, artifact and deploy (which import torch) inside their functions, so that `--help`
 # and argument errors do not load torch.

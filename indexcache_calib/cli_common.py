@@ -16,7 +16,7 @@ from rich.console import Console
 from indexcache_calib.errors import CalibError, Terminated
 
 # transformers and datasets are imported in _quiet_libraries, after it sets HF_HUB_OFFLINE: they import
-# huggingface_hub, which reads it once, when imported (see the note at the top of convert.py); and `--help`
+# huggingface_hub, which reads it once, when imported (see the note at the top of training/convert.py); and `--help`
 # and argument errors must not load them (or torch).
 
 Model = Annotated[str, typer.Option("--model", "-m", help="Local checkpoint dir, hub id (from the local HF cache) or alias.")]

@@ -14,13 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from indexcache_calib import artifact as art
+from indexcache_calib.artifact import LOSS_PLOT, OVERLAP_PLOT, PATTERN_PLOT  # noqa: F401 (re-exported: diagnostics and tests read them here)
 
 # matplotlib takes ~0.3 s to import: each drawing function imports it, so the modules that import this one
-# for its file names (artifact, diagnostics) or that may skip the plots do not pay for it.
+# for its file names (diagnostics) or that may skip the plots do not pay for it.
 
-LOSS_PLOT = "loss_vs_full.png"
-PATTERN_PLOT = "pattern.png"
-OVERLAP_PLOT = "overlap.png"
 FULL_COLOUR, SHARED_COLOUR, FIXED_COLOUR, UNDECIDED_COLOUR = "#1f77b4", "#e8e8e8", "#9a9a9a", "#ff7f0e"
 DPI = 120
 

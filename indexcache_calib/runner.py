@@ -3,29 +3,25 @@
 Every evaluation is `model(input_ids, logits_to_keep=...)`: each decoder layer gets the arguments the
 model itself gives it (its mask type, sliding window, RoPE or none, hyper-connection streams, whatever
 the loop threads between layers), and the logits come from the model's own tail (hyper-connection head,
-norm, soft-capping, head). Prefix reuse works by standing each decoder layer in a `_Slot` for the
-length of a forward: a candidate that flips the layer at position p starts at that layer, and the slots
-before it replay the output the committed pattern's layer p-1 gave, without running anything.
+norm, soft-capping, head). Prefix reuse (prefix_cache.py) starts a candidate at the layer it flips; this
+module decides what is scored on which batches and what the cache keeps: the committed pattern's layer
+inputs, the step's best candidate's (exact), and the race's candidates' and lazy base's.
 """
 
 from __future__ import annotations
 
 import math
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from torch import nn
 
-from indexcache_calib.attention import SPARSE, attention_path, current, lazy_masks, on_device
+from indexcache_calib.attention import SPARSE, attention_path, current, lazy_masks
 from indexcache_calib.errors import CalibError, is_out_of_memory
 from indexcache_calib.pattern import FULL, source_layers
+from indexcache_calib.prefix_cache import Driver, Store, slots
 from indexcache_calib.search import Score
 from indexcache_calib.sharing import install_sharing, sharing_state
 
@@ -43,192 +39,6 @@ class Counters:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-def _flatten(obj, out: list):
-    """Tensors of a nested tuple/list/dict (what decoder layers return and thread) and how to rebuild it."""
-    if isinstance(obj, torch.Tensor):
-        out.append(obj)
-        return ("t", len(out) - 1)
-    if isinstance(obj, (tuple, list)):
-        return (type(obj), [_flatten(v, out) for v in obj])
-    if isinstance(obj, dict):
-        return ("d", [(k, _flatten(v, out)) for k, v in obj.items()])
-    return ("v", obj)
-
-
-def _rebuild(spec, tensors: list):
-    tag, body = spec
-    if tag == "t":
-        return tensors[body]
-    if tag == "d":
-        return {k: _rebuild(v, tensors) for k, v in body}
-    if tag == "v":
-        return body
-    return tag(_rebuild(v, tensors) for v in body)
-
-
-class _Current:
-    """Stands for the selection in flight inside a cached layer output: layers thread it on to the next
-    layer, and it is cached once already, under its own layer."""
-
-
-_CURRENT = _Current()
-
-
-def _without(obj, current):
-    if current is not None and obj is current:
-        return _CURRENT
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_without(v, current) for v in obj)
-    return obj
-
-
-def _with(obj, current):
-    if obj is _CURRENT:
-        return current
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_with(v, current) for v in obj)
-    return obj
-
-
-class _Store:
-    """Prefix cache: nested tensors keyed by (kind, layer, batch), on cpu, on their device, or on disk."""
-
-    def __init__(self, where: str):
-        self.where = where
-        self.items: dict = {}
-        self.bytes = 0
-        self._dir = tempfile.TemporaryDirectory(prefix="indexcache-cache-") if where == "disk" else None
-        self._adopted: list = []
-
-    def put(self, key, obj) -> None:
-        self.drop(key)
-        tensors: list = []
-        spec = _flatten(obj, tensors)
-        size = sum(t.numel() * t.element_size() for t in tensors)
-        devices = [t.device for t in tensors]
-        if self.where == "cpu":
-            held = [t.to("cpu", copy=True) for t in tensors]
-        elif self.where == "disk":
-            path = Path(self._dir.name) / ("_".join(map(str, key)) + ".safetensors")
-            save_file({str(i): t.detach().cpu().contiguous() for i, t in enumerate(tensors)}, str(path))
-            held = path
-        else:
-            held = [t.clone() for t in tensors]
-        self.items[key] = ((spec, held, devices), size)
-        self.bytes += size
-
-    def get(self, key):
-        (spec, held, devices), _ = self.items[key]
-        if self.where == "disk":
-            loaded = load_file(str(held))
-            held = [loaded[str(i)] for i in range(len(devices))]
-        return _rebuild(spec, [t.to(d) for t, d in zip(held, devices)])
-
-    def drop(self, key) -> None:
-        if key in self.items:
-            self.bytes -= self.items.pop(key)[1]
-
-    def adopt(self, other: "_Store") -> None:
-        """Take over every entry of `other` (its temp directory stays alive with this store)."""
-        for key in list(other.items):
-            self.drop(key)
-        self.items.update(other.items)
-        self.bytes += other.bytes
-        self._adopted += other._adopted + ([other._dir] if other._dir is not None else [])
-        other.items, other.bytes, other._dir, other._adopted = {}, 0, None, []
-
-    def close(self) -> None:
-        self.items.clear()
-        self.bytes = 0
-        for d in self._adopted + ([self._dir] if self._dir is not None else []):
-            d.cleanup()
-        self._adopted, self._dir = [], None
-
-
-class _Slot(nn.Module):
-    """Stands where a decoder layer is, for one forward: runs it, or replays a recorded output. Every
-    other attribute the model's forward asks of a layer is the layer's own."""
-
-    def __init__(self, layer: nn.Module, index: int, driver: "_Driver"):
-        super().__init__()
-        object.__setattr__(self, "wrapped", layer)
-        object.__setattr__(self, "driver", driver)
-        object.__setattr__(self, "index", index)
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "wrapped"), name)
-
-    def forward(self, *args, **kwargs):
-        return self.driver.call(self.index, self.wrapped, args, kwargs)
-
-
-class _Driver:
-    """What the slots do during one forward: replay layers before `start`, run the rest, and record the
-    outputs and selections a later candidate can start from."""
-
-    def __init__(self, runner: "PatternRunner"):
-        self.runner = runner
-        self.start = 0
-        self.replay = None  # (output of layer start-1, carried kwargs after it)
-        self.into = None
-        self.batch = 0
-        self.record_at: set[int] = set()  # layers whose input (the previous layer's output) is kept
-        self.full_at: set[int] = set()  # layers whose selection is kept
-        self.last_output = None
-
-    def call(self, i: int, layer, args, kwargs):
-        runner = self.runner
-        if i < self.start:
-            output, carried = self.replay
-            output = _with(output, runner.state.current)
-            if i == self.start - 1:
-                for name, value in carried.items():
-                    kwargs[name].clear()
-                    kwargs[name].update(value)
-            return output
-        device = _execution_device(layer)
-        out = layer(*(on_device(a, device) for a in args), **{k: on_device(v, device) for k, v in kwargs.items()})
-        hidden = out[0] if isinstance(out, (tuple, list)) else out
-        runner.counters.layer_forwards += hidden.shape[0]
-        runner.counters.tokens += hidden.shape[0] * hidden.shape[1]
-        if self.into is not None:
-            if i + 1 in self.record_at:
-                carried = {name: dict(kwargs[name]) for name in runner.layout.family.carried}
-                self.into.put(("hidden", i + 1, self.batch), (_without(out, runner.state.current), carried))
-            if i in self.full_at:
-                self.into.put(("topk", i, self.batch), runner.state.current)
-            runner.note_cache(self.into)
-        if i == runner.layout.num_layers - 1:
-            self.last_output = out
-        return out
-
-
-def _execution_device(layer):
-    """Where a decoder layer runs: accelerate's hook says so for dispatched models; else its weights."""
-    hook = getattr(layer, "_hf_hook", None)
-    for h in getattr(hook, "hooks", None) or [hook]:
-        if getattr(h, "execution_device", None) is not None:
-            return h.execution_device
-    param = next(layer.parameters(), None)
-    return None if param is None or param.device.type == "meta" else param.device
-
-
-@contextmanager
-def _slots(layout, driver: _Driver):
-    layers = layout.decoder.layers
-    originals = [layers[i] for i in range(layout.num_layers)]
-    for i, layer in enumerate(originals):
-        layers[i] = _Slot(layer, i, driver)
-    try:
-        yield
-    finally:
-        for i, layer in enumerate(originals):
-            layers[i] = layer
 
 
 @dataclass
@@ -272,7 +82,7 @@ class _Candidate:
 
     pattern: str
     start: int
-    store: _Store
+    store: Store
     score: Score | None = None
     overlap: tuple = ({}, {})
     batches: dict = field(default_factory=dict)
@@ -307,10 +117,10 @@ class PatternRunner:
         self.state = sharing_state(layout, FULL * layout.num_positions, measure_overlap, indexer_chunk)
         self.counters = Counters()
         self.cache_device = cache_device
-        self.store = _Store(cache_device) if cache_device != "none" else None
+        self.store = Store(cache_device) if cache_device != "none" else None
         self.base: str | None = None
         self.base_score: Score | None = None
-        self._driver = _Driver(self)
+        self._driver = Driver(self)
         self._base_overlap: tuple[dict, dict] = ({}, {})
         self._last_overlap: tuple[dict, dict] = ({}, {})
         self._best: _Candidate | None = None
@@ -332,7 +142,7 @@ class PatternRunner:
     def num_batches(self) -> int:
         return len(self._batches)
 
-    def note_cache(self, into: _Store) -> None:
+    def note_cache(self, into: Store) -> None:
         held = (self.store.bytes + (into.bytes if into is not self.store else 0) + (self._best.store.bytes if self._best else 0)
                 + sum(p.store.bytes for p in self._pieces.values()))
         self.counters.peak_cache_bytes = max(self.counters.peak_cache_bytes, held)
@@ -364,7 +174,7 @@ class PatternRunner:
     # -- Evaluator API ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _evaluate(self, pattern: str, start: int, into: "_Store | None", batches=None) -> Score:
+    def _evaluate(self, pattern: str, start: int, into: "Store | None", batches=None) -> Score:
         """Score `pattern`, starting at decoder layer `start` (0, or the layer of the one position it
         flips relative to the cached base)."""
         t0 = time.perf_counter()
@@ -385,7 +195,7 @@ class PatternRunner:
         todo = range(len(self._batches)) if batches is None else batches
         num_seqs = sum(len(self._batches[b]) for b in todo)
         self._last_batches = {}
-        with install_sharing(layout, state), _slots(layout, driver):
+        with install_sharing(layout, state), slots(layout, driver):
             for b in todo:
                 driver.start, driver.into, driver.batch = start, into, b
                 if start == 0:
@@ -481,7 +291,7 @@ class PatternRunner:
             if self.store is None and (self._last_scored is None or score.loss < self._last_scored[1].loss):
                 self._last_scored = (pattern, score, self.last_layer_overlap)
             return score
-        scratch = _Store(self.cache_device)
+        scratch = Store(self.cache_device)
         score = self._evaluate(pattern, start, scratch)
         candidate = _Candidate(pattern, start, scratch, score, self._last_overlap)
         # Keep the layer inputs of the best candidate so far: it is the likely next base.
@@ -514,7 +324,7 @@ class PatternRunner:
         if start == 0:  # not one flip of the cached base (or no cache): it reruns from layer 0 where needed
             if self.store is not None:
                 self.store.close()
-                self.store = _Store(self.cache_device)
+                self.store = Store(self.cache_device)
             covered = kept.batches if kept is not None else {}
             self._known = {b: covered[b] for b in covered}
             self._stale = {b: 0 for b in range(self.num_batches) if b not in covered}
@@ -569,10 +379,10 @@ class PatternRunner:
         self._catch_up(todo, start)
         kept = self._pieces.get(pattern)
         if kept is None:
-            kept = self._pieces[pattern] = _Candidate(pattern, start, _Store(self.cache_device))
+            kept = self._pieces[pattern] = _Candidate(pattern, start, Store(self.cache_device))
         missing = [b for b in todo if b not in kept.batches]
         if missing:
-            scratch = _Store(self.cache_device)
+            scratch = Store(self.cache_device)
             self._evaluate(pattern, start, scratch, missing)
             kept.store.adopt(scratch)
             kept.batches.update({b: self._last_batches[b] for b in missing})

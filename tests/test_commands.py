@@ -1,5 +1,5 @@
-"""Every Makefile target and every `python -m indexcache_calib...` command the README names, run at smoke
-size: a broken import (many are inside functions, so only the path that runs them finds them) or a renamed
+"""Every Makefile target and every `python -m indexcache_calib...` command the README and docs/*.md name,
+run at smoke size: a broken import (many are inside functions, so only the path that runs them finds them) or a renamed
 option fails here instead of in the middle of `make bench`.
 
 Makefile targets are read from make's own dry run (`make -n TARGET`), so a new target is caught; each of its
@@ -47,37 +47,40 @@ class Smoke:
     says: str  # some stdout line must contain this
     patch: dict = field(default_factory=dict)  # module constants that no option sizes: {name: smoke value}
     first: list[str] = field(default_factory=list)  # options of the module itself, given before its subcommand
+    where: str = ""  # the module that holds the `patch` constants, where it is not the command's own
 
 
 TRAIN = ["--seq-len", "32", "--batch-size", "1"]
+BENCH_SEARCH = "indexcache_calib.evidence.bench_search"
 ONE_THREAD = ["--threads", "1"]  # tiny matrices on a shared host: more threads only spin
 SMOKE = {
     "indexcache calibrate": Smoke(["--model", MODEL, "--seq-len", "32", "--num-samples", "2", "--no-plots"],
                                   "outputs/*/layer_map.json", "layer_map.json"),
-    # bench search and race take their sizes from constants (no option), so those are shrunk.
-    "indexcache_calib.bench search": Smoke([], f"outputs/bench/search_{MODEL}.json", f"| {MODEL} |",
-                                           {"SEARCH_CASES": {MODEL: (2, 32)}}),
+    # bench search and race take their sizes from constants (no option) of their study module, so those are shrunk.
+    "indexcache_calib.evidence.bench search": Smoke([], f"outputs/bench/search_{MODEL}.json", f"| {MODEL} |",
+                                           {"SEARCH_CASES": {MODEL: (2, 32)}}, where=BENCH_SEARCH),
     # 8 sequences: the race's first round (4) must leave something to race.
-    "indexcache_calib.bench race": Smoke(["--model", MODEL, "--samples", "8", "--seq-len", "32"],
+    "indexcache_calib.evidence.bench race": Smoke(["--model", MODEL, "--samples", "8", "--seq-len", "32"],
                                          f"outputs/bench/race_{MODEL}_8x32*.json", "within one paired SE at every ratio",
-                                         {"SEARCH_CASES": {MODEL: (2, 32)}, "RACE_HELDOUT": 4}),
-    "indexcache_calib.bench project": Smoke([], "outputs/bench/project.json", "| layers |"),
-    "indexcache_calib.bench indexer": Smoke(["--seq", "2048", "--heads", "2"], "outputs/bench/indexer.json", "| chunk |"),
-    "indexcache_calib.bench parallel": Smoke(["--model", MODEL, "--seq-len", "32", "--samples", "2"],
+                                         {"SEARCH_CASES": {MODEL: (2, 32)}, "RACE_HELDOUT": 4}, where=BENCH_SEARCH),
+    "indexcache_calib.evidence.bench project": Smoke([], "outputs/bench/project.json", "| layers |"),
+    "indexcache_calib.evidence.bench indexer": Smoke(["--seq", "2048", "--heads", "2"], "outputs/bench/indexer.json", "| chunk |"),
+    "indexcache_calib.evidence.bench parallel": Smoke(["--model", MODEL, "--seq-len", "32", "--samples", "2"],
                                              "outputs/bench/parallel.json", "search speedup"),
-    "indexcache_calib.bench gpu": Smoke(["--smoke"], "outputs/bench/gpu.json", "| smoke |"),
+    "indexcache_calib.evidence.bench gpu": Smoke(["--smoke"], "outputs/bench/gpu.json", "| smoke |"),
     # Each `memory` cell is a fresh process; 512 tokens is the least that adds measurable memory (a cell
     # that adds none makes the report divide by zero).
-    "indexcache_calib.bench_long memory": Smoke(["--lengths", "512", "--layers", "1"], "outputs/bench/long_memory.json",
+    "indexcache_calib.evidence.bench_long memory": Smoke(["--lengths", "512", "--layers", "1"], "outputs/bench/long_memory.json",
                                                 "| tokens | forward dense", first=ONE_THREAD),
-    "indexcache_calib.bench_long plan": Smoke(["--lengths", "4096"], "outputs/bench/long_plan.json", "| tokens | mask per batch",
+    "indexcache_calib.evidence.bench_long plan": Smoke(["--lengths", "4096"], "outputs/bench/long_plan.json", "| tokens | mask per batch",
                                               first=ONE_THREAD),
-    "indexcache_calib.bench_long lengths": Smoke(["--model", MODEL, "--short", "32", "--long", "64", "--draws", "2", "--domains", "code",
-                                                  "--long-samples", "1", "--heldout-samples", "2"],
-                                                 "outputs/bench/lengths.json", "| ratio | equal tokens | equal sequences |", first=ONE_THREAD),
-    "indexcache_calib.paper_table": Smoke(["--model", MODEL, "--seq-len", "32", "--num-samples", "2",
+    "indexcache_calib.evidence.bench_long lengths": Smoke(["--model", MODEL, "--short", "32", "--long", "64", "--draws", "2",
+                                                           "--domains", "code", "--long-samples", "1", "--heldout-samples", "2"],
+                                                          "outputs/bench/lengths.json", "| ratio | equal tokens | equal sequences |",
+                                                          first=ONE_THREAD),
+    "indexcache_calib.evidence.paper_table": Smoke(["--model", MODEL, "--seq-len", "32", "--num-samples", "2",
                                            "--heldout-samples", "2"], "outputs/paper_table/paper_table.md", "### 3."),
-    "indexcache_calib.training_evidence": Smoke(
+    "indexcache_calib.evidence.training_evidence": Smoke(
         ["--source", SOURCE, "--model", MODEL, *TRAIN, "--index-topk", "8", "--index-heads", "1", "--index-head-dim", "8",
          "--convert-steps", "2", "--distill-steps", "2", "--calibration-samples", "2", "--heldout-samples", "2"],
         "outputs/training_evidence/training_evidence.md", "## distill on"),
@@ -148,18 +151,26 @@ def parse_command(line: str) -> tuple[str, list[str]] | None:
     return None
 
 
-def readme_code() -> list[str]:
-    """The code in README.md: fenced blocks and inline spans."""
-    text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```[^\n]*\n(.*?)```", text, flags=re.S)
-    rest = re.sub(r"```.*?```", "", text, flags=re.S)
-    return blocks + re.findall(r"`([^`\n]+)`", rest)
+def manual_pages() -> list[Path]:
+    """The user's manual: README.md and the pages under docs/ it links to."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def readme_modules() -> list[str]:
-    """Each `python -m indexcache_calib.X [SUB]` the README names (options dropped: they hold placeholders)."""
+def readme_code(page: Path | None = None) -> list[str]:
+    """The code in README.md and docs/*.md (or in one `page`): fenced blocks and inline spans."""
+    found = []
+    for path in [page] if page else manual_pages():
+        text = path.read_text()
+        blocks = re.findall(r"```[^\n]*\n(.*?)```", text, flags=re.S)
+        rest = re.sub(r"```.*?```", "", text, flags=re.S)
+        found += blocks + re.findall(r"`([^`\n]+)`", rest)
+    return found
+
+
+def readme_modules(page: Path | None = None) -> list[str]:
+    """Each `python -m indexcache_calib.X [SUB]` the manual names (options dropped: they hold placeholders)."""
     found = set()
-    for code in readme_code():
+    for code in readme_code(page):
         for m in re.finditer(r"python[\d.]* -m (indexcache_calib[\w.]*)((?: [a-z][a-z0-9_-]*)?)", code):
             parsed = parse_command(f"python -m {m.group(1)}{m.group(2)}")
             if parsed:
@@ -184,8 +195,9 @@ def runs() -> list[tuple[str, str, tuple[str, ...]]]:
             parsed = parse_command(line)
             if parsed:
                 seen.setdefault((parsed[0], tuple(parsed[1])), []).append(f"make {target}")
-    for key in readme_modules():
-        seen.setdefault((key, ()), []).append("README")
+    for page in manual_pages():
+        for key in readme_modules(page):
+            seen.setdefault((key, ()), []).append(str(page.relative_to(ROOT)))
     return [(", ".join(where), key, argv) for (key, argv), where in seen.items()]
 
 
@@ -202,10 +214,10 @@ def test_the_makefile_and_readme_are_read():
     assert {f"recalibrate-{p.name.removesuffix('.jsonl')}" for p in (ROOT / "calibration_data").glob("*.jsonl")
             if not p.name.endswith(".heldout.jsonl")} <= set(targets)
     assert recipe("demo") and parse_command(recipe("demo")[0])[0] == "indexcache calibrate"
-    assert {"indexcache_calib.bench search", "indexcache_calib.paper_table", "indexcache_calib.training_evidence"} \
+    assert {"indexcache_calib.evidence.bench search", "indexcache_calib.evidence.paper_table", "indexcache_calib.evidence.training_evidence"} \
         <= set(readme_modules())
-    assert parse_command(".venv/bin/python -m indexcache_calib.bench race --seed 1 > x.txt") == \
-        ("indexcache_calib.bench race", ["--seed", "1"])
+    assert parse_command(".venv/bin/python -m indexcache_calib.evidence.bench race --seed 1 > x.txt") == \
+        ("indexcache_calib.evidence.bench race", ["--seed", "1"])
     assert parse_command("rm -rf outputs/*/") is None
 
 
@@ -226,7 +238,7 @@ def test_every_makefile_target_is_smoke_tested():
 
 def test_every_readme_module_command_is_smoke_tested():
     missing = [key for key in readme_modules() if key not in SMOKE]
-    assert not missing, f"README names commands with no smoke run: add them to SMOKE in tests/test_commands.py: {missing}"
+    assert not missing, f"README or docs/*.md name commands with no smoke run: add them to SMOKE in tests/test_commands.py: {missing}"
 
 
 def test_every_named_module_runs_as_a_script():
@@ -249,7 +261,7 @@ def test_the_indexcache_script_is_the_command_line():
 
     for sub in readme_subcommands():
         r = CliRunner().invoke(app, [sub, "--help"])
-        assert r.exit_code == 0, f"README names `indexcache {sub}`, which the command line does not have: {r.output}"
+        assert r.exit_code == 0, f"README or docs/*.md name `indexcache {sub}`, which the command line does not have: {r.output}"
 
 
 # ----------------------------------------------------------------------------- the smoke runs
@@ -372,8 +384,9 @@ def run_command(key: str, argv: list[str], capsys, monkeypatch) -> tuple[int, st
         return r.exit_code, r.stdout, r.stderr
     module_name, *sub = key.split(" ")
     module = importlib.import_module(module_name)
+    holder = importlib.import_module(SMOKE[key].where) if SMOKE[key].where else module
     for name, value in SMOKE[key].patch.items():
-        monkeypatch.setattr(module, name, value)  # raises if the constant was renamed
+        monkeypatch.setattr(holder, name, value)  # raises if the constant was renamed
     try:
         if inspect.signature(module.main).parameters:
             rc = module.main([*SMOKE[key].first, *sub, *argv])

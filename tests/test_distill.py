@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from conftest import one_error_line
-from indexcache_calib import trainloop as tl
+from indexcache_calib.training import trainloop as tl
 from indexcache_calib.cli import app
 from indexcache_calib.testing import save_char_tokenizer
 
@@ -123,7 +123,7 @@ def test_conversion_keeps_every_original_weight_bit_for_bit(lite_dir, converted)
 def test_converted_model_loads_as_dsa_and_is_the_source_network(lite_dir, converted, text_data):
     from transformers import AutoModelForCausalLM
 
-    from indexcache_calib.warmup import dense
+    from indexcache_calib.training.warmup import dense
 
     out, result = converted
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
@@ -156,7 +156,7 @@ def test_conversion_trains_the_indexers_from_their_initial_weights(lite_dir, con
 
 
 def test_resume_after_an_interruption_gives_the_uninterrupted_result(lite_dir, converted, text_data, tmp_path):
-    from indexcache_calib.convert import ConvertOptions, convert
+    from indexcache_calib.training.convert import ConvertOptions, convert
 
     reference, _ = converted
     out = tmp_path / "resumed"
@@ -202,7 +202,7 @@ def test_a_run_killed_before_its_first_checkpoint_leaves_nothing_in_the_way(tmp_
 
 
 def test_a_crash_resumes_from_the_last_checkpoint(lite_dir, converted, text_data, tmp_path):
-    from indexcache_calib.convert import ConvertOptions, convert
+    from indexcache_calib.training.convert import ConvertOptions, convert
 
     reference, _ = converted
     out = tmp_path / "crashed"
@@ -222,7 +222,7 @@ def test_a_crash_resumes_from_the_last_checkpoint(lite_dir, converted, text_data
 
 
 def test_resume_refuses_changed_settings(lite_dir, text_data, tmp_path):
-    from indexcache_calib.convert import ConvertOptions, convert
+    from indexcache_calib.training.convert import ConvertOptions, convert
 
     out = tmp_path / "run"
     opts = ConvertOptions(model=str(lite_dir), data=str(text_data), out=str(out), steps=4, seq_len=48, batch_size=2,
@@ -281,7 +281,7 @@ def test_dsa_convert_refuses_empty_data(lite_dir, tmp_path):
 
 
 def test_dsa_convert_defaults_come_from_the_published_glm5_config():
-    from indexcache_calib.convert import published_defaults
+    from indexcache_calib.training.convert import published_defaults
 
     assert published_defaults() == {"index_topk": 2048, "index_n_heads": 32, "index_head_dim": 128}
 
@@ -344,7 +344,7 @@ def test_distill_takes_the_pattern_of_a_calibrate_run(glm_dir, text_data, tmp_pa
 
 
 def test_distill_resume_matches_an_uninterrupted_run(glm_dir, text_data, tmp_path):
-    from indexcache_calib.distill import DistillOptions, distill
+    from indexcache_calib.training.distill import DistillOptions, distill
 
     outs = []
     for name, stop in (("whole", None), ("cut", 2)):
@@ -488,7 +488,7 @@ def test_sigterm_keeps_the_training_state_and_resume_finishes(lite_dir, text_dat
     assert "Traceback" not in stderr and "Hint: resume with: indexcache dsa-convert" in stderr and "--resume" in stderr
     assert (out / tl.STATE_DIR / tl.STATE).is_file() and not (out / "config.json").exists()
     assert "state at step" in stderr and "at step 30 " not in stderr
-    from indexcache_calib.convert import ConvertOptions, convert
+    from indexcache_calib.training.convert import ConvertOptions, convert
 
     def opts(where, resume=False):
         return ConvertOptions(model=str(lite_dir), data=str(text_data), out=str(where), steps=30, seq_len=256,

@@ -75,7 +75,7 @@ def test_a_disk_cache_larger_than_the_free_space_is_refused_before_loading(dry, 
     assert not loaded and not (tmp_path / "o").exists()
 
 
-# -- the README's GLM-5 plan is what the tool prints ------------------------------------------------
+# -- the GLM-5 plan in docs/scaling-out.md is what the tool prints ---------------------------------
 
 GLM5_ARGS = ["--data", "x.jsonl", "--seq-len", "16384", "--num-samples", "64", "--target", "1/4", "--dtype", "bfloat16",
              "--device-map", "sequential", "--max-memory",
@@ -99,10 +99,10 @@ def test_the_readme_glm5_dry_run_is_what_the_tool_prints(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = CliRunner().invoke(app, ["calibrate", "--model", str(tmp_path / "GLM-5"), *GLM5_ARGS], env={"COLUMNS": "116"})
     assert r.exit_code == 0, r.stderr
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parent.parent / "docs" / "scaling-out.md").read_text()
     start = readme.index("$ indexcache calibrate --model /models/GLM-5")
     block = readme[start: readme.index("```", start)]
-    assert _plan_rows(r.stdout + r.stderr) == _plan_rows(block), "rerun the README's GLM-5 --dry-run and paste its output"
+    assert _plan_rows(r.stdout + r.stderr) == _plan_rows(block), "rerun the GLM-5 --dry-run in docs/scaling-out.md and paste its output"
 
 
 # -- options ---------------------------------------------------------------------------------------

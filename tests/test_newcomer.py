@@ -51,7 +51,7 @@ def _singular(text: str) -> None:
 
 
 def test_training_evidence_says_1_head_1_step_1_sequence(workspace, capsys):
-    from indexcache_calib import training_evidence
+    from indexcache_calib.evidence import training_evidence
 
     rc = training_evidence.main(["--source", SOURCE, "--model", MODEL, "--seq-len", "32", "--batch-size", "1",
                                  "--index-topk", "8", "--index-heads", "1", "--index-head-dim", "8", "--convert-steps", "1",
@@ -67,7 +67,7 @@ def test_training_evidence_says_1_head_1_step_1_sequence(workspace, capsys):
 
 
 def test_paper_table_says_1_sequence(workspace, capsys):
-    from indexcache_calib import paper_table
+    from indexcache_calib.evidence import paper_table
 
     for d in ("code", "docs"):  # one held-out document of 40 characters: one sequence of 32 tokens
         (workspace / "calibration_data" / f"{d}.heldout.jsonl").write_text('{"text": "' + "abcd efgh " * 4 + '"}\n')
@@ -101,7 +101,7 @@ def test_distill_and_dsa_convert_say_1_step(workspace):
 
 @pytest.mark.parametrize("n,expected", [(1, "1 layer with indexer weights"), (3, "3 layers with indexer weights")])
 def test_distill_uniform_origin_counts_layers(n, expected):
-    from indexcache_calib.distill import DistillOptions, read_pattern
+    from indexcache_calib.training.distill import DistillOptions, read_pattern
 
     # The last layer ships no indexer: --uniform interleaves over the other n.
     opts = DistillOptions(model="m", data="d", out="o", uniform=1)
@@ -383,7 +383,7 @@ def test_training_checks_seq_len_against_the_familys_floor():
     from types import SimpleNamespace
 
     from indexcache_calib.errors import CalibError
-    from indexcache_calib.trainloop import check_numbers
+    from indexcache_calib.training.trainloop import check_numbers
 
     # Key blocks: 2 blocks of 8 tokens select every key of a 16-token sequence, though index_topk_blocks is 2.
     blocks = SimpleNamespace(model_type="minimax_m3_vl_text", index_topk_blocks=2, index_block_size=8,
@@ -572,7 +572,7 @@ def test_the_dry_run_estimates_the_race_from_counts_that_few_sequences_cap(sampl
 
 
 def test_dsa_convert_interrupted_before_its_first_step_says_nothing_was_saved(workspace, monkeypatch):
-    from indexcache_calib import trainloop as tl
+    from indexcache_calib.training import trainloop as tl
     from indexcache_calib.cli import app
 
     def stop(*args, **kwargs):
@@ -616,7 +616,7 @@ def test_apply_output_is_not_another_config(finished, glm_dir, tmp_path):
 
 def test_chat_messages_without_a_template_are_warned_about_once(tmp_path, monkeypatch):
     from indexcache_calib import data as dat
-    from indexcache_calib import trainloop as tl
+    from indexcache_calib.training import trainloop as tl
 
     path = tmp_path / "chat.jsonl"
     turn = {"messages": [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"}]}
@@ -654,7 +654,7 @@ def test_a_csv_column_of_numbers_is_told_what_jsonl_is_told(tmp_path):
 
 
 def test_distill_refuses_a_uniform_above_the_layer_count():
-    from indexcache_calib.distill import DistillOptions, read_pattern
+    from indexcache_calib.training.distill import DistillOptions, read_pattern
     from indexcache_calib.errors import CalibError
 
     with pytest.raises(CalibError) as e:
@@ -668,8 +668,8 @@ def test_distill_refuses_a_uniform_above_the_layer_count():
 
 
 def test_dsa_convert_warns_when_glm5_defaults_dwarf_the_model(workspace, monkeypatch):
-    from indexcache_calib import convert as cv
-    from indexcache_calib import trainloop as tl
+    from indexcache_calib.training import convert as cv
+    from indexcache_calib.training import trainloop as tl
     from indexcache_calib.cli import app
 
     def stop(*args, **kwargs):

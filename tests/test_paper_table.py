@@ -1,4 +1,4 @@
-"""`python -m indexcache_calib.paper_table` on a random tiny model and small files: the attention-mass
+"""`python -m indexcache_calib.evidence.paper_table` on a random tiny model and small files: the attention-mass
 measure and the tables' structure. The numbers themselves mean nothing on random weights."""
 
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import SEQ_LEN, TOPK, write_docs
 
-from indexcache_calib.paper_table import RATIOS, TABLE_JSON, TABLE_MD, attention_mass, main, paired, topk_mass
+from indexcache_calib.evidence.paper_table import RATIOS, TABLE_JSON, TABLE_MD, attention_mass, main, paired, topk_mass
 from indexcache_calib.search import Score
 
 

@@ -122,7 +122,7 @@ def test_train_tiny_smoke_saves_a_loadable_checkpoint(tmp_path):
 def test_train_tiny_glm4_moe_lite_is_a_source_for_dsa_convert(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from indexcache_calib.convert import ConvertOptions, convert
+    from indexcache_calib.training.convert import ConvertOptions, convert
     from indexcache_calib.recipes import train_tiny
 
     src = tmp_path / "lite"

@@ -362,7 +362,7 @@ def test_a_search_replayed_on_a_recorded_exact_trace_makes_the_same_decisions_an
     step); the replay must decide as the search does live, and charge each candidate from its own layer."""
     from dataclasses import asdict
 
-    from indexcache_calib.bench import replay
+    from indexcache_calib.evidence.bench_search import replay
 
     costs = [0, 0.05, 0.30, 0.10, 0.60, 0.20, 0.45, 0.15, 0.80, 0.35]
     base, steps = greedy_search("F" * 10, 2, Noisy(costs, 64, 0.02), search="exact")

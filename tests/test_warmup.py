@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from indexcache_calib import warmup
+from indexcache_calib.training import warmup
 from indexcache_calib.errors import CalibError
 
 

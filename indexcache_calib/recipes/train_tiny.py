@@ -5,7 +5,7 @@ The recipe follows how DSA models are made:
 1. dense: language-model training with every indexer bypassed (each returns all keys);
 2. indexer warm-up: main weights frozen; each layer's indexer learns the KL divergence from
    the layer's head-aggregated dense attention to softmax(index scores). This is
-   `indexcache_calib.warmup`, the same code `indexcache dsa-convert` runs;
+   `indexcache_calib.training.warmup`, the same code `indexcache dsa-convert` runs;
 3. sparse: top-k attention on; LM loss on the main weights plus, for the indexers, the KL
    restricted to the keys they selected (index scores from the library's own indexer).
 
@@ -60,9 +60,9 @@ import torch
 import transformers
 from transformers import Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM, GlmMoeDsaConfig, GlmMoeDsaForCausalLM, PreTrainedTokenizerFast
 
-from indexcache_calib import warmup
+from indexcache_calib.training import warmup
 from indexcache_calib.errors import plural
-from indexcache_calib.warmup import Call, decay_groups, lr_at
+from indexcache_calib.training.warmup import Call, decay_groups, lr_at
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOMAINS = ("code", "docs")

@@ -1,6 +1,6 @@
 """Evidence for the training commands at small scale, from one command (`make training-evidence`):
 
-    python -m indexcache_calib.training_evidence [--source tiny-mla] [--model tiny-dsa] [--out outputs/training_evidence]
+    python -m indexcache_calib.evidence.training_evidence [--source tiny-mla] [--model tiny-dsa] [--out outputs/training_evidence]
 
 1. dsa-convert: the embedded plain-MLA model (`tiny-mla`, a glm4_moe_lite trained by the recipe) is converted
    with the dense indexer warm-up on the code training split. On held-out tokens of both domains, per layer:
@@ -30,15 +30,15 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from indexcache_calib import trainloop as tl
+from indexcache_calib.training import trainloop as tl
 from indexcache_calib.calibrate import Hooks, Options, calibrate, versions
-from indexcache_calib.convert import ConvertOptions, convert
+from indexcache_calib.training.convert import ConvertOptions, convert
 from indexcache_calib.data import pack, read_documents
-from indexcache_calib.distill import DistillOptions, _load_config, distill, family_to_train, load_with_pattern
+from indexcache_calib.training.distill import DistillOptions, _load_config, distill, family_to_train, load_with_pattern
 from indexcache_calib.errors import CalibError, plural
 from indexcache_calib.model import read_config_json, resolve
 from indexcache_calib.pattern import FULL, uniform_pattern
-from indexcache_calib.warmup import paired, sequence_losses, topk_mass, use_eager
+from indexcache_calib.training.warmup import paired, sequence_losses, topk_mass, use_eager
 
 RESULT_MD, RESULT_JSON = "training_evidence.md", "training_evidence.json"
 

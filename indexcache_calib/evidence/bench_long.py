@@ -1,10 +1,10 @@
 """Long-context benchmarks: the attention paths side by side, and whether calibration length matters.
 
-  python -m indexcache_calib.bench_long memory    peak memory and wall of one all-Full forward and of one
+  python -m indexcache_calib.evidence.bench_long memory    peak memory and wall of one all-Full forward and of one
                                                   greedy step, dense vs sparse path, 2K to 32K tokens
                                                   (--family deepseek_v4: the same on a random DeepSeek-V4)
-  python -m indexcache_calib.bench_long plan      what a long calibration of GLM-5 needs per length (--dry-run)
-  python -m indexcache_calib.bench_long lengths   calibrate the long model short and long (equal tokens,
+  python -m indexcache_calib.evidence.bench_long plan      what a long calibration of GLM-5 needs per length (--dry-run)
+  python -m indexcache_calib.evidence.bench_long lengths   calibrate the long model short and long (equal tokens,
                                                   equal sequences), several draws, both long domains; score
                                                   every pattern at the long length on held-out data
 
@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from indexcache_calib.bench import OUT, _save, _tokens, quiet
+from indexcache_calib.evidence.common import OUT, _save, _tokens, quiet
 from indexcache_calib.errors import plural
 
 LENGTHS = (2048, 4096, 8192, 16384, 32768)
@@ -93,7 +93,7 @@ def bench_memory(args) -> None:
                 if earlier and not earlier[-1]["fits"]:
                     rows.append({"seq_len": seq, "what": what, "path": path, "fits": False, "skipped": True})
                     continue
-                cmd = [sys.executable, "-m", "indexcache_calib.bench_long", "--threads", str(args.cell_threads), "_memory-child",
+                cmd = [sys.executable, "-m", "indexcache_calib.evidence.bench_long", "--threads", str(args.cell_threads), "_memory-child",
                        "--model-dir", model_dir, "--seq", str(seq), "--path", path, "--what", what]
                 p = subprocess.run(cmd, capture_output=True, text=True,
                                    preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))

@@ -19,15 +19,15 @@ from pathlib import Path
 import torch
 
 from indexcache_calib import artifact as art
-from indexcache_calib import convert as cv
+from indexcache_calib.training import convert as cv
 from indexcache_calib import model as mdl
-from indexcache_calib import trainloop as tl
+from indexcache_calib.training import trainloop as tl
 from indexcache_calib.calibrate import versions
 from indexcache_calib.errors import CalibError, plural
 from indexcache_calib.families import BY_MODEL_TYPE, FAMILIES, Family
 from indexcache_calib.model import DTYPES, parse_device_map
 from indexcache_calib.pattern import FULL, SHARED, full_layers, indexer_types, uniform_pattern, validate_pattern
-from indexcache_calib.warmup import full_groups, indexer_param_names, paired, sequence_losses, use_eager
+from indexcache_calib.training.warmup import full_groups, indexer_param_names, paired, sequence_losses, use_eager
 
 # transformers is imported inside the functions that use it: it imports huggingface_hub, which reads
 # HF_HUB_OFFLINE once, when imported, and the commands set it (cli_common._quiet_libraries) after importing

@@ -38,7 +38,7 @@ def _handled(out_dir: str, resume_hint: str, rerun: str | None = None):
     """The one error contract of every command (`cli_common.handled`); an interruption says where the
     training state is and how to resume, or, before the first training step was saved (the run's directory
     is then removed, so --resume would find nothing), how to rerun."""
-    from indexcache_calib import trainloop as tl
+    from indexcache_calib.training import trainloop as tl
 
     saved: dict = {}
 
@@ -61,7 +61,7 @@ def _handled(out_dir: str, resume_hint: str, rerun: str | None = None):
 
 def _hooks():
     """Progress on stderr: a bar with ETA on a terminal, otherwise a line about every 5% of the steps."""
-    from indexcache_calib import trainloop as tl
+    from indexcache_calib.training import trainloop as tl
 
     err = cli_common.err
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -124,7 +124,7 @@ def dsa_convert(
 ) -> None:
     """Make a DSA (GlmMoeDsa) checkpoint from a glm4_moe_lite (GLM-4.7-Flash) one: same weights, plus
     lightning indexers trained by the dense warm-up with everything else frozen."""
-    from indexcache_calib.convert import ConvertOptions, convert
+    from indexcache_calib.training.convert import ConvertOptions, convert
 
     opts = ConvertOptions(model=model, data=data, out=out_dir, steps=steps, seq_len=seq_len, batch_size=batch_size, lr=lr,
                           seed=seed, index_topk=index_topk, index_heads=index_heads, index_head_dim=index_head_dim,
@@ -172,7 +172,7 @@ def distill(
 ) -> None:
     """Train the Full layers' indexers of a pattern with the multi-layer distillation loss (training-aware
     IndexCache) and write a checkpoint that carries the pattern and no Shared-layer indexers."""
-    from indexcache_calib.distill import DistillOptions, distill as run
+    from indexcache_calib.training.distill import DistillOptions, distill as run
 
     opts = DistillOptions(model=model, data=data, out=out_dir, layer_map=layer_map, pattern=pattern, uniform=uniform,
                           steps=steps, seq_len=seq_len, batch_size=batch_size, lr=lr, seed=seed, text_field=text_field,

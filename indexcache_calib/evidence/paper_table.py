@@ -1,7 +1,7 @@
 """The paper's Table 2 at small scale, with the evidence that the model's indexers are trained, from one
 command (`make paper-table`):
 
-    python -m indexcache_calib.paper_table [--model tiny-dsa] [--seq-len 512] [--num-samples 8]
+    python -m indexcache_calib.evidence.paper_table [--model tiny-dsa] [--seq-len 512] [--num-samples 8]
                                            [--heldout-samples 16] [--out outputs/paper_table]
 
 1. Per layer, the share of dense, head-averaged attention mass inside the indexer's top-k, beside a
@@ -31,9 +31,9 @@ from indexcache_calib.data import pack, read_documents
 from indexcache_calib.errors import CalibError, plural
 from indexcache_calib.pattern import FULL, uniform_pattern
 from indexcache_calib.search import paired  # noqa: F401 - part of this module's interface
-from indexcache_calib.warmup import mass_shares as topk_mass  # noqa: F401 - part of this module's interface
-from indexcache_calib.warmup import topk_mass as per_layer
-from indexcache_calib.warmup import use_eager
+from indexcache_calib.training.warmup import mass_shares as topk_mass  # noqa: F401 - part of this module's interface
+from indexcache_calib.training.warmup import topk_mass as per_layer
+from indexcache_calib.training.warmup import use_eager
 
 # transformers, and the modules here that import it (model, runner), are imported inside the functions: it
 # imports huggingface_hub, which reads HF_HUB_OFFLINE once, when imported, and `main` sets that first.

@@ -28,7 +28,7 @@ from indexcache_calib.data import file_sha256, tokens_sha256
 from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, EXIT_RESUME_MISMATCH, CalibError, Terminated, check_resume_overwrite
 from indexcache_calib.families import BY_MODEL_TYPE
 from indexcache_calib.model import config_sha256
-from indexcache_calib.warmup import IndexerOptimizer, freeze_all_but, indexer_param_names, indexer_step, lr_at
+from indexcache_calib.training.warmup import IndexerOptimizer, freeze_all_but, indexer_param_names, indexer_step, lr_at
 
 # transformers is imported inside the functions that use it: it imports huggingface_hub, which reads
 # HF_HUB_OFFLINE once, when imported, and the commands set it (cli_common._quiet_libraries) after importing

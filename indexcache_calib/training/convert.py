@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from indexcache_calib import model as mdl
-from indexcache_calib import trainloop as tl
+from indexcache_calib.training import trainloop as tl
 from indexcache_calib.calibrate import versions
 from indexcache_calib.errors import CalibError
 from indexcache_calib.model import DTYPES, parse_device_map
-from indexcache_calib.warmup import (
+from indexcache_calib.training.warmup import (
     base_model, decoder_layers, dense, indexer_param_names, paired, sequence_losses, topk_mass, use_eager,
 )
 
