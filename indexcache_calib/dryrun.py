@@ -114,6 +114,9 @@ def cache_need(opts, ckpt, num_samples: int, elem: int) -> int:
     return cache_bytes_estimate(len(ckpt.positions), ckpt.budget, num_samples, opts.seq_len, hidden, elem)
 
 
+REFERENCE_SEQ_LEN = 512  # calibrate's default --seq-len: what a long calibration is costed against
+
+
 def plan(opts, ckpt, num_full: int, attention: str = "dense") -> dict:
     """Memory and work estimates for `opts` on the checkpoint `ckpt` (a `model.Checkpoint`)."""
     import torch
@@ -195,6 +198,11 @@ def plan(opts, ckpt, num_full: int, attention: str = "dense") -> dict:
         "search": opts.search,
         "work": work,
         "work_by_search": by_search,
+        # The indexer scores every key for every query: at equal tokens, its work per token grows with the
+        # length, while the tokens through decoder layers stay the same.
+        "length_cost": {"reference_seq_len": REFERENCE_SEQ_LEN, "keys_scored_per_token": s,
+                        "indexer_work_vs_reference": s / REFERENCE_SEQ_LEN,
+                        "reference_sequences_same_tokens": samples * s / REFERENCE_SEQ_LEN},
     }
 
 
@@ -224,5 +232,12 @@ def describe(p: dict) -> list[tuple[str, str]]:
         rows.append((f"  tokens if {name}", f"{kind}{v['tokens']:,} through decoder layers ({v['tokens'] / naive:.3f} of naive)"))
     if "basis" in p["work_by_search"]["race"]:
         rows.append(("  race's numbers", p["work_by_search"]["race"]["basis"]))
+    lc = p["length_cost"]
+    if lc["keys_scored_per_token"] != lc["reference_seq_len"]:
+        ratio = lc["indexer_work_vs_reference"]
+        times = f"{ratio:.3g}x" if ratio >= 1 else f"1/{1 / ratio:.3g}"
+        rows.append(("length cost", f"each token's indexer scores {lc['keys_scored_per_token']:,} keys per head and layer: {times} "
+                                    f"the indexer work of {lc['reference_sequences_same_tokens']:,.4g} sequences of "
+                                    f"{lc['reference_seq_len']} (as many tokens)"))
     rows += [("warning", w) for w in p["warnings"]]
     return rows

@@ -137,3 +137,14 @@ def test_bad_lengths_are_refused_before_any_weights_load(args, expect, glm_dir, 
     assert r.exit_code == 2
     assert expect in one_error_line(r)
     assert not loaded
+
+
+def test_the_dry_run_costs_a_long_calibration_against_a_short_one(glm_dir, text_data, tmp_path):
+    base = ["calibrate", "--model", glm_dir, "--data", text_data, "--num-samples", "2", "--target", "1/3",
+            "--out", tmp_path / "o", "--dry-run"]
+    plan = json.loads(invoke(*base, "--seq-len", "2048", "--json").stdout)["length_cost"]
+    assert plan == {"reference_seq_len": 512, "keys_scored_per_token": 2048, "indexer_work_vs_reference": 4.0,
+                    "reference_sequences_same_tokens": 8.0}
+    text = " ".join(invoke(*base, "--seq-len", "2048").stdout.replace("│", " ").split())
+    assert "4x the indexer work of 8 sequences of 512 (as many tokens)" in text
+    assert "length cost" not in invoke(*base, "--seq-len", "512").stdout
