@@ -2,7 +2,8 @@
 
   python -m indexcache_calib.bench_long memory    peak memory and wall of one all-Full forward and of one
                                                   greedy step, dense vs sparse path, 2K to 32K tokens
-                                                  (--family deepseek_v4: the same on a random DeepSeek-V4)
+                                                  (--family deepseek_v4 / minimax_m3_vl: the same on a random
+                                                  DeepSeek-V4 / MiniMax-M3)
   python -m indexcache_calib.bench_long plan      what a long calibration of GLM-5 needs per length (--dry-run)
   python -m indexcache_calib.bench_long lengths   calibrate the long model short and long, then score both
                                                   patterns at the long length on held-out data
@@ -62,12 +63,19 @@ def _memory_child(model_dir: str, seq: int, path: str, what: str) -> dict:
 
 # The shape of the measurement: hidden 128, index_topk 64, four indexer heads of dim 32. DeepSeek-V4
 # keeps its published compression rates (4 and 128) and window (128); its index_topk counts compressed entries.
+# MiniMax-M3 selects 4 blocks of 16 tokens (64 tokens, its local block among them) per KV head; its indexer has one
+# head per KV head, so it has 4 KV heads (8 query heads).
 MEMORY_MODELS = {
     "glm": ("random GlmMoeDsa, {layers} layers, hidden 128, index_topk 64, 4 indexer heads of dim 32", {}),
     "deepseek_v4": ("random DeepseekV4, {layers} layers (sliding, then CSA and HCA in turn), hidden 128, index_topk 64 "
                     "compressed entries, 4 indexer heads of dim 32, compress rates 4 and 128, window 128",
                     dict(compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
                          sliding_window=128)),
+    "minimax_m3_vl": ("random MiniMaxM3VL text model, {layers} layers (full attention, then minimax_m3_sparse), hidden 128, "
+                      "8 query and 4 KV heads, 4 indexer heads of dim 32, 4 blocks of 16 tokens per KV head "
+                      "(index_topk_blocks 4 with 1 local block)",
+                      dict(num_attention_heads=8, num_key_value_heads=4, index_block_size=16, index_topk_blocks=4,
+                           index_local_blocks=1)),
 }
 
 
