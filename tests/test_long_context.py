@@ -36,3 +36,17 @@ def test_dry_run_names_the_attention_path_and_its_mask(glm_dir, text_data):
     assert sparse["attention_mask_per_batch"] <= CHUNK_BYTES
     text = runner.invoke(app, base[:-1]).stdout
     assert "top-k gathered per query chunk" in text.replace("\n", " ")
+
+
+def test_dry_run_builds_no_weights_on_the_host(tmp_path):
+    """A config whose one layer's stacked experts (34 GB in fp32) would not fit this host: `--dry-run` plans it
+    from the config alone, all on the meta device (DeepSeek-V4-Pro's are as large in bf16)."""
+    from indexcache_calib.testing import tiny_config
+
+    tiny_config("deepseek_v4", layers=4, n_routed_experts=2**23).save_pretrained(tmp_path / "m")
+    (tmp_path / "data.txt").write_text("x\n")
+    r = runner.invoke(app, ["calibrate", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "data.txt"),
+                            "--seq-len", "64", "--dry-run", "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["weights_total"] > 3 * 2**35
+
