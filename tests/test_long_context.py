@@ -50,3 +50,16 @@ def test_dry_run_builds_no_weights_on_the_host(tmp_path):
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["weights_total"] > 3 * 2**35
 
+
+@pytest.mark.parametrize("name,layers,positions,topk", [("deepseek_v4_flash", 43, 21, 512), ("deepseek_v4_pro", 61, 30, 1024)])
+def test_the_plans_deepseek_v4_configs_have_their_published_layers(name, layers, positions, topk):
+    """`bench_long plan --config`: 43 and 61 layers, of which the compressed-sparse ones (the pattern positions)
+    are every other layer from layer 2."""
+    from indexcache_calib.bench_long import PLAN_CONFIGS
+    from indexcache_calib.families import family_of
+
+    config = PLAN_CONFIGS[name][1]()
+    family = family_of(config)
+    assert family.name == "deepseek_v4" and config.num_hidden_layers == layers and config.index_topk == topk
+    assert family.positions(config) == list(range(2, layers, 2))
+    assert len(family.positions(config)) == positions
