@@ -172,7 +172,10 @@ def sparse_attention(module, query, key, value, attention_mask, scaling=None, dr
                             * (dim + v_dim + 8) * size + heads * 4 * 3 * extra.keys.shape[2])
     rows = _chunk_rows(per_row, query.device)
     sink = None if s_aux is None else s_aux.float().view(1, kv_heads, group, 1, 1)
-    outputs = []
+    # Written into in place, one chunk of rows at a time: chunk outputs kept in a list for a final concatenation
+    # would sit between each chunk's freed temporaries and keep the C allocator from reusing or returning them
+    # (the heap grew by 2 GiB over one 8K-token layer so).
+    output = query.new_empty((batch, seq, heads, v_dim))
     for q0 in range(0, seq, rows):
         q1 = min(q0 + rows, seq)
         c = q1 - q0
@@ -180,7 +183,7 @@ def sparse_attention(module, query, key, value, attention_mask, scaling=None, dr
         bias = _bias(masked, q0, q1, seq, kv_length, query.device)[:, 0]  # [B or 1, c, T]
         q = query[:, :, q0:q1].reshape(batch, kv_heads, group, c, dim)
         if selection is None:  # every key, as the mask allows
-            logits = torch.einsum("bhgcd,bhtd->bhgct", q, key).float() * scaling + bias[:, None, None]
+            logits = torch.einsum("bhgcd,bhtd->bhgct", q, key).float().mul_(scaling).add_(bias[:, None, None])
             values, pattern = value, "bhgct,bhtv->bhgcv"
         else:  # each query's selected keys, per KV head or one set for all: [B, Hkv or 1, c, k]
             ids = token_ids(selection[..., q0:q1, :]).to(device=query.device, dtype=torch.long)
@@ -190,7 +193,7 @@ def sparse_attention(module, query, key, value, attention_mask, scaling=None, dr
             flat = ids.reshape(batch, sel_heads, c * k, 1)
             keys = key.gather(2, flat.expand(batch, kv_heads, c * k, dim)).view(batch, kv_heads, c, k, dim)
             values = value.gather(2, flat.expand(batch, kv_heads, c * k, v_dim)).view(batch, kv_heads, c, k, v_dim)
-            logits = torch.einsum("bhgcd,bhckd->bhgck", q, keys).float() * scaling + picked[:, :, None]
+            logits = torch.einsum("bhgcd,bhckd->bhgck", q, keys).float().mul_(scaling).add_(picked[:, :, None])
             pattern = "bhgck,bhckv->bhgcv"
         width = logits.shape[-1]
         if extra is not None:
@@ -203,8 +206,8 @@ def sparse_attention(module, query, key, value, attention_mask, scaling=None, dr
         if extra is not None:
             end = probs.shape[-1] - (sink is not None)
             out = out + torch.einsum(extra_pattern, probs[..., width:end].to(value.dtype), extra_values)
-        outputs.append(out.reshape(batch, heads, c, v_dim))
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+        output[:, q0:q1] = out.reshape(batch, heads, c, v_dim).transpose(1, 2)
+    return output, None
 
 
 def _appended(extra, q, q0: int, q1: int, kv_heads: int, scaling: float):
