@@ -5,7 +5,10 @@ transformers' DSA attention modules fold the top-k into a dense `[batch, 1, seq,
 `sparse_attention` is registered through the library's own `AttentionInterface` under `SPARSE`: it gathers
 each query's selected keys and attends to exactly those the dense path would (the mask's causality and
 window, `-1` padding, rows that see fewer keys than the budget), a chunk of query rows at a time. Layers
-without a selection (a family's sliding-window layers) attend densely, also a chunk of rows at a time.
+without a selection (a family's sliding-window layers) attend densely, also a chunk of rows at a time. The
+family row says under which keyword its attention passes the selection and how rows of it become token ids
+(`Family.kernel_selection`): one set of ids for every head (`indices=`), or one per KV head (MiniMax-M3's
+`block_indices=`, key blocks with its local blocks, expanded by `blocks.block_tokens`).
 
 A family whose attention appends keys it builds itself, with a `[seq, appended keys]` bias (DeepSeek-V4's
 compressed entries), has its row name a stand-in for the module that builds them (`Family.sparse_module`), put
@@ -28,7 +31,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from indexcache_calib.families import lookup, resolve_attr
+from indexcache_calib.families import TOKEN_IDS, lookup, resolve_attr
 
 SPARSE = "indexcache_sparse"
 # Bound on one query chunk's working tensors (gathered keys and values, logits, probabilities, mask rows)
@@ -128,10 +131,24 @@ def _chunk_rows(per_row: int, device) -> int:
     return max(1, working_bytes(device, CHUNK_BYTES) // max(1, per_row))
 
 
+def _selection(module, indices, kwargs):
+    """(the selection the attention passed, rows -> token ids [B, Hkv or 1, c, k] (-1: none)), as the module's
+    family row says its attention passes it (`Family.kernel_selection`); (None, None) where it passed none."""
+    config = getattr(module, "config", None)
+    family = lookup(config) if config is not None else None
+    keyword, to_tokens = family.kernel_selection if family is not None else TOKEN_IDS
+    selection = indices if keyword == "indices" else kwargs.get(keyword)
+    if selection is None:
+        return None, None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return selection, lambda rows: to_tokens(text, rows)
+
+
 def sparse_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, indices=None, s_aux=None,
                      **kwargs):
-    """query [B, Hq, S, D], key [B, Hkv, T, D], value [B, Hkv, T, Dv], `indices` [B, S, k] (ids of keys, -1
-    padded) or None; returns ([B, S, Hq, Dv], None) like the library's eager attention. `s_aux` is a per-head
+    """query [B, Hq, S, D], key [B, Hkv, T, D], value [B, Hkv, T, Dv]; the selection as the family row names it
+    (`indices` [B, S, k], ids of keys, -1 padded; MiniMax-M3's `block_indices` [B, Hkv, S, blocks], key blocks per
+    KV head) or None; returns ([B, S, Hq, Dv], None) like the library's eager attention. `s_aux` is a per-head
     sink logit that takes part in the softmax and attends to nothing."""
     if dropout and module.training:
         raise ValueError(f"{SPARSE} attention has no dropout")
@@ -140,9 +157,13 @@ def sparse_attention(module, query, key, value, attention_mask, scaling=None, dr
     group = heads // kv_heads
     scaling = dim ** -0.5 if scaling is None else scaling
     size = query.element_size()
-    if indices is not None:
-        k = indices.shape[-1]
-        per_row = batch * (kv_heads * k * (dim + v_dim) * size + heads * k * 4 * 3 + 8 * k) + kv_length * 5
+    selection, token_ids = _selection(module, indices, kwargs)
+    if selection is not None:
+        sel_heads, k = token_ids(selection[..., :1, :]).shape[1::2]
+        if sel_heads not in (1, kv_heads):
+            raise ValueError(f"{SPARSE} attention takes one selection for all heads or one per KV head, "
+                             f"not {sel_heads} for {kv_heads} KV heads")
+        per_row = batch * (kv_heads * k * (dim + v_dim) * size + heads * k * 4 * 3 + 8 * 3 * sel_heads * k) + kv_length * 5
     else:
         per_row = batch * heads * kv_length * 4 * 3 + kv_length * 5
     extra = None if module is None else module.__dict__.pop(_APPENDED, None)
@@ -151,25 +172,28 @@ def sparse_attention(module, query, key, value, attention_mask, scaling=None, dr
                             * (dim + v_dim + 8) * size + heads * 4 * 3 * extra.keys.shape[2])
     rows = _chunk_rows(per_row, query.device)
     sink = None if s_aux is None else s_aux.float().view(1, kv_heads, group, 1, 1)
-    outputs = []
+    # Written into in place, one chunk of rows at a time: chunk outputs kept in a list for a final concatenation
+    # would sit between each chunk's freed temporaries and keep the C allocator from reusing or returning them
+    # (the heap grew by 2 GiB over one 8K-token layer so).
+    output = query.new_empty((batch, seq, heads, v_dim))
     for q0 in range(0, seq, rows):
         q1 = min(q0 + rows, seq)
         c = q1 - q0
         masked = None if attention_mask is None else mask_rows(attention_mask, q0, q1, 2)
         bias = _bias(masked, q0, q1, seq, kv_length, query.device)[:, 0]  # [B or 1, c, T]
         q = query[:, :, q0:q1].reshape(batch, kv_heads, group, c, dim)
-        if indices is None:  # every key, as the mask allows
-            logits = torch.einsum("bhgcd,bhtd->bhgct", q, key).float() * scaling + bias[:, None, None]
+        if selection is None:  # every key, as the mask allows
+            logits = torch.einsum("bhgcd,bhtd->bhgct", q, key).float().mul_(scaling).add_(bias[:, None, None])
             values, pattern = value, "bhgct,bhtv->bhgcv"
-        else:
-            ids = indices[:, q0:q1].to(device=query.device, dtype=torch.long)
+        else:  # each query's selected keys, per KV head or one set for all: [B, Hkv or 1, c, k]
+            ids = token_ids(selection[..., q0:q1, :]).to(device=query.device, dtype=torch.long)
             valid = (ids >= 0) & (ids < kv_length)
             ids = ids.clamp(0, kv_length - 1)
-            picked = bias.expand(batch, c, kv_length).gather(-1, ids).masked_fill(~valid, float("-inf"))
-            flat = ids.reshape(batch, 1, c * k, 1)
+            picked = bias[:, None].expand(batch, sel_heads, c, kv_length).gather(-1, ids).masked_fill(~valid, float("-inf"))
+            flat = ids.reshape(batch, sel_heads, c * k, 1)
             keys = key.gather(2, flat.expand(batch, kv_heads, c * k, dim)).view(batch, kv_heads, c, k, dim)
             values = value.gather(2, flat.expand(batch, kv_heads, c * k, v_dim)).view(batch, kv_heads, c, k, v_dim)
-            logits = torch.einsum("bhgcd,bhckd->bhgck", q, keys).float() * scaling + picked[:, None, None]
+            logits = torch.einsum("bhgcd,bhckd->bhgck", q, keys).float().mul_(scaling).add_(picked[:, :, None])
             pattern = "bhgck,bhckv->bhgcv"
         width = logits.shape[-1]
         if extra is not None:
@@ -182,8 +206,8 @@ def sparse_attention(module, query, key, value, attention_mask, scaling=None, dr
         if extra is not None:
             end = probs.shape[-1] - (sink is not None)
             out = out + torch.einsum(extra_pattern, probs[..., width:end].to(value.dtype), extra_values)
-        outputs.append(out.reshape(batch, heads, c, v_dim))
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+        output[:, q0:q1] = out.reshape(batch, heads, c, v_dim).transpose(1, 2)
+    return output, None
 
 
 def _appended(extra, q, q0: int, q1: int, kv_heads: int, scaling: float):

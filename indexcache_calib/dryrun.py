@@ -128,7 +128,10 @@ def plan(opts, ckpt, num_full: int, attention: str = "dense") -> dict:
     config, text = loading_config(ckpt), ckpt.text
     n, fixed = ckpt.num_layers, ckpt.fixed_shared
     dtype = planned_dtype(opts, config)
-    with init_empty_weights():
+    # Tensors made on the meta device from the start: `init_empty_weights` alone moves each parameter there only
+    # once it is registered, so a module that makes one large tensor (a MoE's stacked experts: 34 GB for one
+    # DeepSeek-V4-Pro layer) first allocates it on the host, and the plan fails on a host smaller than that.
+    with init_empty_weights(), torch.device("meta"):
         model = _auto_class(config).from_config(config, dtype=dtype)
     sizes = compute_module_sizes(model, dtype=dtype)
     total = sizes[""]

@@ -5,8 +5,9 @@ chunks, what it returns and how overlap is measured on that, which decoder layer
 (have an indexer by architecture), which patterns the library can run, the config key transformers
 shares natively from (and whether `from_pretrained` takes it as a keyword), what the model's forward threads
 from layer to layer besides the hidden state, the config keys of its indexer heads and hyper-connection
-streams, why `distill` cannot train it where that is so, and, where its library has no plug for the sparse
-path, the one module a stand-in replaces there and the stand-in cache its chunked indexer reads keys from.
+streams, why `distill` cannot train it where that is so, how the sparse kernel reads the selection its
+attention passes, and, where its library has no plug for the sparse path, the one module a stand-in replaces
+there and the stand-in cache its chunked indexer reads keys from.
 Everything else in the package works from these adapters; nothing else asks for a model_type or reads a
 family-specific config key. Each family's tiny test checkpoint is built by `testing.TINY[family.name]`.
 """
@@ -150,6 +151,25 @@ GLM_CHUNKS = {"hidden_states": 1, "q_resid": 1, "position_embeddings": 1, "atten
 NO_Q_RESID_CHUNKS = {"hidden_states": 1, "position_embeddings": 1, "attention_mask": 1, "position_ids": -1}
 # DeepSeek-V4's indexer takes no mask: it masks entries past each query's own position itself.
 V4_CHUNKS = {"hidden_states": 1, "q_residual": 1, "position_ids": -1}
+# MiniMax-M3's indexer takes no mask either: it masks keys past each query's position (`position_ids`) itself.
+M3_CHUNKS = {"hidden_states": 1, "position_embeddings": 1, "position_ids": -1}
+
+# How the registered kernel reads the selection a family's attention passes it: (the keyword, a function of the
+# text config and rows of the selection [..., c, k] (query axis second to last) -> the token ids [B, KV heads or 1,
+# c, k'] they select, -1 for none).
+TOKEN_IDS = ("indices", lambda text, ids: ids.unsqueeze(1))  # token ids [B, S, k], one set for every head
+
+
+def _m3_block_tokens(text, blocks):
+    from indexcache_calib.blocks import block_tokens  # deferred: blocks imports sharing, which imports this
+
+    return block_tokens(int(text.index_block_size), blocks)
+
+
+def _m3_index_keys(indexer):
+    from indexcache_calib.blocks import index_keys  # deferred, as above
+
+    return index_keys(indexer)
 
 
 def _v4_compressed_keys(indexer):
@@ -205,6 +225,9 @@ class Family:
     # indexer -> the stand-in cache its chunked calls read keys from (`sharing.run_indexer`); None: the library's
     # `update_indexer` protocol (`sharing._KeySource`).
     key_source: Callable | None = None
+    # The keyword its attention passes the selection under to a registered implementation, and how rows of it
+    # become token ids (see TOKEN_IDS); read by the sparse kernel (`attention.sparse_attention`).
+    kernel_selection: tuple[str, Callable] = TOKEN_IDS
     # True: `from_pretrained(..., native_key=...)` reaches the key (it lives in the top-level config of the
     # family's checkpoints). False: composite checkpoints keep it in their text config, which a keyword does not
     # reach, so the config is loaded, set and passed.
@@ -281,12 +304,14 @@ FAMILIES = (
            sparse_module=("compressor", _v4_compact_compressor),
            budget_words=lambda t: f"index_topk {t.index_topk} compressed entries of {_csa_rate(t)} tokens each",
            note="only compressed-sparse layers have an indexer (heavily-compressed and sliding layers have none)"),
+    # Selects key blocks per index head (one per KV head), local blocks included; its attention passes them as
+    # `block_indices=` with the plain causal mask to a registered implementation, and the kernel gathers each KV
+    # head's blocks (`blocks.block_tokens`). Its indexer scores query chunks against keys from `blocks.IndexKeys`.
     Family("minimax_m3_vl", ("minimax_m3_vl", "minimax_m3_vl_text"), "self_attn.indexer", layers_of_type("minimax_m3_sparse"),
            selection=BLOCKS, budget=lambda t: int(t.index_topk_blocks),
            floor=lambda t: int(t.index_topk_blocks) * int(t.index_block_size),
            budget_words=lambda t: f"index_topk_blocks {t.index_topk_blocks} of index_block_size {t.index_block_size} tokens",
-           dense_only="its attention passes per-index-head key blocks (block_indices) with local blocks, which the "
-                      "sparse kernel does not read yet",
+           chunks=M3_CHUNKS, key_source=_m3_index_keys, kernel_selection=("block_indices", _m3_block_tokens),
            note="only minimax_m3_sparse layers have an indexer; it selects key blocks per index head"),
     Family("qwen4_exp", ("qwen4_exp", "qwen4_exp_text"), "self_attn.indexer", layers_of_type("indexed_attention"),
            selection=MASK, budget=lambda t: int(t.indexer_budget),

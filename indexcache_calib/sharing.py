@@ -25,6 +25,7 @@ class SharingState:
     chunk: int | None = None  # query rows per indexer call; None = automatic, 0 = one call
     chunks: dict = field(default_factory=dict)  # the family's query-axis arguments; empty: no chunking
     key_source: object = None  # indexer -> the stand-in cache its chunked calls read keys from; None: `_KeySource`
+    heads: int = 64  # the indexer's heads (`Family.index_heads`), for the automatic chunk size
     current: object = None  # selection of the nearest preceding full position, for the batch in flight
     overlap_hits: dict[int, float] = field(default_factory=dict)  # by decoder layer id
     overlap_total: dict[int, float] = field(default_factory=dict)
@@ -84,13 +85,16 @@ def _rows(value, axis: int, q0: int, q1: int):
     return value  # None, or a value with no query axis
 
 
-def run_indexer(indexer, args: tuple, kwargs: dict, chunks: dict, chunk: int | None = None, key_source=None):
+def run_indexer(indexer, args: tuple, kwargs: dict, chunks: dict, chunk: int | None = None, key_source=None,
+                heads: int = 64):
     """The layer's own selection, called with the arguments the model gave it. With `chunk` rows and a
     family whose query-axis arguments are known (`chunks`), queries are scored `chunk` rows at a time so
     the fp32 score tensor is [B, chunk, H, T] instead of [B, S, H, T]; each row, and so its top-k, is the
     one of the single call. `chunk` None picks rows automatically (see `auto_chunk`); 0 makes one call.
     A mask placeholder of the sparse path becomes the real rows each call needs. `key_source(indexer)` is the
-    stand-in cache for an indexer whose cache is not the library's `update_indexer` (see `Family.key_source`)."""
+    stand-in cache for an indexer whose cache is not the library's `update_indexer` (see `Family.key_source`);
+    `heads`, the indexer's heads as its family row reads them, sizes the automatic chunk. The selection's query
+    axis is its second to last in every family ([B, S, k], [B, heads, S, k], [B, 1, S, T])."""
     if not chunks or chunk == 0:
         return indexer(*(materialize(a) for a in args), **{k: materialize(v) for k, v in kwargs.items()})
     signature = inspect.signature(type(indexer).forward)
@@ -99,7 +103,7 @@ def run_indexer(indexer, args: tuple, kwargs: dict, chunks: dict, chunk: int | N
     hidden = named["hidden_states"]
     seq = hidden.shape[1]
     if chunk is None:
-        chunk = auto_chunk(hidden.shape[0], getattr(indexer, "n_heads", 64), seq, hidden.device)
+        chunk = auto_chunk(hidden.shape[0], heads, seq, hidden.device)
     if chunk >= seq:
         return indexer(**{k: materialize(v) for k, v in named.items()})
     keys = _KeySource() if key_source is None else key_source(indexer)
@@ -113,7 +117,7 @@ def run_indexer(indexer, args: tuple, kwargs: dict, chunks: dict, chunk: int | N
         q1 = min(q0 + chunk, seq)
         sliced = {k: (_rows(v, chunks[k], q0, q1) if k in chunks else v) for k, v in named.items()}
         parts.append(indexer(**{**sliced, kwarg: keys}))
-    return torch.cat(parts, dim=1)
+    return torch.cat(parts, dim=-2)
 
 
 def _device(args: tuple, kwargs: dict):
@@ -147,7 +151,7 @@ class IndexerProxy(nn.Module):
 
         def own():
             state.indexer_calls += 1
-            return run_indexer(self.original, args, kwargs, state.chunks, state.chunk, state.key_source)
+            return run_indexer(self.original, args, kwargs, state.chunks, state.chunk, state.key_source, state.heads)
 
         if state.pattern[self.position] == FULL:
             state.current = own()
@@ -188,4 +192,4 @@ def install_sharing(layout, state: SharingState) -> SharingHandle:
 def sharing_state(layout, pattern: str, measure_overlap: bool = True, chunk: int | None = None) -> SharingState:
     family = layout.family
     return SharingState(pattern, family.selection.overlap(layout.text), measure_overlap, chunk, dict(family.chunks),
-                        family.key_source)
+                        family.key_source, family.index_heads(layout.text))

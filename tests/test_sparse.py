@@ -27,7 +27,11 @@ DENSE_ONLY = sorted(f.name for f in FAMILIES if f.dense_only is not None)
 
 def test_every_family_is_placed():
     assert set(SPARSE) | set(DENSE_ONLY) == set(TEST_CONFIGS)
-    assert {"glm_moe_dsa", "deepseek_v32", "axk2", "hy_v4", "dots3_note", "mistral_large4"} <= set(SPARSE)
+    assert {"glm_moe_dsa", "deepseek_v32", "axk2", "hy_v4", "dots3_note", "mistral_large4", "deepseek_v4",
+            "minimax_m3_vl"} <= set(SPARSE)
+    # GLM-5.3-Flash's attention folds its top-k into a dense mask and admits no Shared layer after another;
+    # Qwen4's indexer returns a [seq, keys] mask itself.
+    assert set(DENSE_ONLY) == {"glm5_next", "qwen4_exp"}
 
 
 @pytest.fixture(scope="module", params=SPARSE)
@@ -116,15 +120,18 @@ class _SeqBySeq(TorchDispatchMode):
         return out
 
 
-# Key axes other than the sequence's own: DeepSeek-V4 attends to compressed entries, one per `rate` tokens.
-COMPRESSED_KEYS = {"deepseek_v4": lambda text, seq: [seq // r for r in text.compress_rates.values()]}
+# Key axes other than the sequence's own: DeepSeek-V4 attends to compressed entries, one per `rate` tokens;
+# MiniMax-M3's indexer scores key blocks of `index_block_size` tokens.
+COMPRESSED_KEYS = {"deepseek_v4": lambda text, seq: [seq // r for r in text.compress_rates.values()],
+                   "minimax_m3_vl": lambda text, seq: [-(-seq // int(text.index_block_size))]}
 
 
-@pytest.mark.parametrize("name", ["glm_moe_dsa", "dots3_note", "hy_v4", "deepseek_v4"])
+@pytest.mark.parametrize("name", ["glm_moe_dsa", "dots3_note", "hy_v4", "deepseek_v4", "minimax_m3_vl"])
 def test_nothing_of_size_seq_by_seq_on_the_sparse_path(name, tmp_path, monkeypatch):
     """A calibration forward with overlap measured: on the sparse path no operation produces a [seq, keys]
-    tensor (the placeholder mask holds one byte), nor, for DeepSeek-V4, a [seq, compressed entries] one; on
-    the dense path the mask is one (and DeepSeek-V4's compressor bias another)."""
+    tensor (the placeholder mask holds one byte), nor, for DeepSeek-V4, a [seq, compressed entries] one, nor,
+    for MiniMax-M3, a [seq, key blocks] one; on the dense path the mask is one (and DeepSeek-V4's compressor
+    bias, MiniMax-M3's block scores another)."""
     seq = 1000  # no model dimension is this long, nor half or an eighth of it
     arch, extra = TEST_CONFIGS[name]
     model, layout = load_with_layout(str(save_tiny(tmp_path, arch, layers=4, **extra)))
@@ -144,7 +151,7 @@ def test_nothing_of_size_seq_by_seq_on_the_sparse_path(name, tmp_path, monkeypat
     sparse_bytes, sparse_compressed, sparse_loss = largest("sparse")
     assert dense_bytes >= seq * seq
     assert sparse_bytes <= 1
-    if keys:  # the dense path's [seq, compressed entries] bias, and none on the sparse path
+    if keys:  # the dense path's [seq, compressed entries] bias or [seq, blocks] scores, and none on the sparse path
         assert dense_compressed >= seq * min(keys) * 4 and sparse_compressed == 0
     assert sparse_loss == pytest.approx(dense_loss, rel=1e-5)
 
@@ -226,10 +233,13 @@ def test_deepseek_v4_stand_in_compresses_as_its_library_and_is_put_back(tmp_path
     assert set(model.state_dict()) == keys
 
 
-def test_deepseek_v4_indexer_chunks_score_row_for_row_as_one_call(tmp_path):
+@pytest.mark.parametrize("name", ["deepseek_v4", "minimax_m3_vl"])
+def test_indexer_chunks_of_a_stand_in_key_source_score_row_for_row_as_one_call(name, tmp_path):
+    """The families whose indexer reads its keys from a cache of their own (`Family.key_source`): query chunks
+    against keys computed once select what one call selects, row for row."""
     from indexcache_calib.sharing import run_indexer
 
-    model, layout = load_with_layout(str(save_tiny(tmp_path, "deepseek_v4", layers=4)))
+    model, layout = load_with_layout(str(save_tiny(tmp_path, name, layers=4)))
     seen = {}
     handle = layout.indexers[0].register_forward_hook(
         lambda m, args, kwargs, out: seen.update(args=args, kwargs=kwargs), with_kwargs=True)
@@ -245,8 +255,9 @@ def test_deepseek_v4_indexer_chunks_score_row_for_row_as_one_call(tmp_path):
     assert (whole == -1).any() and (whole >= 0).any()  # early rows see no entry yet; later ones select
 
 
-def test_deepseek_v4_calibrates_on_the_sparse_path_with_indexer_chunks(tmp_path):
-    path = save_tiny(tmp_path / "m", "deepseek_v4", layers=6)
+@pytest.mark.parametrize("name", ["deepseek_v4", "minimax_m3_vl"])
+def test_calibrates_on_the_sparse_path_with_indexer_chunks(name, tmp_path):
+    path = save_tiny(tmp_path / "m", name, layers=6)
     write_docs(tmp_path / "data.jsonl")
     args = ["calibrate", "--model", str(path), "--data", str(tmp_path / "data.jsonl"), "--seq-len", "48",
             "--num-samples", "2", "--num-full", "2", "--no-plots"]
@@ -259,3 +270,15 @@ def test_deepseek_v4_calibrates_on_the_sparse_path_with_indexer_chunks(tmp_path)
     dense = json.loads((tmp_path / "dense" / LAYER_MAP).read_text())
     assert sparse["pattern"] == dense["pattern"]
     assert sparse["loss"]["final"] == pytest.approx(dense["loss"]["final"], rel=1e-5)
+
+
+@pytest.mark.parametrize("name", [f.name for f in FAMILIES])
+def test_the_automatic_indexer_chunk_reads_the_heads_its_family_row_names(name, tmp_path):
+    """`--indexer-chunk` left automatic sizes chunks by the indexer's heads under the config key of the family
+    row (DeepSeek-V4's and MiniMax-M3's indexers name them `num_heads`, the others `n_heads`)."""
+    from indexcache_calib.sharing import sharing_state
+
+    arch, extra = TEST_CONFIGS[name]
+    model, layout = load_with_layout(str(save_tiny(tmp_path, arch, layers=6, **extra)))
+    state = sharing_state(layout, "F" * layout.num_positions)
+    assert state.heads == layout.family.index_heads(layout.text) == 2

@@ -2,8 +2,10 @@
 
   python -m indexcache_calib.evidence.bench_long memory    peak memory and wall of one all-Full forward and of one
                                                   greedy step, dense vs sparse path, 2K to 32K tokens
-                                                  (--family deepseek_v4: the same on a random DeepSeek-V4)
-  python -m indexcache_calib.evidence.bench_long plan      what a long calibration of GLM-5 needs per length (--dry-run)
+                                                  (--family deepseek_v4 / minimax_m3_vl: the same on a random
+                                                  DeepSeek-V4 / MiniMax-M3)
+  python -m indexcache_calib.evidence.bench_long plan      what a long calibration of GLM-5 needs per length (--dry-run;
+                                                  --config deepseek_v4_flash / deepseek_v4_pro: DeepSeek-V4's)
   python -m indexcache_calib.evidence.bench_long lengths   calibrate the long model short and long (equal tokens,
                                                   equal sequences), several draws, both long domains; score
                                                   every pattern at the long length on held-out data
@@ -28,6 +30,7 @@ from indexcache_calib.evidence.common import OUT, _save, _tokens, quiet
 from indexcache_calib.errors import plural
 
 LENGTHS = (2048, 4096, 8192, 16384, 32768)
+PLAN_LENGTHS = (4096, 16384, 65536, 131072, 200_000)
 
 
 # -- memory and wall per length and path ---------------------------------------------------------
@@ -63,12 +66,19 @@ def _memory_child(model_dir: str, seq: int, path: str, what: str) -> dict:
 
 # The shape of the issue's measurement: hidden 128, index_topk 64, four indexer heads of dim 32. DeepSeek-V4
 # keeps its published compression rates (4 and 128) and window (128); its index_topk counts compressed entries.
+# MiniMax-M3 selects 4 blocks of 16 tokens (64 tokens, its local block among them) per KV head; its indexer has one
+# head per KV head, so it has 4 KV heads (8 query heads).
 MEMORY_MODELS = {
     "glm": ("random GlmMoeDsa, {layers} layers, hidden 128, index_topk 64, 4 indexer heads of dim 32", {}),
     "deepseek_v4": ("random DeepseekV4, {layers} layers (sliding, then CSA and HCA in turn), hidden 128, index_topk 64 "
                     "compressed entries, 4 indexer heads of dim 32, compress rates 4 and 128, window 128",
                     dict(compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
                          sliding_window=128)),
+    "minimax_m3_vl": ("random MiniMaxM3VL text model, {layers} layers (full attention, then minimax_m3_sparse), hidden 128, "
+                      "8 query and 4 KV heads, 4 indexer heads of dim 32, 4 blocks of 16 tokens per KV head "
+                      "(index_topk_blocks 4 with 1 local block)",
+                      dict(num_attention_heads=8, num_key_value_heads=4, index_block_size=16, index_topk_blocks=4,
+                           index_local_blocks=1)),
 }
 
 
@@ -134,28 +144,75 @@ def print_memory(result: dict) -> None:
 
 # -- what a long calibration of a published model needs, from its config alone ---------------------
 
-def bench_plan(args) -> None:
-    """`--dry-run` of GLM-5's configuration (transformers' `GlmMoeDsaConfig()`, no weights) per length
-    and attention path: the mask, the indexer's peak per call and the activation cache."""
+# Published configurations, written as config-only directories (no weights) for `--dry-run`: name -> (label, the
+# config, default lengths). GLM-5 is transformers' `GlmMoeDsaConfig()`. The DeepSeek-V4 values are those of the
+# published config.json files (deepseek-ai/DeepSeek-V4-Flash-Base, which transformers' `DeepseekV4Config()` also
+# defaults to, and deepseek-ai/DeepSeek-V4-Pro), as mirrored in engines' tests and model notes; `compress_ratios`
+# (0: sliding only, 4: compressed-sparse, 128: heavily compressed; the last entry is the MTP layer's) is the
+# config's own per-layer key, which `DeepseekV4Config` turns into `layer_types`. Their lengths start above the
+# floor (index_topk compressed entries of 4 tokens: 2,048 and 4,096 tokens) and reach their 1M context. What sizes
+# nothing in a plan (RoPE scaling, token ids) is left at the class defaults.
+V4_LENGTHS = (8192, 65536, 131072, 200_000, 1_048_576)
+_V4_COMMON = dict(vocab_size=129280, num_key_value_heads=1, head_dim=512, qk_rope_head_dim=64, num_experts_per_tok=6,
+                  n_shared_experts=1, hc_mult=4, hc_sinkhorn_iters=20, sliding_window=128, o_lora_rank=1024,
+                  index_n_heads=64, index_head_dim=128, num_nextn_predict_layers=1)
+
+
+def _glm5():
     from transformers import GlmMoeDsaConfig
 
+    return GlmMoeDsaConfig()
+
+
+def _v4_flash():
+    from transformers import DeepseekV4Config
+
+    return DeepseekV4Config(**_V4_COMMON, hidden_size=4096, moe_intermediate_size=2048, num_hidden_layers=43,
+                            num_attention_heads=64, q_lora_rank=1024, n_routed_experts=256, routed_scaling_factor=1.5,
+                            o_groups=8, index_topk=512, num_hash_layers=3, compress_ratios=[0, 0] + [4, 128] * 20 + [4, 0])
+
+
+def _v4_pro():
+    from transformers import DeepseekV4Config
+
+    return DeepseekV4Config(**_V4_COMMON, hidden_size=7168, moe_intermediate_size=3072, num_hidden_layers=61,
+                            num_attention_heads=128, q_lora_rank=1536, n_routed_experts=384, routed_scaling_factor=2.5,
+                            o_groups=16, index_topk=1024, compress_ratios=[128, 128] + [4, 128] * 29 + [4, 0])
+
+
+PLAN_CONFIGS = {
+    "glm5": ("GlmMoeDsaConfig() (GLM-5), bfloat16", _glm5, None),
+    "deepseek_v4_flash": ("DeepSeek-V4-Flash (its published config.json: 43 layers, 21 compressed-sparse, index_topk "
+                          "512 entries of 4 tokens), bfloat16", _v4_flash, V4_LENGTHS),
+    "deepseek_v4_pro": ("DeepSeek-V4-Pro (its published config.json: 61 layers, 30 compressed-sparse, index_topk 1024 "
+                        "entries of 4 tokens), bfloat16", _v4_pro, V4_LENGTHS),
+}
+
+
+def bench_plan(args) -> None:
+    """`--dry-run` of a published configuration (no weights) per length and attention path: the mask, the
+    indexer's peak per call and the activation cache."""
     from indexcache_calib.calibrate import Options, dry_run
 
+    label, build, default_lengths = PLAN_CONFIGS[args.config]
+    lengths = args.lengths or list(default_lengths or PLAN_LENGTHS)
     tmp = Path(tempfile.mkdtemp(prefix="indexcache-plan-"))
-    config = GlmMoeDsaConfig(max_position_embeddings=max(args.lengths))
+    config = build()
+    config.max_position_embeddings = max(lengths)
     config.save_pretrained(tmp)
     data = tmp / "data.txt"
     data.write_text("x\n")
     rows = []
-    for seq in args.lengths:
+    for seq in lengths:
         for path in ("dense", "sparse"):
             p = dry_run(Options(model=str(tmp), data=str(data), target="1/4", seq_len=seq, num_samples=args.samples,
                                 dtype="bfloat16", device_map="cpu", attention=path))
             rows.append({"seq_len": seq, "attention": path, "mask_per_batch": p["attention_mask_per_batch"],
                          "indexer_peak": p["indexer_peak_per_layer"], "indexer_rows": p["indexer_rows_per_call"],
-                         "activation_cache": p["activation_cache"]})
-    result = {"model": "GlmMoeDsaConfig() (GLM-5), bfloat16", "samples": args.samples, "rows": rows}
-    _save("long_plan", result)
+                         "activation_cache": p["activation_cache"], "pattern_positions": p["pattern_positions"],
+                         "num_layers": p["num_layers"], "weights_total": p["weights_total"]})
+    result = {"model": label, "config": args.config, "samples": args.samples, "rows": rows}
+    _save("long_plan" if args.config == "glm5" else f"long_plan_{args.config}", result)
     print_plan(result)
 
 
@@ -368,7 +425,9 @@ def main() -> None:
     c.add_argument("--path", choices=["dense", "sparse"])
     c.add_argument("--what", choices=["forward", "step"])
     pl = sub.add_parser("plan")
-    pl.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536, 131072, 200_000])
+    pl.add_argument("--config", choices=sorted(PLAN_CONFIGS), default="glm5", help="the published configuration planned")
+    pl.add_argument("--lengths", type=int, nargs="+", default=None,
+                    help=f"tokens (default: {' '.join(map(str, PLAN_LENGTHS))}; DeepSeek-V4: {' '.join(map(str, V4_LENGTHS))})")
     pl.add_argument("--samples", type=int, default=1)
     ln = sub.add_parser("lengths")
     ln.add_argument("--model", default="tiny-dsa-long")
