@@ -70,9 +70,9 @@ SMOKE = {
     "indexcache_calib.evidence.bench gpu": Smoke(["--smoke"], "outputs/bench/gpu.json", "| smoke |"),
     # Each `memory` cell is a fresh process; 512 tokens is the least that adds measurable memory (a cell
     # that adds none makes the report divide by zero).
-    "indexcache_calib.evidence.bench_long memory": Smoke(["--lengths", "512", "--layers", "1"], "outputs/bench/long_memory.json",
+    "indexcache_calib.evidence.bench_long memory": Smoke(["--lengths", "512", "--layers", "1"], "outputs/bench/long_memory*.json",
                                                 "| tokens | forward dense", first=ONE_THREAD),
-    "indexcache_calib.evidence.bench_long plan": Smoke(["--lengths", "4096"], "outputs/bench/long_plan.json", "| tokens | mask per batch",
+    "indexcache_calib.evidence.bench_long plan": Smoke(["--lengths", "8192"], "outputs/bench/long_plan*.json", "| tokens | mask per batch",
                                               first=ONE_THREAD),
     "indexcache_calib.evidence.bench_long lengths": Smoke(["--model", MODEL, "--short", "32", "--long", "64", "--draws", "2",
                                                            "--domains", "code", "--long-samples", "1", "--heldout-samples", "2"],
