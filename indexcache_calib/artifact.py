@@ -122,12 +122,23 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         raise CalibError(f"cannot write to output directory {run_dir}: {e.strerror or e}")
 
 
-def save_tokens(path: Path, ids: torch.Tensor, metadata: dict) -> None:
-    atomic_write(path, save({"input_ids": ids.contiguous()}, metadata={k: str(v) for k, v in metadata.items()}))
+WEIGHTS = "token_weights"  # beside input_ids where the objective weighs tokens: [sequences, seq_len - 1]
+
+
+def save_tokens(path: Path, ids: torch.Tensor, metadata: dict, weights: torch.Tensor | None = None) -> None:
+    tensors = {"input_ids": ids.contiguous()}
+    if weights is not None:
+        tensors[WEIGHTS] = weights.float().contiguous()
+    atomic_write(path, save(tensors, metadata={k: str(v) for k, v in metadata.items()}))
 
 
 def load_tokens(path: Path) -> torch.Tensor:
     return load_file(str(path))["input_ids"]
+
+
+def load_token_weights(path: Path) -> torch.Tensor | None:
+    """The objective's token weights saved with a run's tokens; None for the LM objective."""
+    return load_file(str(path)).get(WEIGHTS)
 
 
 TRACE_COLUMNS = [

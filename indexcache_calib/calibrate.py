@@ -22,6 +22,7 @@ from indexcache_calib import artifact as art
 from indexcache_calib import data as dat
 from indexcache_calib import dryrun
 from indexcache_calib import model as mdl
+from indexcache_calib import objective as obj
 from indexcache_calib.data import tokens_sha256
 from indexcache_calib.deploy import consumer_keys, engine_args
 from indexcache_calib.errors import EXIT_OUT_OF_MEMORY, EXIT_RESUME_MISMATCH, CalibError, check_resume_overwrite, is_out_of_memory, plural
@@ -76,6 +77,10 @@ class Options:
     race_first: int | None = None  # sequences in the first round
     tolerance: str | float | None = None  # nats per step, "auto", or 0 for none (see search.Race)
     attention: str = "auto"  # sparse, dense, or auto: sparse where the family passes its selection as indices
+    objective: str = obj.DEFAULT_OBJECTIVE  # what a pattern is scored on (objective.OBJECTIVES)
+    retrieval: str | None = None  # --objective retrieval: the probe kinds, as given ("all", "needle,copy")
+    key_window: int | None = None  # --objective key-tokens: the short context (None: from the indexer's budget)
+    key_margin: float = obj.DEFAULT_KEY_MARGIN  # --objective key-tokens: nats a key token gains from far context
 
     def fingerprint_fields(self, ckpt) -> dict:
         # What must not change between a run and its resume. The target may: F-sets are nested, so a
@@ -90,6 +95,15 @@ class Options:
             # Absent while measured, as in older checkpoints: a trace half with overlap and half without
             # would say neither. `same_fingerprint` reads a missing value as measured.
             settings["overlap"] = False
+        if self.objective != obj.DEFAULT_OBJECTIVE:  # absent for lm, as in checkpoints written before objectives
+            settings["objective"] = self.objective
+            if self.objective == "retrieval":
+                from indexcache_calib.probes import parse_kinds
+
+                settings["retrieval"] = parse_kinds(self.retrieval)
+            else:
+                rule = key_rule(self, ckpt)
+                settings.update(key_window=rule.window, key_margin=rule.margin)
         return {**settings, "attention": attention_for(self, ckpt)}
 
     def race(self) -> Race:
@@ -131,6 +145,8 @@ class Prepared:
     skipped: list[str] = field(default_factory=list)
     checkpoint: object = None  # model.Checkpoint
     self_check: dict = field(default_factory=dict)
+    weights: object = None  # the objective's token weights [sequences, seq_len - 1]; None: every token (lm)
+    objective: dict | None = None  # what the layer map records of the objective
 
 
 @dataclass
@@ -142,6 +158,8 @@ class Tokens:
     available: int
     data_sha256: str | None
     skipped: list[str] = field(default_factory=list)
+    weights: object = None  # --objective retrieval: the probes' answer tokens, known before any weights load
+    objective: dict | None = None  # what the layer map records of the objective, where known before loading
 
 
 @dataclass
@@ -276,12 +294,19 @@ def check_for_family(opts: Options, ckpt) -> None:
     """What depends on the model family, checked before any weights load."""
     check_seq_len(opts, ckpt)
     attention_for(opts, ckpt)
+    if opts.objective == "key-tokens":
+        key_rule(opts, ckpt)
     if opts.indexer_chunk and not ckpt.family.chunks:
         raise CalibError(
             f"--indexer-chunk {opts.indexer_chunk} is not possible for {ckpt.family.name}: its indexer cannot score "
             "queries in chunks against keys computed once",
             hint="leave --indexer-chunk out; this family's indexer runs in one call",
         )
+
+
+def key_rule(opts: Options, ckpt) -> obj.KeyRule:
+    """--objective key-tokens' rule, its window defaulting to the model's indexer budget."""
+    return obj.key_rule(opts.key_window, opts.key_margin, ckpt.family.seq_len_floor(ckpt.text), opts.seq_len)
 
 
 def check_seq_len(opts: Options, ckpt, flag: str = "--seq-len") -> None:
@@ -348,6 +373,11 @@ def check_options(opts: Options) -> None:
     if opts.race_first is not None and opts.race_first < 2:
         raise CalibError("--race-first must be at least 2 sequences", hint="a paired standard error needs two")
     parse_tolerance(opts.tolerance)
+    obj.check_objective(opts.objective, opts.retrieval)
+    if opts.retrieval:
+        from indexcache_calib.probes import parse_kinds
+
+        parse_kinds(opts.retrieval)
     if opts.race_first is not None and -(-opts.race_first // opts.batch_size) >= -(-opts.num_samples // opts.batch_size):
         raise CalibError(
             f"--race-first {opts.race_first} with {plural(opts.num_samples, 'sequence')}: the first round already "
@@ -408,11 +438,32 @@ def read_tokens(opts: Options, hooks: Hooks, tokenizer) -> Tokens:
         hooks.warn(f"{opts.data}: skipped {note}")
     for note in docs.notes:
         hooks.warn(f"{opts.data}: {note}")
+    if opts.objective == "retrieval":
+        return retrieval_tokens(opts, tokenizer, docs)
     ids, available = dat.pack(docs.texts, tokenizer, opts.seq_len, opts.num_samples, opts.seed)
     if available < opts.num_samples:
         hooks.warn(f"the data fills only {plural(available, 'sequence')} of {opts.seq_len} tokens; "
                    f"calibrating on {available}, not {opts.num_samples}")
     return Tokens(tokenizer, ids, available, dat.file_sha256(opts.data), docs.skipped)
+
+
+def retrieval_tokens(opts: Options, tokenizer, docs) -> Tokens:
+    """--objective retrieval: --num-samples probes of --seq-len tokens from --data as the haystack, the kinds
+    taking turns and each kind's depths spread evenly; the answer tokens are the weights."""
+    from indexcache_calib.probes import Builder, haystack_stream, parse_kinds
+
+    kinds = parse_kinds(opts.retrieval)
+    builder = Builder(tokenizer, haystack_stream(docs.texts, tokenizer))
+    builder.check(kinds, [opts.seq_len], opts.data)
+    per_kind = -(-opts.num_samples // len(kinds))
+    built = builder.build(kinds, [opts.seq_len], per_kind, opts.seed)
+    by_kind = [built[k * per_kind : (k + 1) * per_kind] for k in range(len(kinds))]
+    probes = [p for group in zip(*by_kind) for p in group][: opts.num_samples]
+    weights = obj.answer_weights(probes, opts.seq_len)
+    info = {"name": "retrieval", "kinds": kinds, "seq_len": opts.seq_len, "seed": opts.seed, "probes": len(probes),
+            "answer_tokens": int(weights.sum()), "data": opts.data, "data_sha256": dat.file_sha256(opts.data)}
+    ids = torch.tensor([p.ids for p in probes], dtype=torch.long)
+    return Tokens(tokenizer, ids, len(probes), dat.file_sha256(opts.data), docs.skipped, weights, info)
 
 
 def prepare(opts: Options, hooks: Hooks, ids=None, check_config=None, ckpt=None, before_loading=None,
@@ -478,8 +529,9 @@ def search_plan(opts: Options, ckpt) -> tuple[int, str]:
     return num_full, start
 
 
-def make_runner(prep: Prepared, opts: Options, cache_device: str | None = None):
-    """`cache_device`: where the prefix cache goes (`choose_cache_device`); default --cache-device as given."""
+def make_runner(prep: Prepared, opts: Options, cache_device: str | None = None, weights=None):
+    """`cache_device`: where the prefix cache goes (`choose_cache_device`); default --cache-device as given.
+    `weights`: the objective's token weights (default the prepared run's; None scores every token)."""
     from indexcache_calib.runner import PatternRunner  # deferred: see HF_HUB_OFFLINE at the top
 
     # The naive search is the paper's reference: every candidate is a full forward, no prefix reuse.
@@ -487,6 +539,7 @@ def make_runner(prep: Prepared, opts: Options, cache_device: str | None = None):
     return PatternRunner(
         prep.model, prep.layout, prep.ids, batch_size=opts.batch_size, measure_overlap=opts.overlap,
         indexer_chunk=opts.indexer_chunk, cache_device="none" if opts.search == "naive" else cache_device,
+        weights=prep.weights if weights is None else weights,
     )
 
 
@@ -656,8 +709,10 @@ def _calibrate(opts: Options, hooks: Hooks, run: RunPlan, t_start: float, world)
     """Load, resume, search, and write the layer map (rank 0; other ranks return ({}, run_dir))."""
     run_dir = run.run_dir
     prep = prepare(opts, hooks, ckpt=run.ckpt, tokens=run.tokens)
+    prep.weights, prep.objective = objective_weights(opts, hooks, prep, run)
     if world.is_main:  # before the first step, so an interrupted run can be scored (evaluate --tokens)
-        art.save_tokens(run_dir / art.TOKENS, prep.ids, {"tokens_sha256": tokens_sha256(prep.ids), "seq_len": opts.seq_len})
+        art.save_tokens(run_dir / art.TOKENS, prep.ids, {"tokens_sha256": tokens_sha256(prep.ids), "seq_len": opts.seq_len,
+                                                         "objective": opts.objective}, prep.weights)
     config_sha = mdl.config_sha256(prep.source)
     fp = fingerprint(opts, prep, config_sha)
     resumed = resume_steps(run_dir, run.saved, fp, run.num_full, hooks)
@@ -672,11 +727,42 @@ def _calibrate(opts: Options, hooks: Hooks, run: RunPlan, t_start: float, world)
         "host_platform": platform.platform(),
     }
     layer_map = build_layer_map(opts, prep.layout, result, provenance(opts, prep, config_sha), environment,
-                                composite=prep.checkpoint.text is not prep.checkpoint.config)
+                                composite=prep.checkpoint.text is not prep.checkpoint.config, objective=prep.objective)
     if opts.plots:
         calibration_plots(layer_map, run_dir)
     art.write_json(run_dir / art.LAYER_MAP, layer_map)
     return layer_map, run_dir
+
+
+def objective_weights(opts: Options, hooks: Hooks, prep: Prepared, run: RunPlan):
+    """The token weights the search scores, and what the layer map records of the objective. Key tokens are
+    found here, on the loaded all-Full model, once per run: a resumed run reads them back from its tokens file."""
+    if opts.objective == "lm":
+        return None, {"name": "lm"}
+    if opts.objective == "retrieval":
+        return run.tokens.weights, run.tokens.objective
+    rule = key_rule(opts, prep.checkpoint)
+    saved = run.run_dir / art.TOKENS
+    if opts.resume and saved.is_file():
+        old = art.load_token_weights(saved)
+        if old is not None and torch.equal(art.load_tokens(saved), prep.ids) and run.saved is not None:
+            info = run.saved.get("objective")
+            if info and info.get("window") == rule.window and info.get("margin") == rule.margin:
+                return old, info
+    from indexcache_calib.runner import PatternRunner  # deferred: see HF_HUB_OFFLINE at the top
+
+    hooks.message(f"finding key tokens: every sequence whole, then in windows of {2 * rule.window + 1:,} tokens (all-Full)")
+    all_full = all_full_pattern(prep.checkpoint)
+
+    def losses(ids):
+        runner = PatternRunner(prep.model, prep.layout, ids, batch_size=opts.batch_size, measure_overlap=False,
+                               indexer_chunk=opts.indexer_chunk, cache_device="none")
+        return runner.token_losses(all_full)
+
+    weights, info = obj.key_token_weights(prep.ids, losses(prep.ids), rule, losses)
+    info = {"name": "key-tokens", **info}
+    hooks.message(obj.describe(info))
+    return weights, info
 
 
 @dataclass
@@ -744,7 +830,7 @@ def run_search(opts: Options, hooks: Hooks, prep: Prepared, run: RunPlan, fp: di
             return
         steps = steps + later[len(steps) - len(done):]
         art.write_json(run_dir / art.CHECKPOINT, {
-            "fingerprint": fp, "baseline_loss": baseline[0].loss if baseline else None,
+            "fingerprint": fp, "baseline_loss": baseline[0].loss if baseline else None, "objective": prep.objective,
             "steps": [s.to_json() for s in steps],
         })
         art.write_trace(run_dir / art.TRACE, baseline[0].loss, steps, layout.positions)
@@ -883,7 +969,7 @@ def provenance(opts: Options, prep: Prepared, config_sha: str | None) -> dict:
 
 
 def build_layer_map(opts: Options, layout, result: SearchResult, provenance: dict, environment: dict,
-                    composite: bool) -> dict:
+                    composite: bool, objective: dict | None = None) -> dict:
     """The layer map: a function of the search result, the model's layout, the options, the provenance and
     the session's environment (wall time, processes, cache device, host), reading nothing else."""
     family, positions, final, steps = layout.family, layout.positions, result.final, result.steps
@@ -903,6 +989,8 @@ def build_layer_map(opts: Options, layout, result: SearchResult, provenance: dic
         "source_layers": source_layers(final, positions),
         "layer_overlap": {str(k): v for k, v in result.layer_overlap.items()},
         "target": {"spec": opts.target, "num_full": result.num_full},
+        # What `loss` and `path` score: every token (lm), key tokens or probe answers, and what rebuilds them.
+        "objective": objective or {"name": "lm"},
         "loss": {
             "all_full": result.all_full_loss,
             "start": result.start_score.loss,

@@ -123,6 +123,14 @@ def calibrate(
     overwrite: bool = typer.Option(False, help="Replace the results already in --out."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots next to the layer map."),
     start_pattern: Optional[str] = typer.Option(None, help="Start the search from this F/S pattern instead of all-F."),
+    objective: str = typer.Option("lm", help="What a pattern is scored on: lm (mean LM loss over every token, the paper's), "
+                                  "key-tokens (LM loss on the tokens whose loss the far context lowers, found on all-Full), "
+                                  "or retrieval (answer tokens of retrieval probes built from --data; needs --retrieval)."),
+    retrieval: Optional[str] = typer.Option(None, "--retrieval", metavar="KINDS", help="--objective retrieval: probe kinds "
+                                            "needle, multikey, copy (comma list) or all; --num-samples probes of --seq-len tokens."),
+    key_window: Optional[int] = typer.Option(None, show_default="2 x the indexer's budget", help="--objective key-tokens: "
+                                             "the short context, in tokens: a key token is scored with between this and twice this many tokens before it."),
+    key_margin: float = typer.Option(0.5, help="--objective key-tokens: nats the whole context must lower a token's loss by, against the short window."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the memory and work the run will need, load no weights, and exit."),
     as_json: bool = typer.Option(False, "--json", help="Print the layer map as JSON on stdout."),
 ) -> None:
@@ -136,7 +144,8 @@ def calibrate(
         dtype=dtype, max_memory=max_memory, offload_dir=offload_dir, trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle, resume=resume, overwrite=overwrite, plots=plots,
         start_pattern=start_pattern, cache_budget=cache_budget, race_alpha=race_alpha, race_first=race_first,
-        tolerance=tolerance, attention=attention,
+        tolerance=tolerance, attention=attention, objective=objective, retrieval=retrieval, key_window=key_window,
+        key_margin=key_margin,
     )
     if dry_run:
         with handled():
@@ -305,6 +314,11 @@ def _print_summary(layer_map: dict, run_dir) -> None:
     table = Table(title="IndexCache layer map", show_header=False, title_justify="left")
     table.add_row("pattern", layer_map["pattern"])
     table.add_row("full layers", f"{layer_map['num_full']} of {layer_map['num_layers']}: {layer_map['full_layers']}")
+    objective = layer_map.get("objective") or {"name": "lm"}
+    if objective["name"] != "lm":
+        from indexcache_calib.objective import describe as describe_objective
+
+        table.add_row("objective", describe_objective(objective))
     table.add_row("loss all-F", f"{loss['all_full']:.5f}")
     table.add_row("loss pattern", f"{loss['final']:.5f} (delta {loss['delta']:+.5f})")
     for key, value in search_rows(layer_map):

@@ -17,6 +17,7 @@ from indexcache_calib import model as mdl
 from indexcache_calib.errors import EXIT_BAD_INPUT, CalibError, plural
 from indexcache_calib.families import BY_MODEL_TYPE
 from indexcache_calib.length_curve import LENGTH_CURVE, engine_setting
+from indexcache_calib.retrieval import RETRIEVAL
 from indexcache_calib.pattern import check_pattern, full_layers, indexer_types, source_layers
 from indexcache_calib.search import DECIDED_SE
 
@@ -673,4 +674,6 @@ def summary(lm: dict, path: Path | None = None) -> dict:
         "search": {"strategy": (lm.get("search") or {}).get("strategy"), "tolerance": tolerance_text(lm.get("search") or {})},
         "provenance": lm.get("provenance") or {},
         "length_curve": lm.get(LENGTH_CURVE),
+        "objective": lm.get("objective") or {"name": "lm"},
+        "retrieval": lm.get(RETRIEVAL),
     }

@@ -196,6 +196,11 @@ def _draw(data: dict) -> None:
     legend.append("F", style=F_STYLE).append(" full: runs its own indexer   ").append("S", style=S_STYLE).append(" shared: reuses the nearest F above")
     out.print(legend)
     loss = data["loss"]
+    objective = data.get("objective") or {"name": "lm"}
+    if objective["name"] != "lm":
+        from indexcache_calib.objective import describe as describe_objective
+
+        out.print(Text(f"objective {describe_objective(objective)}"))
     out.print(Text(f"loss {loss['final']:.5f}, all-F {loss['all_full']:.5f}, delta {loss['final'] - loss['all_full']:+.5f}"))
     search = data.get("search") or {}
     if search.get("strategy"):
@@ -242,6 +247,12 @@ def _draw(data: dict) -> None:
                             "-" if p["mean_overlap"] is None else f"{p['mean_overlap']:.3f}", uniform)
         out.print(lengths)
         out.print(Text(f"length curve: {curve['recommendation']['text']}"))
+
+    if data.get("retrieval"):
+        from indexcache_calib.retrieval import lines as retrieval_lines
+
+        for line in retrieval_lines(data["retrieval"]):
+            out.print(Text(line))
 
     prov = Table(title="provenance", title_justify="left", show_header=False)
     prov.add_column("key")

@@ -62,15 +62,20 @@ def read_tokens(path: str | Path) -> tuple[torch.Tensor, Path]:
     return ids.long(), path
 
 
-def load_inputs(opts: Options, hooks: Hooks, tokens: str | None, check_config=None, before_loading=None) -> tuple[Prepared, Options]:
-    """`prepare` on --data, or on the exact token ids of a run (--tokens); with the options the tokens
-    imply (their file, length and count), as a new object."""
+def load_inputs(opts: Options, hooks: Hooks, tokens: str | None, check_config=None, before_loading=None,
+                ids: torch.Tensor | None = None) -> tuple[Prepared, Options]:
+    """`prepare` on --data, on the exact token ids of a run (--tokens), or on `ids` made from --data (probes);
+    with the options the tokens imply (their file, length and count), as a new object."""
     if (opts.data is None) == (tokens is None):
         raise CalibError("give exactly one of --data and --tokens")
     check_options(opts)
-    ids = None
+    weights = None
     if tokens is not None:
         ids, path = read_tokens(tokens)
+        # A run calibrated on key tokens or probe answers saved their weights beside the ids: its losses are those.
+        weights = art.load_token_weights(path)
+        if weights is not None:
+            hooks.message(f"{path} carries its run's token weights: losses are over the tokens that run scored")
         opts = replace(opts, data=str(path), seq_len=ids.shape[1], num_samples=ids.shape[0])
 
     def check(ckpt):
@@ -83,7 +88,9 @@ def load_inputs(opts: Options, hooks: Hooks, tokens: str | None, check_config=No
         if check_config is not None:
             check_config(ckpt)
 
-    return prepare(opts, hooks, ids=ids, check_config=check, before_loading=before_loading), opts
+    prep = prepare(opts, hooks, ids=ids, check_config=check, before_loading=before_loading)
+    prep.weights = weights
+    return prep, opts
 
 
 def data_label(data: str) -> str:
@@ -286,10 +293,7 @@ def evaluate(
     every = parse_uniform(uniform)
     maps = read_layer_maps(list(layer_maps))
     patterns = list(patterns)
-    if csv_path is not None:
-        csv_path = Path(csv_path)
-        if csv_path.is_dir() or not csv_path.resolve().parent.is_dir():
-            raise CalibError(f"cannot write --out {csv_path}: " + ("it is a directory" if csv_path.is_dir() else "its directory does not exist"))
+    csv_path = _csv_target(csv_path)
     if lengths:
         if tokens is not None:
             raise CalibError("--lengths draws sequences of each length from --data; --tokens holds one length",
@@ -342,6 +346,15 @@ def evaluate(
     return rows
 
 
+def _csv_target(csv_path: str | None) -> Path | None:
+    if csv_path is None:
+        return None
+    path = Path(csv_path)
+    if path.is_dir() or not path.resolve().parent.is_dir():
+        raise CalibError(f"cannot write --out {path}: " + ("it is a directory" if path.is_dir() else "its directory does not exist"))
+    return path
+
+
 def _score_entries(prep: Prepared, opts: Options, todo: list[Entry], hooks: Hooks) -> list[dict]:
     """Every entry on `prep.ids`: loss, delta to all-F (the first entry) with its paired SE over the
     sequences, and each Shared layer's top-k overlap."""
@@ -386,5 +399,86 @@ def record_curve(arg: str, curve: dict) -> Path:
         path = path / art.LAYER_MAP
     lm = art.read_layer_map(path)
     lm[LENGTH_CURVE] = curve
+    art.write_json(path, lm)
+    return path
+
+
+# -- retrieval -------------------------------------------------------------------------------------
+
+
+def evaluate_retrieval(
+    opts: Options,
+    hooks: Hooks | None = None,
+    kinds: str = "all",
+    lengths: list[int] | None = None,
+    uniform: str = "2,4,8",
+    layer_maps: list[str] = (),
+    patterns: list[str] = (),
+    csv_path: str | None = None,
+) -> list[dict]:
+    """Score every entry on retrieval probes built from --data (the haystack): --num-samples probes of each
+    kind at each length, depths spread evenly, the same probes for every entry. One row per entry, length
+    and kind: exact match and answer-token loss, their paired differences from all-Full, and by depth."""
+    from indexcache_calib.objective import answer_weights
+    from indexcache_calib.probes import Builder, haystack_stream, parse_kinds
+    from indexcache_calib.retrieval import ProbeScores, rows_for
+
+    hooks = hooks or Hooks()
+    names = parse_kinds(kinds)
+    every = parse_uniform(uniform)
+    maps = read_layer_maps(list(layer_maps))
+    patterns = list(patterns)
+    csv_path = _csv_target(csv_path)
+    lengths = sorted(set(lengths or [opts.seq_len]))
+    check_options(opts)
+    ckpt = mdl.inspect_checkpoint(mdl.resolve(opts.model), opts.trust_remote_code)
+    for n in lengths:
+        check_seq_len(replace(opts, seq_len=n), ckpt, flag="--lengths" if len(lengths) > 1 or n != opts.seq_len else "--seq-len")
+    entries(ckpt, every, maps, patterns)  # a bad pattern is refused before the data is read
+    tokenizer = load_tokenizer(opts, mdl.resolve(opts.model))
+    docs = read_documents(opts.data, tokenizer, opts.text_field)
+    builder = Builder(tokenizer, haystack_stream(docs.texts, tokenizer))
+    builder.check(names, lengths, opts.data)
+    probes = {n: builder.build(names, [n], opts.num_samples, opts.seed) for n in lengths}
+    sets = {n: torch.tensor([p.ids for p in ps]) for n, ps in probes.items()}
+    first = lengths[0]
+    with _memory_errors():
+        prep, opts = load_inputs(replace(opts, seq_len=first), hooks, None, None, None, ids=sets[first])
+        todo = entries(prep.checkpoint, every, maps, patterns)
+        rows = []
+        for n in lengths:
+            hooks.message(f"{n:,} tokens: {plural(len(probes[n]), 'probe')} ({', '.join(names)})")
+            runner = make_runner(replace(prep, ids=sets[n]), opts, "none", weights=answer_weights(probes[n], n))
+            scored: dict[str, ProbeScores] = {}
+            try:
+                for e in todo:
+                    if e.pattern not in scored:
+                        score = runner.score(e.pattern)
+                        scored[e.pattern] = ProbeScores([x * runner.norm for x in score.seq_losses],
+                                                        [len(p.answer) for p in probes[n]], list(runner.last_exact))
+                    s = scored[e.pattern]
+                    hooks.message(f"{e.name}: {e.pattern.count(FULL)} Full, exact match {sum(s.exact)}/{len(s.exact)}")
+            finally:
+                runner.close()
+            ref = scored[todo[0].pattern]
+            for e in todo:
+                entry = {"name": e.name, "kind": e.kind, "pattern": e.pattern, "num_full": e.pattern.count(FULL)}
+                rows += rows_for(entry, probes[n], scored[e.pattern], ref, e is todo[0])
+    if csv_path is not None:
+        columns = ["name", "kind", "num_full", "probe", "seq_len", "probes", "exact_match", "exact_match_delta",
+                   "exact_match_se", "answer_loss", "delta", "paired_se", "pattern"]
+        art.atomic_write(csv_path, pd.DataFrame(rows, columns=columns).to_csv(index=False, float_format="%.9g", lineterminator="\n"))
+    return rows
+
+
+def record_retrieval(arg: str, rec: dict) -> Path:
+    """Write a retrieval result into a layer map (replacing any earlier one), atomically."""
+    from indexcache_calib.retrieval import RETRIEVAL
+
+    path = Path(arg)
+    if path.is_dir():
+        path = path / art.LAYER_MAP
+    lm = art.read_layer_map(path)
+    lm[RETRIEVAL] = rec
     art.write_json(path, lm)
     return path

@@ -102,6 +102,9 @@ def evaluate(
     record: bool = typer.Option(False, "--record", help="With --lengths: write the curve into the one --layer-map "
                                 "(`show` prints it, `export` carries its minimum length)."),
     plot: Optional[str] = typer.Option(None, "--plot", help="With --lengths: draw loss over all-Full against length to this PNG."),
+    retrieval: Optional[str] = typer.Option(None, "--retrieval", help="Score retrieval probes instead of LM loss: "
+                                            "kinds needle, multikey, copy (comma list) or all, built from --data as the "
+                                            "haystack, --num-samples of each kind at each of --lengths (default --seq-len)."),
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON on stdout (with --lengths: rows and curves)."),
 ) -> None:
     """Score all-F, uniform interleaving, layer maps and patterns on the same tokens, with one model load."""
@@ -118,6 +121,9 @@ def evaluate(
         from indexcache_calib import length_curve as lc
 
         spans = lc.parse_lengths(lengths) if lengths is not None else None
+        if retrieval is not None:
+            return _evaluate_retrieval(opts, retrieval, spans, tokens, uniform, layer_map or [], pattern or [], out_csv,
+                                       record, plot, as_json, model)
         lc.check_max_delta(max_delta)
         if spans is None and (record or plot):
             raise CalibError(f"{'--record' if record else '--plot'} draws the loss across lengths: give --lengths too")
@@ -170,6 +176,57 @@ def evaluate(
         out.print(f"plot: {plot}", markup=False)
     if record:
         out.print(f"length curve recorded in {written}", markup=False)
+
+
+def _evaluate_retrieval(opts, kinds: str, spans, tokens, uniform, layer_map, pattern, out_csv, record: bool,
+                        plot, as_json: bool, model: str) -> None:
+    from indexcache_calib.errors import CalibError
+    from indexcache_calib.probes import parse_kinds
+
+    names = parse_kinds(kinds)
+    if tokens is not None:
+        raise CalibError("--retrieval builds its probes from --data (the haystack); --tokens holds a run's own tokens",
+                         hint="pass --data (held-out documents) with --retrieval")
+    if opts.data is None:
+        raise CalibError("--retrieval builds its probes from --data: give the documents to use as the haystack")
+    if plot:
+        raise CalibError("--plot draws the loss across lengths; with --retrieval the rows are the result (--json, --out)")
+    if record and len(layer_map) != 1:
+        raise CalibError("--record writes the retrieval result into one layer map: give exactly one --layer-map")
+    _quiet_libraries()
+    from indexcache_calib.data import file_sha256
+    from indexcache_calib.diagnostics import evaluate_retrieval, record_retrieval
+    from indexcache_calib.retrieval import record as retrieval_record
+
+    rows = evaluate_retrieval(opts, _hooks(), ",".join(names), spans, uniform, layer_map, pattern, out_csv)
+    written = None
+    if record:
+        name = next(r["name"] for r in rows if r["kind"] == "layer map")
+        meta = {"data": opts.data, "data_sha256": file_sha256(opts.data), "seed": opts.seed,
+                "num_samples": opts.num_samples, "kinds": names, "lengths": sorted({r["seq_len"] for r in rows})}
+        written = record_retrieval(layer_map[0], retrieval_record(rows, name, meta))
+    if as_json:
+        out.print(json.dumps(rows, indent=2), markup=False)
+        return
+    table = Table(title=f"{model} on {opts.data}: retrieval probes", title_justify="left")
+    for col in ("name", "F", "tokens", "probe", "exact match", "vs all-F (SE)", "answer loss", "delta (SE)", "EM by depth"):
+        table.add_column(col, justify="left" if col in ("name", "probe") else "right")
+    for r in rows:
+        em_d = "" if r["exact_match_delta"] is None else f"{r['exact_match_delta']:+.2f}" + (
+            "" if r["exact_match_se"] is None else f" ({r['exact_match_se']:.2f})")
+        loss_d = "" if r["delta"] is None else f"{r['delta']:+.3f}" + ("" if r["paired_se"] is None else f" ({r['paired_se']:.3f})")
+        depth = " ".join(f"{b['exact_match']:.2f}" for b in r["by_depth"])
+        table.add_row(r["name"], str(r["num_full"]), f"{r['seq_len']:,}", r["probe"], f"{r['exact_match']:.2f}", em_d,
+                      f"{r['answer_loss']:.3f}", loss_d, depth)
+    out.print(table)
+    out.print("EM by depth: exact match of the probes whose answer sits in each quarter of the haystack, first to last", markup=False)
+    for r in rows:
+        if r["seq_len"] == rows[0]["seq_len"] and r["probe"] == rows[0]["probe"]:
+            out.print(f"{r['name']}: {r['pattern']}", markup=False)
+    if out_csv:
+        out.print(f"rows: {out_csv}", markup=False)
+    if written:
+        out.print(f"retrieval recorded in {written}", markup=False)
 
 
 def _hooks():

@@ -110,7 +110,12 @@ class PatternRunner:
         indexer_chunk: int | None = None,
         cache_device: str = "cpu",
         logits_chunk: int = 1024,
+        weights: torch.Tensor | None = None,
     ):
+        """`weights`: [sequences, seq_len - 1], how much each label position counts (the objective's token
+        weights: answer tokens, key tokens); None counts every position once, the paper's LM loss. A
+        sequence's loss is its weighted sum over the mean weight of a sequence, so the mean of sequence
+        losses is the weighted mean over every token and paired differences stay per sequence."""
         self.model, self.layout, self.tokens = model, layout, tokens
         self.batch_size = max(1, batch_size)
         self.logits_chunk = logits_chunk
@@ -127,6 +132,13 @@ class PatternRunner:
         self._pieces: dict[str, _Candidate] = {}  # a race's partial scores this step, by pattern
         self._last_scored: tuple | None = None  # without a cache: the step's best candidate
         self._batches = [tokens[i : i + self.batch_size] for i in range(0, len(tokens), self.batch_size)]
+        self._weights = None if weights is None else [weights[i : i + self.batch_size] for i in range(0, len(tokens), self.batch_size)]
+        total = tokens.shape[1] - 1 if weights is None else float(weights.double().sum()) / len(tokens)
+        if not total > 0:
+            raise ValueError("the token weights weigh no token")
+        self.norm = total
+        self.last_exact: list[bool] | None = None  # with weights: per sequence of the last evaluation
+        self._token_losses: list | None = None
         self._last_batches: dict[int, _Batch] = {}
         # The race's lazy base (`rebase`): per batch, what is known of the committed pattern there (its sums
         # once it has run to the end; overlap counts of the layers whose input is still its own), and the
@@ -149,27 +161,49 @@ class PatternRunner:
 
     # -- one forward -------------------------------------------------------------------------------
 
-    def _forward(self, ids: torch.Tensor) -> list[float]:
-        """Summed next-token cross-entropy per sequence. The logits come `logits_chunk` positions at a
-        time: the first call runs the layers, later calls replay the last layer's output, so the logits
-        never exceed [batch, logits_chunk, vocab]."""
+    def _forward(self, ids: torch.Tensor, weights: torch.Tensor | None = None, per_token: bool = False):
+        """Summed next-token cross-entropy per sequence, weighted by `weights` ([batch, seq - 1], one per
+        label position) where given. The logits come `logits_chunk` positions at a time, and with weights
+        only at the positions some sequence weighs: the first call runs the layers, later calls replay the
+        last layer's output, so the logits never exceed [batch, logits_chunk, vocab].
+
+        Returns (sums, exact, losses): with weights, `exact` says per sequence whether every weighted label is
+        the argmax of its logits (teacher-forced exact match); with `per_token`, `losses` is the whole
+        [batch, seq - 1] cross-entropy."""
         device = self.model.get_input_embeddings().weight.device
         if device.type != "meta":  # offloaded embeddings: accelerate's hook moves the input itself
             ids = ids.to(device)
         driver = self._driver
         sums = torch.zeros(ids.shape[0], dtype=torch.float64)
-        for p0 in range(0, ids.shape[1] - 1, self.logits_chunk):
-            p1 = min(p0 + self.logits_chunk, ids.shape[1] - 1)
-            if p0 > 0:
+        wrong = torch.zeros(ids.shape[0], dtype=torch.long)
+        losses = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.float32) if per_token else None
+        if weights is None:
+            scored = torch.arange(ids.shape[1] - 1)
+        else:
+            scored = (weights > 0).any(dim=0).nonzero().flatten()
+            if not len(scored):  # nothing weighed here, but the layers still run: the prefix cache records them
+                scored = torch.tensor([ids.shape[1] - 2])
+        for c0 in range(0, len(scored), self.logits_chunk):
+            if c0 > 0:
                 driver.start, driver.replay, driver.into = self.layout.num_layers, (driver.last_output, {}), None
-            keep = torch.arange(p0, p1, device=ids.device)
+            keep = scored[c0 : c0 + self.logits_chunk]
+            contiguous = weights is None  # plain LM: one range of positions, as the model takes it
+            keep_arg = torch.arange(int(keep[0]), int(keep[-1]) + 1, device=ids.device) if contiguous else keep.to(ids.device)
             with lazy_masks():  # the sparse path's masks come a block of rows at a time
-                logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits.float()
-            labels = ids[:, p0 + 1 : p1 + 1].to(logits.device)
+                logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=keep_arg).logits.float()
+            labels = ids[:, keep_arg + 1].to(logits.device)
             ce = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
-            sums += ce.double().sum(dim=1).cpu()
+            if per_token:
+                losses[:, keep] = ce.cpu()
+            if weights is None:
+                sums += ce.double().sum(dim=1).cpu()
+            else:
+                w = weights[:, keep].to(ce.device, torch.float64)
+                sums += (ce.double() * w).sum(dim=1).cpu()
+                wrong += ((logits.argmax(dim=-1) != labels) & (w > 0)).sum(dim=1).cpu()
         driver.last_output = None
-        return sums.tolist()
+        exact = (wrong == 0).tolist() if weights is not None else None
+        return sums.tolist(), exact, losses
 
     # -- Evaluator API ------------------------------------------------------------------------------
 
@@ -192,6 +226,7 @@ class PatternRunner:
         driver.record_at = set(keep_from)
         driver.full_at = {positions[p] for p, c in enumerate(pattern) if c == FULL and layout.indexers[p] is not None}
         seq_sums: list[float] = []
+        exact: list[bool] = []
         todo = range(len(self._batches)) if batches is None else batches
         num_seqs = sum(len(self._batches[b]) for b in todo)
         self._last_batches = {}
@@ -204,8 +239,12 @@ class PatternRunner:
                     driver.replay = self.store.get(("hidden", start, b))
                     state.current = self.store.get(("topk", positions[sources[flipped - 1]], b))
                 hits0, total0 = dict(state.overlap_hits), dict(state.overlap_total)
-                sums = self._forward(self._batches[b])
+                sums, right, losses = self._forward(self._batches[b], None if self._weights is None else self._weights[b],
+                                                    per_token=self._token_losses is not None)
+                if losses is not None:
+                    self._token_losses.append(losses)
                 seq_sums += sums
+                exact += right or []
                 # This batch's own counts of the layers it ran (whole numbers: the differences are exact).
                 self._last_batches[b] = _Batch(
                     sums, {i: v - hits0.get(i, 0.0) for i, v in state.overlap_hits.items() if i >= start},
@@ -213,11 +252,11 @@ class PatternRunner:
                 if self.on_sequences is not None:
                     self.on_sequences(len(seq_sums), num_seqs)
         state.current, driver.replay, driver.into = None, None, None
-        per_token = self.tokens.shape[1] - 1
         overlaps = state.layer_overlap()
+        self.last_exact = exact if self._weights is not None else None
         score = Score(
-            loss=math.fsum(seq_sums) / (per_token * len(seq_sums)),
-            seq_losses=[s / per_token for s in seq_sums],
+            loss=math.fsum(seq_sums) / (self.norm * len(seq_sums)),
+            seq_losses=[s / self.norm for s in seq_sums],
             overlap=(math.fsum(overlaps.values()) / len(overlaps)) if overlaps else None,
         )
         self.last_layer_overlap = overlaps
@@ -225,6 +264,15 @@ class PatternRunner:
         self.counters.patterns_scored += 1
         self.counters.seconds += time.perf_counter() - t0
         return score
+
+    def token_losses(self, pattern: str) -> torch.Tensor:
+        """[sequences, seq_len - 1]: the cross-entropy of every label under `pattern`, each sequence run whole."""
+        self._token_losses = []
+        try:
+            self._evaluate(pattern, 0, None)
+            return torch.cat(self._token_losses)
+        finally:
+            self._token_losses = None
 
     def _restart_layer(self, pattern: str) -> int:
         """The decoder layer a pattern that flips one cached full position of the base can restart
@@ -365,14 +413,12 @@ class PatternRunner:
     def base_losses(self, batches: list[int]) -> list[float]:
         """The committed pattern's per-sequence losses on `batches` (run where not yet known)."""
         self._catch_up(batches, self.layout.num_layers)
-        per_token = self.tokens.shape[1] - 1
-        return [x / per_token for b in batches for x in self._known[b].sums]
+        return [x / self.norm for b in batches for x in self._known[b].sums]
 
     def _score_lazy(self, pattern: str, batches: list[int] | None) -> Score:
         whole = batches is None
         todo = list(range(self.num_batches)) if whole else list(batches)
         start = self._restart_layer(pattern)
-        per_token = self.tokens.shape[1] - 1
         if start == 0:  # no cached base to start from: a plain forward, nothing kept
             score = self._evaluate(pattern, 0, None, todo)
             return score if whole else Score(score.loss, score.seq_losses, score.overlap)
@@ -390,7 +436,7 @@ class PatternRunner:
         overlaps = _overlaps([self._known[b].below(start) for b in todo] + [kept.batches[b] for b in todo])
         self.last_layer_overlap = overlaps
         self._trim_pieces()
-        return Score(math.fsum(sums) / (per_token * len(sums)), [x / per_token for x in sums],
+        return Score(math.fsum(sums) / (self.norm * len(sums)), [x / self.norm for x in sums],
                      (math.fsum(overlaps.values()) / len(overlaps)) if overlaps else None)
 
     def _whole_base(self, pattern: str) -> Score:
@@ -401,11 +447,10 @@ class PatternRunner:
         self._catch_up(range(self.num_batches), self.layout.num_layers)
         parts = [self._known[b] for b in range(self.num_batches)]
         sums = [x for part in parts for x in part.sums]
-        per_token = self.tokens.shape[1] - 1
         overlaps = _overlaps(parts)
         self._base_overlap = _hit_totals(parts)
         self.last_layer_overlap = overlaps
-        self.base_score = Score(math.fsum(sums) / (per_token * len(sums)), [x / per_token for x in sums],
+        self.base_score = Score(math.fsum(sums) / (self.norm * len(sums)), [x / self.norm for x in sums],
                                 (math.fsum(overlaps.values()) / len(overlaps)) if overlaps else None)
         return self.base_score
 
